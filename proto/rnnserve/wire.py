@@ -1,0 +1,100 @@
+"""What both ends of the wire share: numpy <-> ``rnnserve.v1.Tensor`` and seq metadata.
+
+Tensors travel as dtype + shape + little-endian C-order bytes, never as repeated floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+#: Trailing-metadata key of a unary error that tells the seq the session expects next.
+NEXT_SEQ_KEY = "rnnserve-next-seq"
+
+_TO_NUMPY: dict[int, np.dtype[np.generic]] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+}
+_TO_PROTO: dict[str, int] = {dt.name: code for code, dt in _TO_NUMPY.items()}
+
+
+class TensorError(ValueError):
+    """A Tensor message cannot be decoded: the message says what to fix."""
+
+
+def dtype_to_proto(dtype: npt.DTypeLike) -> int:
+    """The ``DType`` enum value of a numpy dtype; TensorError for unsupported ones."""
+    name = np.dtype(dtype).name
+    try:
+        return _TO_PROTO[name]
+    except KeyError:
+        supported = ", ".join(sorted(_TO_PROTO))
+        raise TensorError(f"dtype {name} is not supported; use one of {supported}") from None
+
+
+def dtype_from_proto(code: int) -> np.dtype[np.generic]:
+    """The numpy dtype of a ``DType`` enum value; TensorError for unknown ones."""
+    try:
+        return _TO_NUMPY[code]
+    except KeyError:
+        raise TensorError(
+            f"tensor dtype {dtype_name(code)} is not supported; "
+            "send float32, float64, float16, int32 or int64"
+        ) from None
+
+
+def dtype_name(code: int) -> str:
+    """A readable name of a ``DType`` value, for messages: ``float32``, ``int64``…"""
+    dt = _TO_NUMPY.get(code)
+    return dt.name if dt is not None else f"DType {code} (unspecified or unknown)"
+
+
+def to_tensor(array: npt.ArrayLike, out: pb.Tensor | None = None) -> pb.Tensor:
+    """Encode an array as a Tensor (little-endian, C order). Fills ``out`` when given."""
+    arr = np.asarray(array)
+    code = dtype_to_proto(arr.dtype)
+    le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    msg = out if out is not None else pb.Tensor()
+    msg.dtype = code  # type: ignore[assignment]
+    msg.shape[:] = arr.shape
+    msg.raw_data = np.ascontiguousarray(le).tobytes()
+    return msg
+
+
+def from_tensor(msg: pb.Tensor) -> npt.NDArray[np.generic]:
+    """Decode a Tensor into a read-only numpy array; TensorError says what is malformed."""
+    dtype = dtype_from_proto(msg.dtype)
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    expected = count * dtype.itemsize
+    if len(msg.raw_data) != expected:
+        raise TensorError(
+            f"tensor of shape {list(shape)} and dtype {dtype.name} needs {expected} bytes "
+            f"of raw_data, got {len(msg.raw_data)}"
+        )
+    arr = np.frombuffer(msg.raw_data, dtype=dtype, count=count).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+def to_tensor_map(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, pb.Tensor]:
+    """Encode named arrays (a memory cell) as a name -> Tensor mapping."""
+    return {name: to_tensor(a) for name, a in arrays.items()}
+
+
+def from_tensor_map(tensors: Mapping[str, pb.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
+    """Decode a name -> Tensor mapping; TensorError names the tensor that is malformed."""
+    out = {}
+    for name, t in tensors.items():
+        try:
+            out[name] = from_tensor(t)
+        except TensorError as exc:
+            raise TensorError(f"state {name!r}: {exc}") from None
+    return out
