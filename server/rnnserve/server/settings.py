@@ -1,0 +1,121 @@
+"""The server's one settings object: defaults < config file < environment < command line.
+
+Environment variables carry the prefix ``RNNSERVE_`` (``RNNSERVE_PORT=50052``); a config file
+is TOML or JSON with the same field names (``--config``/``RNNSERVE_CONFIG``); the ``serve``
+sub-command's flags override both. Parse once in ``main``, then pass the object down.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NanPolicy = Literal["reject", "pass"]
+
+
+class SettingsError(ValueError):
+    """A config file or a setting cannot be used; the message says which and why."""
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Units are in each field's name or docstring."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds to; ``0.0.0.0`` to listen on every interface."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (the bound port is logged and returned by start())."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus ``/metrics`` HTTP endpoint."""
+    metrics_port: int = Field(9464, ge=-1, le=65535)
+    """Port of the ``/metrics`` endpoint; 0 picks a free one, -1 turns the endpoint off."""
+    models: Path = Path("models")
+    """The model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
+    providers: str = "auto"
+    """ONNX Runtime execution providers, comma-separated in order of preference, for example
+    ``CUDAExecutionProvider,CPUExecutionProvider``; ``auto`` takes CUDA first when
+    onnxruntime-gpu offers it and a CUDA device is really present, the CPU otherwise."""
+    intra_op_threads: int = Field(1, ge=0)
+    """ONNX Runtime intra-op threads per model (0 = one per core). One is fastest for small
+    recurrent models; more adds millisecond tail latency."""
+    session_ttl_s: float = Field(600.0, gt=0)
+    """Seconds a session may stay idle before it expires (every call on it restarts the clock)."""
+    max_sessions: int = Field(100_000, ge=1)
+    """Session capacity over all models; opening one more evicts the least recently used."""
+    max_chunk_length: int = Field(4096, ge=1)
+    """The most steps one chunk (one request) may carry."""
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest gRPC message accepted or sent, in bytes; larger ones get RESOURCE_EXHAUSTED."""
+    nan_policy: NanPolicy = "reject"
+    """What to do with NaN or Inf in a chunk's inputs: ``reject`` (INVALID_ARGUMENT) or
+    ``pass`` (run them; the outputs and state may turn NaN for that session only)."""
+    reload_interval_s: float = Field(5.0, ge=0)
+    """Seconds between scans of the model repository for new versions; 0 turns reload off."""
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled."""
+    max_batch_size: int = Field(256, ge=1)
+    """The most sessions one engine run may carry (one chunk per session)."""
+    self_check: bool = True
+    """Run each model's stored golden sequence at load and refuse a model that disagrees."""
+    self_check_tolerance: float = Field(1e-4, gt=0)
+    """Largest absolute difference from the golden outputs the self-check accepts."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level of the server's own loggers."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    def provider_list(self) -> list[str] | None:
+        """The providers as a list, or None for ``auto``."""
+        if self.providers.strip().lower() == "auto":
+            return None
+        return [p.strip() for p in self.providers.split(",") if p.strip()]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML (``.toml``) or JSON file of settings; SettingsError says what is wrong."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    import tomllib  # Python 3.11+; the server needs a TOML file only when one is given
+
+    try:
+        data = tomllib.loads(text.decode()) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise SettingsError(f"config file {path} is not valid {kind}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings: defaults, then the file, then ``RNNSERVE_*`` variables, then overrides.
+
+    ``overrides`` are the command-line flags that were given (None values are ignored).
+    Raises SettingsError naming the setting that is invalid.
+    """
+    from pydantic import ValidationError
+
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    unknown = sorted(set(file_values) - set(Settings.model_fields))
+    if unknown:
+        raise SettingsError(f"config file {config_file}: unknown settings {', '.join(unknown)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        # Environment beats the file: read the environment alone first, then let it win.
+        from_env = Settings().model_dump(exclude_unset=True)
+        merged = {**file_values, **from_env, **given}
+        return Settings.model_validate(merged) if merged else Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise SettingsError(f"setting {where}: {first['msg']}") from None
