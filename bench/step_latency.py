@@ -1,0 +1,208 @@
+"""Step round trip, throughput and server CPU per step: rnnserve beside a bare echo, one run.
+
+Starts two server processes on free 127.0.0.1 ports, the echo (bench/echo_server.py: the
+same gRPC stack, no sessions, no model) and ``rnnserve serve``, once on asyncio's default loop
+and once on uvloop (client and both servers alike). At each concurrency (1, 16, 64, 256
+sessions, one Stream call per session, closed loop) it measures both servers back to back with
+the load generator of ``rnnserve bench``: round trip p50/p99, steps/s, and the server
+process's CPU time per step (utime + stime of /proc/<pid>/stat over the measured window,
+divided by the steps applied in it). Then it writes the results into docs/benchmarks.md
+between the ``step_latency`` markers, leaving the rest of the file as it is.
+
+Usage: ``python bench/step_latency.py [--quick] [--out docs/benchmarks.md] [--models DIR]``.
+A full run takes about 3 minutes; ``--quick`` about 30 seconds (asyncio only, short windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from report import Measurement, RunInfo, render, write_section  # bench/, the script's folder
+from rnnserve.client.commands.bench import BenchError, LoadConfig, run_event_loop, run_load
+from rnnserve.manifest import ManifestError, load_manifest
+from servers import ServerProcess, echo_command, rnnserve_command
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Shipped models to prefer, in order: the char model, then the CO2 forecaster.
+PREFERRED = ("char", "co2")
+
+
+def pick_model(models: Path, name: str | None) -> tuple[Path, str, str] | None:
+    """(repository, model name, description) of a shipped model, or None when there is none."""
+    if not models.is_dir():
+        return None
+    candidates = sorted(p for p in models.iterdir() if p.is_dir())
+    if name is not None:
+        candidates = [p for p in candidates if p.name == name]
+    else:
+        ranked = [p for key in PREFERRED for p in candidates if key in p.name]
+        candidates = ranked
+    for folder in candidates:
+        versions = sorted(
+            (v for v in folder.iterdir() if (v / "manifest.json").is_file()),
+            key=lambda v: (len(v.name), v.name),
+        )
+        if versions:
+            try:
+                m = load_manifest(versions[-1])
+            except ManifestError:
+                continue
+            desc = (
+                f"shipped `{m.name}` version {m.version}: {m.cell}, {m.layers} layer(s) of "
+                f"{m.hidden_size}, {m.input_kind} in ({m.input_size}), {m.output_size} out"
+            )
+            return models, folder.name, desc
+    return None
+
+
+@contextlib.contextmanager
+def generated_model() -> Iterator[tuple[Path, str, str]]:
+    """A modelgen test model in a temporary repository, when no shipped model is there."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.modelgen import write_model
+
+    with tempfile.TemporaryDirectory(prefix="rnnserve-bench-") as tmp:
+        write_model(Path(tmp), "tiny-char", cell="gru", input_kind="tokens", hidden=16, seed=3)
+        yield (
+            Path(tmp),
+            "tiny-char",
+            "tests/support/modelgen.py `tiny-char` (no shipped char or co2 model was found): "
+            "GRU, 2 layers of 16, 20 token ids in, 20 logits out",
+        )
+
+
+def measure(
+    server: ServerProcess, model: str, sessions: int, args: argparse.Namespace, uvloop: bool
+) -> Measurement:
+    """One closed-loop run against one server, with its CPU time sampled over the window."""
+    marks: dict[str, float] = {}
+    config = LoadConfig(
+        target=server.target,
+        model=model,
+        sessions=sessions,
+        streams=args.streams,
+        chunk=args.chunk,
+        seconds=args.seconds,
+        warmup=args.warmup,
+    )
+    result = run_event_loop(
+        run_load(
+            config,
+            on_window_start=lambda: marks.__setitem__("start", server.cpu_seconds()),
+            on_window_stop=lambda: marks.__setitem__("stop", server.cpu_seconds()),
+        ),
+        use_uvloop=uvloop,
+    )
+    server.check_alive()
+    return Measurement(
+        server=server.label,
+        loop="uvloop" if uvloop else "asyncio",
+        sessions=sessions,
+        p50_us=result.p50_us,
+        p99_us=result.p99_us,
+        steps=result.steps,
+        steps_per_s=result.steps_per_s,
+        server_cpu_us_per_step=1e6 * (marks["stop"] - marks["start"]) / max(result.steps, 1),
+        client_cpu_us_per_step=1e6 * result.client_cpu_s / max(result.steps, 1),
+        errors=sum(result.errors.values()),
+    )
+
+
+def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> list[Measurement]:
+    """Every (loop, concurrency, server) measurement, echo and rnnserve back to back."""
+    version_dir = max(
+        (v for v in (repo / model).iterdir() if (v / "manifest.json").is_file()),
+        key=lambda v: (len(v.name), v.name),
+    )
+    results: list[Measurement] = []
+    for uvloop in args.loops:
+        loop_name = "uvloop" if uvloop else "asyncio"
+        with (
+            ServerProcess("echo", echo_command(version_dir, uvloop), log_dir) as echo,
+            ServerProcess("rnnserve", rnnserve_command(repo, uvloop), log_dir) as real,
+        ):
+            for server in (echo, real):
+                server.wait_ready(model)
+            for sessions in args.sessions:
+                for server in (echo, real):
+                    m = measure(server, model, sessions, args, uvloop)
+                    print(
+                        f"{loop_name:8} {sessions:4} sessions  {server.label:9} "
+                        f"p50 {m.p50_us:8.0f} µs  p99 {m.p99_us:8.0f} µs  "
+                        f"{m.steps_per_s:8.0f} steps/s  server CPU "
+                        f"{m.server_cpu_us_per_step:6.1f} µs/step",
+                        flush=True,
+                    )
+                    results.append(m)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", help="model name in --models (default: a char or co2 model)")
+    parser.add_argument("--sessions", default="1,16,64,256", help="comma-separated")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured window per run")
+    parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per run")
+    parser.add_argument("--chunk", type=int, default=1, help="steps per message")
+    parser.add_argument("--streams", type=int, default=0, help="0: one Stream per session")
+    parser.add_argument("--no-uvloop", action="store_true", help="measure asyncio only")
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    args = parser.parse_args(argv)
+    try:
+        args.sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sessions {args.sessions!r} must be comma-separated integers")
+    if args.quick:
+        args.seconds, args.warmup, args.no_uvloop = 1.0, 0.5, True
+    args.loops = [False] if args.no_uvloop else [False, True]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    before = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        picked = pick_model(args.models, args.model)
+        if picked is None:
+            if args.model is not None:
+                print(f"step_latency: no model {args.model!r} in {args.models}", file=sys.stderr)
+                return 2
+            picked = stack.enter_context(generated_model())
+        repo, model, description = picked
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
+        try:
+            results = run_all(args, repo, model, log_dir)
+        except (BenchError, RuntimeError) as exc:
+            print(f"step_latency: {exc}", file=sys.stderr)
+            return 1
+    info = RunInfo.collect(
+        model=description,
+        settings=(
+            f"window {args.seconds:g} s after {args.warmup:g} s warmup per run, chunk "
+            f"{args.chunk}, "
+            + ("one Stream per session" if args.streams == 0 else f"{args.streams} shared Streams")
+            + (", quick run" if args.quick else "")
+        ),
+        load_before=before,
+    )
+    write_section(args.out, render(results, info))
+    if args.json:
+        data: dict[str, Any] = {"run": info.__dict__, "results": [m.__dict__ for m in results]}
+        args.json.write_text(json.dumps(data, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
