@@ -24,15 +24,17 @@ class SettingsError(ValueError):
 class Settings(BaseSettings):
     """Everything the server can be told. Units are in each field's name or docstring."""
 
-    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="RNNSERVE_", extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
     host: str = "127.0.0.1"
     """Address the gRPC server binds to; ``0.0.0.0`` to listen on every interface."""
-    port: int = Field(50051, ge=0, le=65535)
+    port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the bound port is logged and returned by start())."""
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus ``/metrics`` HTTP endpoint."""
-    metrics_port: int = Field(9464, ge=-1, le=65535)
+    metrics_port: int = Field(default=9464, ge=-1, le=65535)
     """Port of the ``/metrics`` endpoint; 0 picks a free one, -1 turns the endpoint off."""
     models: Path = Path("models")
     """The model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
@@ -40,29 +42,29 @@ class Settings(BaseSettings):
     """ONNX Runtime execution providers, comma-separated in order of preference, for example
     ``CUDAExecutionProvider,CPUExecutionProvider``; ``auto`` takes CUDA first when
     onnxruntime-gpu offers it and a CUDA device is really present, the CPU otherwise."""
-    intra_op_threads: int = Field(1, ge=0)
+    intra_op_threads: int = Field(default=1, ge=0)
     """ONNX Runtime intra-op threads per model (0 = one per core). One is fastest for small
     recurrent models; more adds millisecond tail latency."""
-    session_ttl_s: float = Field(600.0, gt=0)
+    session_ttl_s: float = Field(default=600.0, gt=0)
     """Seconds a session may stay idle before it expires (every call on it restarts the clock)."""
-    max_sessions: int = Field(100_000, ge=1)
+    max_sessions: int = Field(default=100_000, ge=1)
     """Session capacity over all models; opening one more evicts the least recently used."""
-    max_chunk_length: int = Field(4096, ge=1)
+    max_chunk_length: int = Field(default=4096, ge=1)
     """The most steps one chunk (one request) may carry."""
-    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent, in bytes; larger ones get RESOURCE_EXHAUSTED."""
     nan_policy: NanPolicy = "reject"
     """What to do with NaN or Inf in a chunk's inputs: ``reject`` (INVALID_ARGUMENT) or
     ``pass`` (run them; the outputs and state may turn NaN for that session only)."""
-    reload_interval_s: float = Field(5.0, ge=0)
+    reload_interval_s: float = Field(default=5.0, ge=0)
     """Seconds between scans of the model repository for new versions; 0 turns reload off."""
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled."""
-    max_batch_size: int = Field(256, ge=1)
+    max_batch_size: int = Field(default=256, ge=1)
     """The most sessions one engine run may carry (one chunk per session)."""
     self_check: bool = True
     """Run each model's stored golden sequence at load and refuse a model that disagrees."""
-    self_check_tolerance: float = Field(1e-4, gt=0)
+    self_check_tolerance: float = Field(default=1e-4, gt=0)
     """Largest absolute difference from the golden outputs the self-check accepts."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server's own loggers."""

@@ -1,0 +1,157 @@
+"""``RnnServer``: the gRPC server, its metrics endpoint and its background tasks, in one object.
+
+    server = RnnServer(settings)
+    port = await server.start()        # bound gRPC port (settings.port may be 0)
+    ...
+    await server.stop(grace=10.0)      # NOT_SERVING, streams drain, in-flight calls finish
+
+Everything the server needs hangs off this object; nothing is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
+from rnnserve.server.servicer import InferenceServicer
+from rnnserve.server.sessions import SessionManager
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rnnserve.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class ServerStartError(RuntimeError):
+    """The server cannot start (address in use, ...); the message says what to change."""
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class RnnServer:
+    """The rnnserve server. ``start`` and ``stop`` must run on the same event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.repository = Repository(settings, self.metrics)
+        self.sessions = SessionManager(self.metrics, settings.session_ttl_s, settings.max_sessions)
+        self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def metrics_port(self) -> int:
+        """Port of the ``/metrics`` endpoint (0 before start or when it is off)."""
+        return self._metrics_http[0].server_port if self._metrics_http else 0
+
+    async def start(self) -> int:
+        """Load the models, bind, start serving; returns the bound gRPC port.
+
+        Raises ServerStartError when the address cannot be bound.
+        """
+        s = self.settings
+        await self.repository.scan()
+        if not self.repository.all():
+            log.warning("no servable model in %s; serving none until one appears", s.models)
+        limit = s.max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = _hostport(s.host, s.port)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot listen on {address}: {exc}") from None
+        if self.port == 0:
+            raise ServerStartError(f"cannot listen on {address} (address in use?)")
+        if s.metrics_port >= 0:
+            try:
+                self._metrics_http = start_http_server(
+                    s.metrics_port, s.metrics_host, registry=self.registry
+                )
+            except OSError as exc:
+                raise ServerStartError(
+                    f"cannot serve metrics on {_hostport(s.metrics_host, s.metrics_port)}: "
+                    f"{exc.strerror}"
+                ) from None
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._expire_sessions()))
+        if s.reload_interval_s > 0:
+            self._tasks.append(loop.create_task(self._reload()))
+        return self.port
+
+    async def _expire_sessions(self) -> None:
+        period = min(1.0, self.settings.session_ttl_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.sessions.expire_idle()
+
+    async def _reload(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            try:
+                await self.repository.scan()
+            except Exception:  # a broken repository must never stop the server
+                log.exception("model repository scan failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down: health NOT_SERVING, streams stop reading, in-flight calls get ``grace``
+        seconds (default: settings.shutdown_grace_s) to finish, then everything closes."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.servicer.begin_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._metrics_http is not None:
+            httpd, thread = self._metrics_http
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(5)
+            self._metrics_http = None
+        for model in self.repository.all():
+            model.close()
+        log.info("rnnserve stopped")
+
+    async def wait_stopped(self) -> None:
+        """Return once stop() has been called."""
+        await self._stopped.wait()

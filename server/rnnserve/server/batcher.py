@@ -1,0 +1,193 @@
+"""Cross-session batching for one model version.
+
+Chunks that arrive while the engine is busy form the next batch; there is no fixed wait: the
+first chunk after an idle spell runs on the next event-loop tick together with whatever else
+arrived in that tick. A session has at most one chunk in a batch, so its chunks apply in
+arrival order; its seq is checked when the chunk is taken into a batch, after the one before
+has been applied. Chunks of different lengths share a batch through the model's
+``sequence_lens`` input (padded to the longest); without one, a batch holds one length only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from rnnserve.server.errors import ServingError, as_serving_error, not_found
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import to_tensor
+
+if TYPE_CHECKING:
+    from rnnserve.server.model import ServedModel
+    from rnnserve.server.sessions import Session
+
+#: Called once with the chunk's reply or its error; runs on the event loop.
+Reply = Callable[[pb.StepResponse | ServingError], None]
+
+
+class Work:
+    """One chunk waiting for, or in, a batch."""
+
+    __slots__ = ("done", "enqueued", "inputs", "seq", "session", "want_state")
+
+    def __init__(
+        self,
+        session: Session,
+        seq: int,
+        inputs: npt.NDArray[np.generic],
+        want_state: bool,
+        done: Reply,
+    ) -> None:
+        self.session = session
+        self.seq = seq
+        self.inputs = inputs
+        self.want_state = want_state
+        self.done = done
+        self.enqueued = time.perf_counter()
+
+
+class Batcher:
+    """Runs a model version's pending chunks, one batch at a time, on its worker thread."""
+
+    def __init__(self, model: ServedModel, max_batch: int) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self._pending: deque[Work] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    def submit(self, work: Work) -> None:
+        """Queue a chunk; its ``done`` is called from the event loop when it is answered."""
+        self._pending.append(work)
+        if self._task is None:
+            # The task's first step runs on the next loop tick, after the callbacks already
+            # ready in this one: every chunk that arrived in the same tick joins the batch.
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def wait_idle(self, session: Session) -> None:
+        """Return once ``session`` has no chunk in an engine run."""
+        while session.busy:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._task = None
+
+    def _take(self) -> list[Work]:
+        """The next batch: at most one chunk per session, in arrival order. Duplicates and seq
+        errors are answered here and not run."""
+        batch: list[Work] = []
+        deferred: list[Work] = []
+        sessions: set[str] = set()
+        length = None
+        fixed_length = not self.model.manifest.sequence_lens
+        pending = self._pending
+        while pending and len(batch) < self.max_batch:
+            work = pending.popleft()
+            session = work.session
+            if session.id in sessions:
+                deferred.append(work)
+                continue
+            if session.ended is not None:
+                work.done(
+                    not_found(f"session {session.id} ended ({session.ended}) before its chunk ran")
+                )
+                continue
+            try:
+                cached = session.check_seq(work.seq)
+            except ServingError as exc:
+                work.done(exc)
+                continue
+            if cached is not None:
+                work.done(cached)
+                continue
+            if fixed_length:
+                if length is None:
+                    length = work.inputs.shape[0]
+                elif work.inputs.shape[0] != length:
+                    deferred.append(work)
+                    continue
+            sessions.add(session.id)
+            session.busy = True
+            batch.append(work)
+        pending.extendleft(reversed(deferred))
+        return batch
+
+    def _assemble(self, batch: list[Work]) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int32]]:
+        if len(batch) == 1:
+            x = batch[0].inputs[:, None]
+            return x, np.array([x.shape[0]], dtype=np.int32)
+        lengths = np.array([w.inputs.shape[0] for w in batch], dtype=np.int32)
+        steps = int(lengths.max())
+        first = batch[0].inputs
+        x = np.zeros((steps, len(batch), *first.shape[1:]), dtype=first.dtype)
+        for i, w in enumerate(batch):
+            x[: w.inputs.shape[0], i] = w.inputs
+        return x, lengths
+
+    async def _run(self, batch: list[Work]) -> None:
+        model = self.model
+        metrics = model.metrics
+        slots = np.fromiter((w.session.slot for w in batch), dtype=np.intp, count=len(batch))
+        x, lengths = self._assemble(batch)
+        states = model.pool.gather(slots)
+        started = time.perf_counter()
+        for w in batch:
+            metrics.queue_wait.observe(started - w.enqueued)
+        try:
+            loop = asyncio.get_running_loop()
+            y, new = await loop.run_in_executor(
+                model.executor, model.engine.run, x, states, lengths
+            )
+        except BaseException as exc:
+            for w in batch:
+                w.session.busy = False
+            err = as_serving_error(exc, f"engine run of {model.label}")
+            for w in batch:
+                w.done(err)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        metrics.compute.observe(time.perf_counter() - started)
+        metrics.batch_size.observe(len(batch))
+        # A session closed or evicted while its chunk ran may have handed its slot to another.
+        alive = [i for i, w in enumerate(batch) if w.session.ended is None]
+        if len(alive) == len(batch):
+            model.pool.scatter(slots, new, np.arange(len(batch)))
+        elif alive:
+            rows = np.array(alive, dtype=np.intp)
+            model.pool.scatter(slots[rows], new, rows)
+        steps = 0
+        for i, w in enumerate(batch):
+            session = w.session
+            n = w.inputs.shape[0]
+            steps += n
+            metrics.chunk_length.observe(n)
+            reply = pb.StepResponse(session_id=session.id, seq=w.seq, next_seq=w.seq + n)
+            to_tensor(y[:n, i], reply.outputs)
+            if w.want_state:
+                for spec in model.manifest.states:
+                    to_tensor(
+                        np.take(new[spec.output], i, axis=spec.batch_axis), reply.state[spec.name]
+                    )
+            session.next_seq = w.seq + n
+            session.last_reply = reply
+            session.busy = False
+            w.done(reply)
+        metrics.steps.inc(steps)

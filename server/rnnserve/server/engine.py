@@ -1,0 +1,237 @@
+"""One ONNX Runtime session per model version: provider choice, batched runs, self-check.
+
+``Engine.run`` is blocking and meant for a worker thread (ONNX Runtime releases the GIL while
+it computes). The engine knows where each recurrent node runs: it profiles one run at load and
+reads each GRU/LSTM/RNN node's provider from the profile, so a silent CPU fallback on a GPU
+machine shows in the log, in ``ModelInfo.provider`` and in ``rnnserve_model_info``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+from rnnserve.manifest import GOLDEN_FILE, MODEL_FILE, Manifest
+
+log = logging.getLogger("rnnserve.server.engine")
+
+RNN_OPS = frozenset({"GRU", "LSTM", "RNN"})
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class ModelLoadError(RuntimeError):
+    """A model version cannot be served; the message says why."""
+
+
+def cuda_device_present() -> bool:
+    """True when the CUDA driver is installed and sees at least one device.
+
+    Asked before requesting the CUDA provider, because onnxruntime-gpu lists CUDA as available
+    on machines without a GPU and then logs an error when asked for it.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    try:
+        return (
+            lib.cuInit(0) == 0
+            and lib.cuDeviceGetCount(ctypes.byref(count)) == 0
+            and (count.value > 0)
+        )
+    except AttributeError:
+        return False
+
+
+def choose_providers(requested: list[str] | None) -> list[str]:
+    """The providers to ask for: ``requested`` as given, or for auto CUDA then CPU where a
+    CUDA device is really there, the CPU alone otherwise."""
+    if requested:
+        unknown = [p for p in requested if p not in ort.get_all_providers()]
+        if unknown:
+            raise ModelLoadError(f"unknown execution provider(s): {', '.join(unknown)}")
+        return requested
+    if CUDA in ort.get_available_providers() and cuda_device_present():
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class Engine:
+    """A loaded model version, ready to run batches of chunks."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        providers: list[str],
+        intra_op_threads: int = 1,
+    ) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # Profile the first run only, to learn where each recurrent node landed.
+        profile_dir = tempfile.mkdtemp(prefix="rnnserve-profile-")
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(profile_dir, "load")
+        try:
+            self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            raise ModelLoadError(
+                f"{folder / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
+            ) from None
+        self._check_graph()
+        self._feed_names = [manifest.input_name, *(s.input for s in manifest.states)]
+        self._output_names = [manifest.output_name, *(s.output for s in manifest.states)]
+        self.providers: list[str] = list(self.session.get_providers())
+        self.provider = self.providers[0]
+        try:
+            self.run(*self._zero_batch())
+            self.node_providers = self._read_profile(self.session.end_profiling())
+        finally:
+            for f in Path(profile_dir).glob("*"):
+                f.unlink(missing_ok=True)
+            os.rmdir(profile_dir)
+        if self.node_providers:
+            # The provider that runs the recurrence is the one that matters for speed.
+            self.provider = sorted(set(self.node_providers.values()))[0]
+            if set(self.node_providers.values()) - {self.providers[0]}:
+                log.warning(
+                    "%s/%s: recurrent nodes run on %s although %s was asked for first",
+                    manifest.name, manifest.version, self.node_providers, self.providers[0],
+                )  # fmt: skip
+
+    def _check_graph(self) -> None:
+        m = self.manifest
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        need_in = {m.input_name, *(s.input for s in m.states)}
+        if m.sequence_lens:
+            need_in.add(m.sequence_lens)
+        need_out = {m.output_name, *(s.output for s in m.states)}
+        missing = sorted(need_in - inputs) + sorted(need_out - outputs)
+        if missing:
+            raise ModelLoadError(
+                f"{self.folder}: the graph lacks {', '.join(missing)} named in the manifest"
+            )
+        extra = sorted(inputs - need_in)
+        if extra:
+            raise ModelLoadError(f"{self.folder}: graph inputs {extra} are not in the manifest")
+
+    def _zero_batch(self) -> tuple[npt.NDArray[np.generic], dict[str, npt.NDArray[np.float32]]]:
+        m = self.manifest
+        x: npt.NDArray[np.generic]
+        if m.input_kind == "tokens":
+            x = np.zeros((1, 1), dtype=np.int64)
+        else:
+            x = np.zeros((1, 1, m.input_size), dtype=np.float32)
+        states = {
+            s.input: np.zeros(tuple(np.insert(s.shape, s.batch_axis, 1)), dtype=np.float32)
+            for s in m.states
+        }
+        return x, states
+
+    @staticmethod
+    def _read_profile(path: str) -> dict[str, str]:
+        """Node name -> provider of every recurrent node in an ORT profile file."""
+        try:
+            events = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return {}
+        placed: dict[str, str] = {}
+        for e in events:
+            args = e.get("args", {})
+            if e.get("cat") == "Node" and args.get("op_name") in RNN_OPS and "provider" in args:
+                placed[e["name"].removesuffix("_kernel_time")] = args["provider"]
+        return placed
+
+    def run(
+        self,
+        x: npt.NDArray[np.generic],
+        states: dict[str, npt.NDArray[np.float32]],
+        lengths: npt.NDArray[np.int32] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
+        """Run one batch: ``x`` time-major ``[T, B, ...]``, states by graph input name in graph
+        layout, ``lengths`` int32 ``[B]`` (each <= T) when the model takes sequence_lens.
+
+        Returns the outputs ``[T, B, outputs]`` and the new states by graph output name.
+        Blocking; call it from a worker thread.
+        """
+        feed: dict[str, npt.NDArray[Any]] = dict(states)
+        feed[self.manifest.input_name] = x
+        if self.manifest.sequence_lens:
+            if lengths is None:
+                lengths = np.full(x.shape[1], x.shape[0], dtype=np.int32)
+            feed[self.manifest.sequence_lens] = lengths
+        results = self.session.run(self._output_names, feed)
+        outs = {s.output: results[i + 1] for i, s in enumerate(self.manifest.states)}
+        return results[0], outs
+
+    def self_check(self, tolerance: float) -> float | None:
+        """Run the golden sequence stored with the model; its max abs difference, or None when
+        the model has no golden file. ModelLoadError when it disagrees beyond ``tolerance``.
+
+        ``golden.npz`` holds ``inputs`` ``[T, F]`` (or ``[T]``), ``outputs`` ``[T, O]`` and
+        ``state_in_<name>`` / ``state_out_<name>`` per state, unbatched; batched arrays (with
+        a batch axis of size 1 in graph layout) are accepted too.
+        """
+        m = self.manifest
+        path = self.folder / (m.golden or GOLDEN_FILE)
+        if not path.exists():
+            if m.golden:
+                raise ModelLoadError(f"{path}: golden file named in the manifest is missing")
+            return None
+        try:
+            with np.load(path) as g:
+                golden = {k: g[k] for k in g.files}
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot read it: {exc}") from exc
+        chunk_rank = 1 if m.input_kind == "tokens" else 2
+        inputs = golden.get("inputs")
+        expected = golden.get("outputs")
+        if inputs is None or expected is None:
+            raise ModelLoadError(f"{path}: needs arrays 'inputs' and 'outputs'")
+        batched = inputs.ndim == chunk_rank + 1
+        x = inputs if batched else np.expand_dims(inputs, 1)
+        x = x.astype(np.int64 if m.input_kind == "tokens" else np.float32)
+        states = {}
+        for s in m.states:
+            value = golden.get(f"state_in_{s.name}")
+            if value is None:
+                value = np.zeros(s.shape, np.float32)
+            if value.ndim == len(s.shape):
+                value = np.expand_dims(value, s.batch_axis)
+            states[s.input] = value.astype(np.float32)
+        y, new = self.run(x, states)
+        y = y if batched else y[:, 0]
+        diffs = [float(np.max(np.abs(y - expected))) if y.shape == expected.shape else np.inf]
+        for s in m.states:
+            want = golden.get(f"state_out_{s.name}")
+            if want is not None:
+                got = (
+                    new[s.output]
+                    if want.ndim != len(s.shape)
+                    else np.take(new[s.output], 0, axis=s.batch_axis)
+                )
+                diffs.append(
+                    float(np.max(np.abs(got - want))) if got.shape == want.shape else np.inf
+                )
+        worst = max(diffs)
+        if not worst <= tolerance:
+            raise ModelLoadError(
+                f"{m.name}/{m.version}: self-check failed: max abs difference {worst:.3g} from "
+                f"{path.name} exceeds {tolerance:g} on {self.provider}"
+            )
+        return worst

@@ -1,0 +1,144 @@
+"""Every Prometheus metric the server exports, on an injected CollectorRegistry.
+
+Buckets fit steps that take tens of microseconds: latency histograms start at 50 µs.
+Label ``model`` is ``<name>/<version>``. Children of per-model series are bound once per model
+version (``ModelMetrics``) so the step path does no label lookups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Seconds: 50 µs to 10 s, roughly three buckets per decade.
+LATENCY_BUCKETS = (
+    50e-6, 75e-6, 100e-6, 150e-6, 200e-6, 300e-6, 500e-6, 750e-6,
+    1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 10e-3, 20e-3, 50e-3, 100e-3,
+    250e-3, 500e-3, 1.0, 2.5, 10.0,
+)  # fmt: skip
+#: Compute time of one engine run, seconds: from 5 µs (a tiny model at batch 1 on a GPU).
+COMPUTE_BUCKETS = (5e-6, 10e-6, 20e-6, 30e-6, *LATENCY_BUCKETS)
+#: Sessions per engine run.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+#: Steps per chunk.
+CHUNK_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The per-model series, bound to one model version's label."""
+
+    queue_wait: Histogram
+    compute: Histogram
+    batch_size: Histogram
+    chunk_length: Histogram
+    steps: Counter
+    opened: Counter
+    active: Gauge
+    state_bytes: Gauge
+
+
+class Metrics:
+    """The server's metrics. One instance per server, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.request_duration = Histogram(
+            "rnnserve_request_duration_seconds",
+            "Time from a request's arrival to its reply, by RPC method and status code "
+            "(Stream: per message).",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "rnnserve_queue_wait_seconds",
+            "Time a chunk waited for its engine run to start.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "rnnserve_compute_seconds",
+            "Wall time of one engine run (a batch of chunks).",
+            ["model"],
+            buckets=COMPUTE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rnnserve_batch_size",
+            "Sessions per engine run.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.chunk_length = Histogram(
+            "rnnserve_chunk_length",
+            "Steps per applied chunk.",
+            ["model"],
+            buckets=CHUNK_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter(
+            "rnnserve_steps", "Steps applied (a chunk of T steps counts T).", ["model"], registry=r
+        )
+        self.sessions_opened = Counter(
+            "rnnserve_sessions_opened", "Sessions opened (including forks and restores).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.sessions_ended = Counter(
+            "rnnserve_sessions_ended",
+            "Sessions ended, by reason: closed, idle (TTL), capacity (evicted).",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "rnnserve_errors",
+            "Requests answered with an error, by method and status code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.active_sessions = Gauge(
+            "rnnserve_active_sessions", "Open sessions.", ["model"], registry=r
+        )
+        self.state_bytes = Gauge(
+            "rnnserve_state_bytes",
+            "Bytes of memory-cell slot pool resident for the model (grows by doubling).",
+            ["model"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "rnnserve_model_info",
+            "Always 1: one series per served model version with its cell and provider.",
+            ["model", "name", "version", "cell", "provider"],
+            registry=r,
+        )
+        self._durations: dict[tuple[str, str], Histogram] = {}
+
+    def for_model(self, label: str) -> ModelMetrics:
+        """The series of one model version (``label`` = ``<name>/<version>``)."""
+        return ModelMetrics(
+            queue_wait=self.queue_wait.labels(label),
+            compute=self.compute.labels(label),
+            batch_size=self.batch_size.labels(label),
+            chunk_length=self.chunk_length.labels(label),
+            steps=self.steps.labels(label),
+            opened=self.sessions_opened.labels(label),
+            active=self.active_sessions.labels(label),
+            state_bytes=self.state_bytes.labels(label),
+        )
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Record one request's duration; errors also count in ``rnnserve_errors_total``."""
+        key = (method, code)
+        child = self._durations.get(key)
+        if child is None:
+            child = self._durations[key] = self.request_duration.labels(method, code)
+        child.observe(seconds)
+        if code != "OK":
+            self.errors.labels(method, code).inc()
+
+    def session_ended(self, label: str, reason: str) -> None:
+        self.sessions_ended.labels(label, reason).inc()

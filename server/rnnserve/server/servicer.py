@@ -1,0 +1,289 @@
+"""The gRPC adapter: proto in, domain calls, proto out. A few lines per RPC.
+
+Unary calls raise ``ServingError`` and one decorator turns it into the call's status (seq
+errors add trailing metadata ``rnnserve-next-seq``). On ``Stream`` an error about one message
+goes back in-band as a ``StepError`` and the stream goes on; only a broken stream or a shutdown
+ends it with a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from rnnserve.server.batcher import Work
+from rnnserve.server.errors import ServingError, as_serving_error, invalid
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
+from rnnserve.server.sessions import CLOSED, SessionManager
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import TensorError, from_tensor, to_tensor_map
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+
+#: What a server-generated session id looks like (URL-safe base64, >= 128 bits).
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
+
+
+def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
+    """Map ServingError (and, logged, any other exception) onto the call's status; record the
+    call's duration and code."""
+
+    def wrap(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+        @functools.wraps(fn)
+        async def handler(
+            self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Resp:
+            started = time.perf_counter()
+            try:
+                reply = await fn(self, request, context)
+            except Exception as exc:  # the one place unary errors meet the wire
+                err = as_serving_error(exc, method)
+            else:
+                self.metrics.observe_request(method, "OK", time.perf_counter() - started)
+                return reply
+            self.metrics.observe_request(method, err.code.name, time.perf_counter() - started)
+            await context.abort(err.code, err.message, err.trailing_metadata())
+            raise AssertionError("unreachable: abort raises")
+
+        return handler
+
+    return wrap
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """rnnserve.v1.InferenceService over a repository and a session manager."""
+
+    def __init__(self, repository: Repository, sessions: SessionManager, metrics: Metrics) -> None:
+        self.repository = repository
+        self.sessions = sessions
+        self.metrics = metrics
+        self._readers: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def begin_shutdown(self) -> None:
+        """Stop reading from open streams; each ends with UNAVAILABLE once its in-flight chunks
+        are answered."""
+        self._closing = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    @unary("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Any
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[self.repository.info(m) for m in self.repository.all()]
+        )
+
+    @unary("GetModel")
+    async def GetModel(self, request: pb.GetModelRequest, context: Any) -> pb.GetModelResponse:
+        model = self.repository.resolve(request.model, request.version)
+        return pb.GetModelResponse(model=self.repository.info(model))
+
+    @unary("OpenSession")
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: Any
+    ) -> pb.OpenSessionResponse:
+        model = self.repository.resolve(request.model, request.version)
+        state = model.decode_state(request.initial_state) if request.initial_state else None
+        session = self.sessions.open(model, state)
+        return pb.OpenSessionResponse(session=self.sessions.info(session))
+
+    @unary("GetSession")
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Any
+    ) -> pb.GetSessionResponse:
+        return pb.GetSessionResponse(
+            session=self.sessions.info(self.sessions.get(request.session_id))
+        )
+
+    @unary("Step")
+    async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
+        session = self.sessions.get(request.session_id)
+        inputs = session.model.decode_chunk(request.inputs)
+        fut: asyncio.Future[pb.StepResponse | ServingError] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def done(result: pb.StepResponse | ServingError) -> None:
+            if not fut.done():  # the caller may have gone away
+                fut.set_result(result)
+
+        session.model.batcher.submit(Work(session, request.seq, inputs, request.want_state, done))
+        result = await fut
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[pb.StreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamResponse]:
+        replies: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
+        outstanding = 0
+        reading = True
+        observe = self.metrics.observe_request
+
+        def answer(reply: pb.StreamResponse, started: float, code: str) -> None:
+            nonlocal outstanding
+            observe("Stream", code, time.perf_counter() - started)
+            replies.put_nowait(reply)
+            outstanding -= 1
+            if not reading and outstanding == 0:
+                replies.put_nowait(None)
+
+        def accept(req: pb.StreamRequest) -> None:
+            nonlocal outstanding
+            started = time.perf_counter()
+            outstanding += 1
+            step = req.step
+            rid = req.request_id
+            try:
+                session = self.sessions.get(step.session_id)
+                inputs = session.model.decode_chunk(step.inputs)
+            except Exception as exc:
+                err = as_serving_error(exc, "Stream")
+                answer(
+                    pb.StreamResponse(
+                        request_id=rid, session_id=step.session_id, error=err.to_step_error()
+                    ),
+                    started,
+                    err.code.name,
+                )
+                return
+
+            def done(result: pb.StepResponse | ServingError) -> None:
+                if isinstance(result, ServingError):
+                    reply = pb.StreamResponse(
+                        request_id=rid, session_id=step.session_id, error=result.to_step_error()
+                    )
+                    answer(reply, started, result.code.name)
+                else:
+                    answer(
+                        pb.StreamResponse(
+                            request_id=rid, session_id=result.session_id, step=result
+                        ),
+                        started,
+                        "OK",
+                    )
+
+            session.model.batcher.submit(Work(session, step.seq, inputs, step.want_state, done))
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for req in request_iterator:
+                    accept(req)
+            finally:
+                reading = False
+                if outstanding == 0:
+                    replies.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        self._readers.add(reader)
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            self._readers.discard(reader)
+        if self._closing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is shutting down; reconnect and resume each session from its next_seq",
+            )
+        if not reader.cancelled() and reader.exception() is not None:
+            err = as_serving_error(reader.exception(), "Stream")  # type: ignore[arg-type]
+            await context.abort(err.code, err.message)
+
+    @unary("CloseSession")
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: Any
+    ) -> pb.CloseSessionResponse:
+        self.sessions.end(self.sessions.get(request.session_id), CLOSED)
+        return pb.CloseSessionResponse()
+
+    @unary("ResetSession")
+    async def ResetSession(
+        self, request: pb.ResetSessionRequest, context: Any
+    ) -> pb.ResetSessionResponse:
+        session = self.sessions.get(request.session_id)
+        await session.model.batcher.wait_idle(session)
+        session = self.sessions.get(request.session_id)
+        session.model.pool.zero(session.slot)
+        return pb.ResetSessionResponse(session=self.sessions.info(session))
+
+    @unary("ForkSession")
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Any
+    ) -> pb.ForkSessionResponse:
+        session = self.sessions.get(request.session_id)
+        await session.model.batcher.wait_idle(session)
+        child = self.sessions.fork(self.sessions.get(request.session_id))
+        return pb.ForkSessionResponse(session=self.sessions.info(child))
+
+    @unary("GetState")
+    async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.GetStateResponse:
+        session = self.sessions.get(request.session_id)
+        await session.model.batcher.wait_idle(session)
+        session = self.sessions.get(request.session_id)
+        m = session.model.manifest
+        snap = pb.SessionSnapshot(
+            model=m.name,
+            version=m.version,
+            state=to_tensor_map(session.model.pool.read(session.slot)),
+            next_seq=session.next_seq,
+        )
+        if session.last_reply is not None:
+            snap.last_seq = session.last_reply.seq
+            snap.last_outputs.CopyFrom(session.last_reply.outputs)
+        return pb.GetStateResponse(snapshot=snap)
+
+    @unary("PutState")
+    async def PutState(self, request: pb.PutStateRequest, context: Any) -> pb.PutStateResponse:
+        snap = request.snapshot
+        sid = request.session_id
+        if sid and not SESSION_ID.fullmatch(sid):
+            raise invalid(
+                "session_id must be a server-generated id (URL-safe, 22 to 128 characters); "
+                "leave it empty to get a new one"
+            )
+        if not snap.model:
+            raise invalid("snapshot.model is empty; send a snapshot taken with GetState")
+        model = self.repository.resolve(snap.model, snap.version)
+        state = model.decode_state(snap.state)
+        last_reply = None
+        if snap.HasField("last_outputs"):
+            try:
+                outputs = from_tensor(snap.last_outputs)
+            except TensorError as exc:
+                raise invalid(f"snapshot.last_outputs: {exc}") from None
+            if snap.last_seq + (outputs.shape[0] if outputs.ndim else 0) != snap.next_seq:
+                raise invalid(
+                    f"snapshot.last_outputs covers seq {snap.last_seq} to "
+                    f"{snap.last_seq + (outputs.shape[0] if outputs.ndim else 0)}, "
+                    f"but next_seq is {snap.next_seq}"
+                )
+            last_reply = pb.StepResponse(seq=snap.last_seq, next_seq=snap.next_seq)
+            last_reply.outputs.CopyFrom(snap.last_outputs)
+        existing = self.sessions.peek(sid) if sid else None
+        if existing is not None:
+            await existing.model.batcher.wait_idle(existing)
+            if existing.ended is None:
+                self.sessions.end(existing, CLOSED)
+        session = self.sessions.open(model, state, sid or None)
+        session.next_seq = snap.next_seq
+        if last_reply is not None:
+            last_reply.session_id = session.id
+            session.last_reply = last_reply
+        return pb.PutStateResponse(session=self.sessions.info(session))

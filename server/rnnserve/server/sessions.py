@@ -1,0 +1,193 @@
+"""Session records: who owns which state slot, the seq each expects, idle expiry and capacity.
+
+A session is a small record (``Session``) plus one slot in its model version's ``SlotPool``.
+The manager keeps records in least-recently-used order, so idle expiry pops from the front and
+capacity eviction takes the front. An ended session leaves a tombstone with its reason for a
+while, so a late call hears "expired" or "evicted" rather than "unknown".
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from google.protobuf.timestamp_pb2 import Timestamp
+from rnnserve.server.errors import not_found, seq_error
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.model import ServedModel
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
+#: Tombstones kept for ended sessions (oldest forgotten first).
+MAX_TOMBSTONES = 100_000
+#: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
+ID_BYTES = 16
+
+
+class Session:
+    """One session. ``last_reply`` is the reply of the last applied chunk, kept so a retry of
+    that chunk is answered again instead of applied twice."""
+
+    __slots__ = ("busy", "deadline", "ended", "id", "last_reply", "model", "next_seq", "slot")
+
+    def __init__(self, sid: str, model: ServedModel, slot: int, deadline: float) -> None:
+        self.id = sid
+        self.model = model
+        self.slot = slot
+        self.next_seq = 0
+        self.last_reply: pb.StepResponse | None = None
+        self.deadline = deadline
+        self.busy = False
+        self.ended: str | None = None
+
+    def check_seq(self, seq: int) -> pb.StepResponse | None:
+        """The cached reply when ``seq`` repeats the last applied chunk, None when it is the
+        next one; FAILED_PRECONDITION (with next_seq) otherwise."""
+        if seq == self.next_seq:
+            return None
+        last = self.last_reply
+        if last is not None and seq == last.seq:
+            return last
+        what = "was already applied" if seq < self.next_seq else "skips steps"
+        raise seq_error(
+            f"chunk seq {seq} {what}; session {self.id} expects seq {self.next_seq} next",
+            self.next_seq,
+        )
+
+
+class SessionManager:
+    """All open sessions of a server, over every model version."""
+
+    def __init__(self, metrics: Metrics, ttl_s: float, capacity: int) -> None:
+        self.metrics = metrics
+        self.ttl = ttl_s
+        self.capacity = capacity
+        self._open: OrderedDict[str, Session] = OrderedDict()
+        self._ended: OrderedDict[str, str] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(
+        self,
+        model: ServedModel,
+        state: Mapping[str, npt.NDArray[np.float32]] | None = None,
+        sid: str | None = None,
+    ) -> Session:
+        """A new session on ``model`` (zeros, or ``state`` when given); evicts the least
+        recently used session when the server is at capacity."""
+        while len(self._open) >= self.capacity:
+            self._evict_one()
+        slot = model.pool.allocate()
+        if state is not None:
+            model.pool.write(slot, dict(state))
+        sid = sid or secrets.token_urlsafe(ID_BYTES)
+        session = Session(sid, model, slot, time.monotonic() + self.ttl)
+        self._open[sid] = session
+        self._ended.pop(sid, None)
+        model.metrics.opened.inc()
+        model.metrics.active.inc()
+        model.metrics.state_bytes.set(model.pool.nbytes)
+        return session
+
+    def _evict_one(self) -> None:
+        # Least recently used first; a session with a chunk in flight is skipped if possible.
+        victim = next((s for s in self._open.values() if not s.busy), None)
+        if victim is None:
+            victim = next(iter(self._open.values()))
+        self.end(victim, CAPACITY)
+
+    def get(self, sid: str) -> Session:
+        """The open session ``sid``, its idle clock restarted; NOT_FOUND saying why not."""
+        session = self._open.get(sid)
+        now = time.monotonic()
+        if session is None:
+            raise not_found(self._why_missing(sid))
+        if session.deadline < now and not session.busy:
+            self.end(session, IDLE)
+            raise not_found(self._why_missing(sid))
+        session.deadline = now + self.ttl
+        self._open.move_to_end(sid)
+        return session
+
+    def peek(self, sid: str) -> Session | None:
+        """The open session ``sid`` without touching it, or None."""
+        return self._open.get(sid)
+
+    def _why_missing(self, sid: str) -> str:
+        reason = self._ended.get(sid)
+        if reason == CLOSED:
+            return f"session {sid} was closed; open a new session"
+        if reason == IDLE:
+            return (
+                f"session {sid} expired after {self.ttl:g} s idle; open a new session "
+                "(or restore a snapshot with PutState)"
+            )
+        if reason == CAPACITY:
+            return (
+                f"session {sid} was evicted: the server reached its capacity of "
+                f"{self.capacity} sessions; open a new session (or restore a snapshot)"
+            )
+        if not sid:
+            return "session_id is empty; open a session first"
+        return f"session {sid} is unknown here (never opened, or ended long ago); open a new one"
+
+    def end(self, session: Session, reason: str) -> None:
+        """End a session: free its slot, remember why."""
+        if session.ended is not None:
+            return
+        session.ended = reason
+        self._open.pop(session.id, None)
+        session.model.pool.release(session.slot)
+        self._ended[session.id] = reason
+        while len(self._ended) > MAX_TOMBSTONES:
+            self._ended.popitem(last=False)
+        session.model.metrics.active.dec()
+        self.metrics.session_ended(session.model.label, reason)
+
+    def expire_idle(self) -> int:
+        """End every session idle past its TTL; how many ended."""
+        now = time.monotonic()
+        expired = []
+        for s in self._open.values():
+            if s.deadline >= now:
+                break  # the rest were used more recently
+            if not s.busy:
+                expired.append(s)
+        for s in expired:
+            self.end(s, IDLE)
+        return len(expired)
+
+    def fork(self, source: Session) -> Session:
+        """A new session on the same model version with a copy of ``source``'s state, seq and
+        last reply."""
+        child = self.open(source.model)
+        source.model.pool.copy(source.slot, child.slot)
+        child.next_seq = source.next_seq
+        if source.last_reply is not None:
+            reply = pb.StepResponse()
+            reply.CopyFrom(source.last_reply)
+            reply.session_id = child.id
+            child.last_reply = reply
+        return child
+
+    def info(self, session: Session) -> pb.SessionInfo:
+        """The session as the API describes it."""
+        expires = Timestamp()
+        expires.FromNanoseconds(int((time.time() + session.deadline - time.monotonic()) * 1e9))
+        m = session.model.manifest
+        return pb.SessionInfo(
+            session_id=session.id,
+            model=m.name,
+            version=m.version,
+            expires_at=expires,
+            states=session.model.state_specs(),
+            next_seq=session.next_seq,
+        )
+
+    def all(self) -> list[Session]:
+        return list(self._open.values())
