@@ -1,6 +1,6 @@
 """Small recurrent test models built with onnx.helper alone (no torch), and a reference run.
 
-The models follow ``rnnserve.manifest`` exactly, time-major:
+The models follow ``rnnserve.manifest`` exactly, time-major, as rnnserve's export writes them:
 
 - step input ``x``: float32 ``[T, B, input_size]``, or int64 token ids ``[T, B]`` read through
   a Gather embedding;
@@ -10,8 +10,8 @@ The models follow ``rnnserve.manifest`` exactly, time-major:
 
 Each layer is one native ONNX ``GRU`` (``linear_before_reset=1``, the form ONNX Runtime's CUDA
 provider runs natively) or ``LSTM`` node with random weights. ``golden.npz`` holds one session's
-sequence, unbatched: ``inputs`` ``[T, F]`` (or ``[T]``), ``outputs`` ``[T, O]``, and
-``state_in_<name>`` / ``state_out_<name>`` of each state's per-session shape.
+sequence at batch 1, keyed like the real export's (``rnnserve.export.parity.make_golden``):
+by the graph's own names ``x``, ``h0``[, ``c0``], ``sequence_lens``, ``y``, ``hn``[, ``cn``].
 """
 
 from __future__ import annotations
@@ -215,10 +215,15 @@ def write_model(
             s.name: rng.normal(0.0, 0.5, s.shape).astype(np.float32) for s in manifest.states
         }
         out, state_out = reference_run(tmp, golden_in, state_in)
-        arrays = {"inputs": golden_in, "outputs": out}
-        arrays.update({f"state_in_{k}": v for k, v in state_in.items()})
-        arrays.update({f"state_out_{k}": v for k, v in state_out.items()})
-        np.savez(tmp / GOLDEN_FILE, **arrays)  # type: ignore[arg-type]
+        arrays = {
+            "x": np.expand_dims(golden_in, 1),
+            "sequence_lens": np.array([GOLDEN_STEPS], dtype=np.int32),
+            "y": np.expand_dims(out, 1),
+        }
+        for spec in manifest.states:
+            arrays[spec.input] = np.expand_dims(state_in[spec.name], spec.batch_axis)
+            arrays[spec.output] = np.expand_dims(state_out[spec.name], spec.batch_axis)
+        np.savez(tmp / GOLDEN_FILE, allow_pickle=False, **arrays)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

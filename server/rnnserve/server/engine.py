@@ -183,9 +183,10 @@ class Engine:
         """Run the golden sequence stored with the model; its max abs difference, or None when
         the model has no golden file. ModelLoadError when it disagrees beyond ``tolerance``.
 
-        ``golden.npz`` holds ``inputs`` ``[T, F]`` (or ``[T]``), ``outputs`` ``[T, O]`` and
-        ``state_in_<name>`` / ``state_out_<name>`` per state, unbatched; batched arrays (with
-        a batch axis of size 1 in graph layout) are accepted too.
+        ``golden.npz`` is keyed by the graph's own names, in graph layout (what rnnserve's
+        export writes): the step input (``x``), each state input and output (``h0``/``hn``…),
+        the step output (``y``) and optionally ``sequence_lens``. Also accepted: unbatched
+        ``inputs`` / ``outputs`` / ``state_in_<name>`` / ``state_out_<name>``.
         """
         m = self.manifest
         path = self.folder / (m.golden or GOLDEN_FILE)
@@ -194,40 +195,37 @@ class Engine:
                 raise ModelLoadError(f"{path}: golden file named in the manifest is missing")
             return None
         try:
-            with np.load(path) as g:
+            with np.load(path, allow_pickle=False) as g:
                 golden = {k: g[k] for k in g.files}
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{path}: cannot read it: {exc}") from exc
-        chunk_rank = 1 if m.input_kind == "tokens" else 2
-        inputs = golden.get("inputs")
-        expected = golden.get("outputs")
-        if inputs is None or expected is None:
-            raise ModelLoadError(f"{path}: needs arrays 'inputs' and 'outputs'")
-        batched = inputs.ndim == chunk_rank + 1
-        x = inputs if batched else np.expand_dims(inputs, 1)
-        x = x.astype(np.int64 if m.input_kind == "tokens" else np.float32)
+        if m.input_name not in golden and "inputs" in golden:
+            golden = self._graph_keys(golden)
+        missing = [k for k in (m.input_name, m.output_name) if k not in golden]
+        if missing:
+            raise ModelLoadError(f"{path}: lacks the array(s) {', '.join(missing)}")
+        x = golden[m.input_name]
         states = {}
         for s in m.states:
-            value = golden.get(f"state_in_{s.name}")
+            value = golden.get(s.input)
             if value is None:
-                value = np.zeros(s.shape, np.float32)
-            if value.ndim == len(s.shape):
-                value = np.expand_dims(value, s.batch_axis)
+                shape = list(s.shape)
+                shape.insert(s.batch_axis, x.shape[1])
+                value = np.zeros(shape, np.float32)
             states[s.input] = value.astype(np.float32)
-        y, new = self.run(x, states)
-        y = y if batched else y[:, 0]
-        diffs = [float(np.max(np.abs(y - expected))) if y.shape == expected.shape else np.inf]
-        for s in m.states:
-            want = golden.get(f"state_out_{s.name}")
-            if want is not None:
-                got = (
-                    new[s.output]
-                    if want.ndim != len(s.shape)
-                    else np.take(new[s.output], 0, axis=s.batch_axis)
-                )
-                diffs.append(
-                    float(np.max(np.abs(got - want))) if got.shape == want.shape else np.inf
-                )
+        lengths = golden.get(m.sequence_lens) if m.sequence_lens else None
+        try:
+            y, new = self.run(x, states, lengths)
+        except Exception as exc:  # ORT's own exception types
+            raise ModelLoadError(f"{path}: the golden inputs do not run: {exc}") from None
+        got = {m.output_name: y, **new}
+        diffs = []
+        for name in (m.output_name, *(s.output for s in m.states)):
+            want = golden.get(name)
+            if want is None:
+                continue
+            same = got[name].shape == want.shape
+            diffs.append(float(np.max(np.abs(got[name] - want))) if same else np.inf)
         worst = max(diffs)
         if not worst <= tolerance:
             raise ModelLoadError(
@@ -235,3 +233,15 @@ class Engine:
                 f"{path.name} exceeds {tolerance:g} on {self.provider}"
             )
         return worst
+
+    def _graph_keys(self, golden: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Unbatched inputs/outputs/state_in_*/state_out_* -> graph names, batch 1."""
+        m = self.manifest
+        out = {m.input_name: np.expand_dims(golden["inputs"], 1)}
+        if "outputs" in golden:
+            out[m.output_name] = np.expand_dims(golden["outputs"], 1)
+        for s in m.states:
+            for key, name in ((f"state_in_{s.name}", s.input), (f"state_out_{s.name}", s.output)):
+                if key in golden:
+                    out[name] = np.expand_dims(golden[key], s.batch_axis)
+        return out
