@@ -116,7 +116,7 @@ async def _serve(settings: Settings, uvloop: bool) -> int:
     else:
         print(f"rnnserve: no model found in {settings.models} yet (it is polled for new ones)")
     print("try it:")
-    print(f"  rnnserve models --target {target}")
+    print(f"  rnnserve models --server {target}")
     print(f"  grpcurl -plaintext {target} rnnserve.v1.InferenceService/ListModels", flush=True)
     await stop.wait()
     print("rnnserve: shutting down", flush=True)

@@ -1,0 +1,244 @@
+"""Every bad input gets the right status and a message saying what to fix, and leaves every other
+session untouched, bit for bit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import to_tensor
+
+from tests.support.raw import (
+    next_seq_of,
+    open_session,
+    outputs,
+    state_bytes,
+    step,
+    step_error,
+    stream_all,
+    stream_step,
+)
+
+X = np.ones((2, 3), np.float32)
+Code = grpc.StatusCode
+
+
+def _req(sid: str, inputs: pb.Tensor, seq: int = 0) -> pb.StepRequest:
+    return pb.StepRequest(session_id=sid, seq=seq, inputs=inputs)
+
+
+@pytest.fixture
+async def stub(server):
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture
+async def witness(stub):
+    """A session with some history on each model; the test checks it stays bit for bit."""
+    sids = {}
+    for model, x in (("tiny-gru", X), ("tiny-lstm", X), ("tiny-char", np.array([1, 2], np.int64))):
+        sid = await open_session(stub, model)
+        await step(stub, sid, 0, x)
+        sids[model] = sid
+    before = {m: await state_bytes(stub, s) for m, s in sids.items()}
+    yield sids
+    for model, sid in sids.items():
+        assert await state_bytes(stub, sid) == before[model], model
+        session = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session
+        assert session.next_seq == 2
+
+
+def _nan_inputs() -> np.ndarray:
+    x = np.ones((3, 3), np.float32)
+    x[1, 2] = np.nan
+    return x
+
+
+CASES = [
+    # (name, inputs tensor, expected code, words the message must hold)
+    ("wrong dtype", to_tensor(np.ones((2, 3), np.float64)), Code.INVALID_ARGUMENT, "float32"),
+    (
+        "wrong feature size",
+        to_tensor(np.ones((2, 4), np.float32)),
+        Code.INVALID_ARGUMENT,
+        "features",
+    ),
+    ("wrong rank", to_tensor(np.ones((2, 3, 1), np.float32)), Code.INVALID_ARGUMENT, "rank 3"),
+    ("rank one", to_tensor(np.ones(3, np.float32)), Code.INVALID_ARGUMENT, "[T, 3]"),
+    ("empty chunk", to_tensor(np.ones((0, 3), np.float32)), Code.INVALID_ARGUMENT, "T >= 1"),
+    ("too long", to_tensor(np.ones((65, 3), np.float32)), Code.INVALID_ARGUMENT, "maximum of 64"),
+    ("nan", to_tensor(_nan_inputs()), Code.INVALID_ARGUMENT, "NaN or Inf at step 1"),
+    (
+        "short raw data",
+        pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 3], raw_data=b"\0" * 8),
+        Code.INVALID_ARGUMENT,
+        "needs 24 bytes",
+    ),
+    ("no dtype", pb.Tensor(shape=[1, 3]), Code.INVALID_ARGUMENT, "not supported"),
+]
+
+
+@pytest.fixture
+async def small_server(start_server):
+    return await start_server(max_chunk_length=64)
+
+
+@pytest.mark.parametrize(("name", "tensor", "code", "words"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_chunk_on_step_and_stream(small_server, name, tensor, code, words):
+    async with grpc.aio.insecure_channel(small_server.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        other = await open_session(stub, "tiny-gru")
+        await step(stub, other, 0, X)
+        before = await state_bytes(stub, other)
+        sid = await open_session(stub, "tiny-gru")
+        err = await step_error(stub, _req(sid, tensor))
+        assert err.code() == code and words in err.details(), err.details()
+        [reply] = await stream_all(stub, [pb.StreamRequest(step=_req(sid, tensor), request_id=9)])
+        assert reply.request_id == 9 and reply.WhichOneof("result") == "error"
+        assert reply.error.code == code.value[0] and words in reply.error.message
+        # Neither session moved; the bad one still takes its first chunk.
+        assert await state_bytes(stub, other) == before
+        assert (await step(stub, sid, 0, X)).next_seq == 2
+
+
+async def test_token_out_of_vocabulary(stub, witness):
+    sid = await open_session(stub, "tiny-char")
+    for bad in ([3, 20], [-1]):
+        err = await step_error(stub, _req(sid, to_tensor(np.array(bad, np.int64))))
+        assert (
+            err.code() == Code.INVALID_ARGUMENT
+            and "outside the vocabulary (ids 0..19)" in err.details()
+        )
+    err = await step_error(stub, _req(sid, to_tensor(np.array([1.0], np.float32))))
+    assert err.code() == Code.INVALID_ARGUMENT and "int64" in err.details()
+
+
+async def test_nan_passes_when_configured(start_server):
+    running = await start_server(nan_policy="pass")
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = await open_session(stub, "tiny-gru")
+        reply = await step(stub, sid, 0, _nan_inputs())
+        # Run, not refused (what ONNX Runtime's kernels make of a NaN is theirs to say).
+        assert reply.next_seq == 3 and outputs(reply).shape == (3, 2)
+
+
+async def test_unknown_model_version_and_session(stub, witness):
+    for request, words in (
+        (pb.OpenSessionRequest(model="nope"), "served models: tiny-char, tiny-gru, tiny-lstm"),
+        (pb.OpenSessionRequest(model="tiny-gru", version="7"), "versions: 1"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.OpenSession(request)
+        assert info.value.code() == Code.NOT_FOUND and words in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GetModel(pb.GetModelRequest(model="nope"))
+    assert info.value.code() == Code.NOT_FOUND
+    err = await step_error(stub, _req("x" * 22, to_tensor(X)))
+    assert err.code() == Code.NOT_FOUND and "unknown" in err.details()
+    [r] = await stream_all(stub, [stream_step("x" * 22, 0, X, 1)])
+    assert r.error.code == Code.NOT_FOUND.value[0]
+
+
+async def test_closed_session(stub, witness):
+    sid = await open_session(stub, "tiny-gru")
+    await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    err = await step_error(stub, _req(sid, to_tensor(X)))
+    assert err.code() == Code.NOT_FOUND and "was closed" in err.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    assert info.value.code() == Code.NOT_FOUND
+
+
+async def test_seq_gap_and_stale_seq(stub, witness):
+    sid = await open_session(stub, "tiny-gru")
+    await step(stub, sid, 0, X)
+    await step(stub, sid, 2, X)
+    for seq, words in ((5, "skips steps"), (0, "already applied"), (1, "already applied")):
+        err = await step_error(stub, _req(sid, to_tensor(X), seq))
+        assert err.code() == Code.FAILED_PRECONDITION and words in err.details()
+        assert next_seq_of(err) == 4 and "expects seq 4" in err.details()
+        [r] = await stream_all(stub, [stream_step(sid, seq, X, 3)])
+        assert r.error.code == Code.FAILED_PRECONDITION.value[0] and r.error.next_seq == 4
+
+
+async def test_malformed_state(stub, witness):
+    good = {"h": to_tensor(np.zeros((2, 8), np.float32))}
+    bad_states = [
+        ({}, "missing ['h']"),
+        ({"h": good["h"], "c": good["h"]}, "unknown ['c']"),
+        ({"h": to_tensor(np.zeros((2, 7), np.float32))}, "needs float32 [2, 8]"),
+        ({"h": to_tensor(np.zeros((2, 8), np.float64))}, "needs float32 [2, 8]"),
+        ({"h": to_tensor(np.full((2, 8), np.inf, np.float32))}, "NaN or Inf"),
+        ({"h": pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 8], raw_data=b"1")}, "bytes"),
+    ]
+    snap = (await stub.GetState(pb.GetStateRequest(session_id=witness["tiny-gru"]))).snapshot
+    for state, words in bad_states:
+        bad = pb.SessionSnapshot(model="tiny-gru", version="1", next_seq=0)
+        for k, v in state.items():
+            bad.state[k].CopyFrom(v)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PutState(pb.PutStateRequest(snapshot=bad))
+        assert info.value.code() == Code.INVALID_ARGUMENT and words in info.value.details()
+        # Restoring a bad snapshot over the witness leaves it as it was.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.PutState(pb.PutStateRequest(session_id=witness["tiny-gru"], snapshot=bad))
+        if state:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.OpenSession(pb.OpenSessionRequest(model="tiny-gru", initial_state=state))
+            assert info.value.code() == Code.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.PutState(pb.PutStateRequest(session_id="short", snapshot=snap))
+    assert info.value.code() == Code.INVALID_ARGUMENT and "server-generated" in info.value.details()
+    inconsistent = pb.SessionSnapshot()
+    inconsistent.CopyFrom(snap)
+    inconsistent.next_seq = 9
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.PutState(pb.PutStateRequest(snapshot=inconsistent))
+    assert info.value.code() == Code.INVALID_ARGUMENT and "next_seq is 9" in info.value.details()
+
+
+async def test_message_over_the_size_limit(start_server):
+    running = await start_server(max_message_bytes=64 * 1024)
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = await open_session(stub, "tiny-gru")
+        big = np.ones((10_000, 3), np.float32)  # 120 kB
+        err = await step_error(stub, _req(sid, to_tensor(big)))
+        assert err.code() == Code.RESOURCE_EXHAUSTED
+        assert (await step(stub, sid, 0, X)).next_seq == 2
+
+
+async def test_stream_that_sends_nothing(stub, witness):
+    assert await stream_all(stub, []) == []
+
+
+async def test_client_that_disconnects_mid_chunk(server, stub, witness):
+    sid = await open_session(stub, "tiny-gru")
+    for _ in range(5):
+        channel = grpc.aio.insecure_channel(server.address)
+        call = pb_grpc.InferenceServiceStub(channel).Stream()
+        await call.write(stream_step(sid, 0, np.ones((64, 3), np.float32), 1))
+        await channel.close(grace=None)  # gone before the reply
+        with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)):
+            await call.read()
+        unary_channel = grpc.aio.insecure_channel(server.address)
+        pending = asyncio.ensure_future(
+            pb_grpc.InferenceServiceStub(unary_channel).Step(
+                _req(sid, to_tensor(np.ones((64, 3), np.float32)))
+            )
+        )
+        await asyncio.sleep(0)
+        pending.cancel()
+        await unary_channel.close(grace=None)
+    # Each chunk either applied once or not at all; the session goes on from where it says.
+    info = (await stub.GetSession(pb.GetSessionRequest(session_id=sid))).session
+    assert info.next_seq in (0, 64)
+    assert (await step(stub, sid, info.next_seq, X)).next_seq == info.next_seq + 2
+    # No leaked slots: only the witnesses and this session hold state.
+    assert len(server.server.sessions) == 4
