@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
-
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.settings import Settings
 
