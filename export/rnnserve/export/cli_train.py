@@ -1,0 +1,277 @@
+"""``rnnserve train char|forecast|adding|all``: train a model, or rebuild every shipped model.
+
+    rnnserve train char --cell notes-gru --hidden 128 --epochs 8 --out runs/char
+    rnnserve train forecast --cell gru --out runs/co2 [--resume]
+    rnnserve train adding --length 50 --cell rnn --out runs/adding
+    rnnserve train adding --experiment            (the long-lag experiment -> docs/long-lag.md)
+    rnnserve train all --out runs --models models (train + export every shipped model)
+
+Bad input (unknown cell kind, impossible sizes, a missing or empty corpus, a checkpoint of
+another architecture, an unwritable output folder) is one line on stderr and exit code 2,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+
+#: per-task defaults for the options left out on the command line
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "char": {"hidden": 128, "epochs": 8, "batch_size": 64, "bptt": 100, "lr": 3e-3},
+    "forecast": {
+        "hidden": 32,
+        "epochs": 20,
+        "batch_size": 32,
+        "bptt": 156,
+        "lr": 3e-3,
+        "steps": 40,
+    },
+    "adding": {"hidden": 32, "epochs": 10, "batch_size": 64, "lr": 3e-3, "steps": 50, "length": 50},
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the training options to ``parser``."""
+    parser.add_argument("task", metavar="TASK", help="char, forecast, adding, or all")
+    parser.add_argument(
+        "--cell",
+        default="notes-gru",
+        help="rnn, notes-mingru, notes-gru, notes-lstm, gru or lstm (default notes-gru)",
+    )
+    parser.add_argument("--hidden", type=int, help="memory cell size (char 128, others 32)")
+    parser.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
+    parser.add_argument("--epochs", type=int, help="epochs to train (the total, when resuming)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (default 3e-3)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1)")
+    parser.add_argument("--batch-size", type=int, help="sequences per batch")
+    parser.add_argument(
+        "--bptt", type=int, help="truncated BPTT length (char) or window length in weeks (forecast)"
+    )
+    parser.add_argument("--steps", type=int, help="batches per epoch (forecast, adding)")
+    parser.add_argument("--length", type=int, help="adding problem sequence length")
+    parser.add_argument("--embedding", type=int, default=32, help="char embedding size")
+    parser.add_argument(
+        "--lstm-output",
+        default="tanh",
+        help="notes-lstm only: tanh (a = Γo ⊙ tanh c) or notes (a = Γo ⊙ c)",
+    )
+    parser.add_argument("--corpus", help="a UTF-8 text file instead of the shipped KJV slice")
+    parser.add_argument("--corpus-limit", type=int, help="use only the first N characters")
+    parser.add_argument(
+        "--out", type=Path, help="run folder (default runs/<task>-<cell>); for 'all' the runs root"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=Path("models"),
+        help="all: the model repository to export into (default models)",
+    )
+    parser.add_argument(
+        "--curves",
+        type=Path,
+        default=Path("docs/img"),
+        help="all: where the loss curves are copied (default docs/img)",
+    )
+    parser.add_argument("--only", help="all: comma-separated shipped model names")
+    parser.add_argument(
+        "--experiment",
+        action="store_true",
+        help="adding: run the long-lag experiment (plain RNN vs gated cells)",
+    )
+    parser.add_argument(
+        "--lags", default="10,25,50,100", help="experiment: sequence lengths (default 10,25,50,100)"
+    )
+    parser.add_argument("--seeds", default="0,1", help="experiment: seeds (default 0,1)")
+    parser.add_argument(
+        "--cells",
+        default="rnn,notes-mingru,notes-gru,notes-lstm",
+        help="experiment: cells to compare",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=Path("docs"),
+        help="experiment: folder for long-lag.md and img/ (default docs)",
+    )
+
+
+class BadInput(ValueError):
+    """A command-line value that cannot work; the message says what to pass instead."""
+
+
+def _fail(message: str) -> int:
+    print(f"rnnserve train: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise BadInput(f"--{what} is empty")
+    return values
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig the arguments describe; BadInput names the option to fix."""
+    from rnnserve.export.spec import CELL_KINDS
+    from rnnserve.export.tasks import TASKS, TaskOptions
+    from rnnserve.export.train import TrainConfig
+
+    if args.task not in TASKS:
+        raise BadInput(f"unknown task {args.task!r}; choose one of {', '.join(TASKS)} or all")
+    if args.cell not in CELL_KINDS:
+        raise BadInput(f"unknown cell kind {args.cell!r}; choose one of {', '.join(CELL_KINDS)}")
+    if args.lstm_output not in ("tanh", "notes"):
+        raise BadInput(f"--lstm-output must be tanh or notes, got {args.lstm_output!r}")
+    d = DEFAULTS[args.task]
+
+    def pick(name: str, value: Any) -> Any:
+        return d.get(name) if value is None else value
+
+    config = TrainConfig(
+        task=args.task,
+        cell=args.cell,
+        hidden=pick("hidden", args.hidden),
+        layers=args.layers,
+        epochs=pick("epochs", args.epochs),
+        seed=args.seed,
+        lr=pick("lr", args.lr),
+        clip=args.clip,
+        lstm_output=args.lstm_output,
+        options=TaskOptions(
+            batch_size=pick("batch_size", args.batch_size),
+            bptt=pick("bptt", args.bptt) or 100,
+            steps_per_epoch=pick("steps", args.steps) or 50,
+            length=pick("length", args.length) or 50,
+            embedding_dim=args.embedding,
+            corpus=args.corpus,
+            corpus_limit=args.corpus_limit,
+        ),
+    )
+    for name, value in (
+        ("--hidden", config.hidden),
+        ("--layers", config.layers),
+        ("--epochs", config.epochs),
+        ("--batch-size", config.options.batch_size),
+        ("--bptt", config.options.bptt),
+        ("--steps", config.options.steps_per_epoch),
+        ("--embedding", config.options.embedding_dim),
+    ):
+        if value < 1:
+            raise BadInput(f"{name} must be at least 1, got {value}")
+    if not config.lr > 0 or not config.clip > 0:
+        raise BadInput("--lr and --clip must be positive")
+    if config.options.corpus_limit is not None and config.options.corpus_limit < 1:
+        raise BadInput("--corpus-limit must be at least 1")
+    return config
+
+
+def _summary(result: Any) -> str:
+    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items())
+    last = result.history[-1] if result.history else None
+    lines = [
+        f"done in {result.seconds:.0f} s: {result.spec.cell}, hidden {result.spec.hidden_size}, "
+        f"{sum(1 for _ in result.history)} epochs",
+        f"best epoch {result.best_epoch} by {result.metric}: {best}",
+    ]
+    if last is not None:
+        lines.append(f"last epoch {last.epoch}: train loss {last.train_loss:.4f}")
+    lines.append(f"files: {result.out_dir}/checkpoint.pt (last), best.pt, history.json, loss.png")
+    return "\n".join(lines)
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    from rnnserve.export.train import pick_device, run_training
+
+    config = build_config(args)
+    out = args.out or Path("runs") / f"{config.task}-{config.cell}"
+    result = run_training(
+        config,
+        out,
+        resume=args.resume,
+        device=pick_device(args.device),
+        progress=not args.quiet,
+    )
+    print(_summary(result))
+    return 0
+
+
+def _run_all(args: argparse.Namespace) -> int:
+    from rnnserve.export.shipped import VERSION, train_all
+    from rnnserve.export.train import pick_device
+
+    names = [n.strip() for n in args.only.split(",")] if args.only else None
+    results = train_all(
+        args.out or Path("runs"),
+        args.models,
+        curves_dir=args.curves,
+        names=names,
+        resume=args.resume,
+        device=pick_device(args.device),
+        progress=not args.quiet,
+    )
+    print(f"\n{'model':<18} {'cell':<11} {'params':>8} {'epochs':>6} {'seconds':>7}  best metrics")
+    for recipe, result, manifest in results:
+        params = manifest.extra.get("parameters", "")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items())
+        print(
+            f"{recipe.name:<18} {recipe.config.cell:<11} {params!s:>8} "
+            f"{result.best_epoch:>6} {result.seconds:>7.0f}  {shown}"
+        )
+    print(f"models written to {args.models}/<name>/{VERSION}; runs in {args.out or 'runs'}")
+    return 0
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from rnnserve.export.experiments import ExperimentConfig, run_experiment
+
+    base = ExperimentConfig()
+    config = replace(
+        base,
+        lags=tuple(_ints(args.lags, "lags")),
+        seeds=tuple(_ints(args.seeds, "seeds")),
+        cells=tuple(c.strip() for c in args.cells.split(",") if c.strip()),
+        steps=args.steps or base.steps,
+    )
+    run_experiment(config, args.docs, progress=not args.quiet)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train as asked; 0 on success, 2 on bad input (one line on stderr, nothing written)."""
+    from rnnserve.export.checkpoint import CheckpointError
+    from rnnserve.export.datasets import DataError
+    from rnnserve.export.onnx_export import ExportError
+
+    try:
+        if args.task == "all":
+            return _run_all(args)
+        if args.experiment:
+            if args.task != "adding":
+                raise BadInput(
+                    "--experiment goes with the adding task: rnnserve train adding --experiment"
+                )
+            return _run_experiment(args)
+        return _run_one(args)
+    except (BadInput, DataError, CheckpointError, ExportError, FloatingPointError) as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        return _fail(f"cannot write{where}: {exc.strerror or exc}; choose a writable --out folder")
