@@ -28,10 +28,11 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: A launch: given the port, the argv and extra environment of the server process.
 Launch = Callable[[int], tuple[list[str], dict[str, str]]]
 
-# `rnnserve serve` on uvloop: the server's own asyncio.run() picks the loop from the policy.
-_UVLOOP_SERVE = (
-    "import asyncio, sys, uvloop\n"
-    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n"
+# `rnnserve serve` picks uvloop by itself whenever it is installed; to measure it on asyncio's
+# default loop, the launcher makes `import uvloop` fail in the server process only.
+_ASYNCIO_SERVE = (
+    "import sys\n"
+    "sys.modules['uvloop'] = None\n"
     "from rnnserve.client.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
@@ -59,9 +60,8 @@ def rnnserve_command(repo: Path, uvloop: bool) -> Launch:
     """``rnnserve serve`` on the repository, metrics on (a free port), logging at WARNING."""
 
     def launch(port: int) -> tuple[list[str], dict[str, str]]:
-        head = [sys.executable, "-c", _UVLOOP_SERVE] if uvloop else [sys.executable, "-m"]
-        head += [] if uvloop else ["rnnserve.client.cli"]
-        argv = [*head, "serve", "--models", str(repo), "--port", str(port)]
+        head = ["-m", "rnnserve.client.cli"] if uvloop else ["-c", _ASYNCIO_SERVE]
+        argv = [sys.executable, *head, "serve", "--models", str(repo), "--port", str(port)]
         env = {"RNNSERVE_METRICS_PORT": "0", "RNNSERVE_LOG_LEVEL": "WARNING"}
         return argv, env
 
@@ -102,6 +102,10 @@ class ServerProcess:
         self._log.flush()
         text = self._log_path.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+    def log_contains(self, text: str) -> bool:
+        """Whether the process has written ``text`` so far."""
+        return text in self.log_tail(lines=1000)
 
     def check_alive(self) -> None:
         """RuntimeError with the log's tail when the process has exited."""

@@ -131,6 +131,9 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
         ):
             for server in (echo, real):
                 server.wait_ready(model)
+            # rnnserve chooses its loop itself and says so; make sure it is the one asked for.
+            if real.log_contains("with uvloop") != uvloop:
+                raise RuntimeError(f"rnnserve did not start on {loop_name}:\n{real.log_tail()}")
             for sessions in args.sessions:
                 for server in (echo, real):
                     m = measure(server, model, sessions, args, uvloop)
