@@ -68,6 +68,15 @@ def rnnserve_command(repo: Path, uvloop: bool) -> Launch:
     return launch
 
 
+def _stat_cpu(path: str) -> float:
+    """utime + stime of a /proc stat file, seconds."""
+    stat = Path(path).read_text()
+    # Fields after the command name, which is in parentheses and may hold spaces:
+    # index 11 and 12 are utime and stime (fields 14 and 15 of proc(5)), in clock ticks.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 class ServerProcess:
     """A server process, a context manager: started on enter, SIGTERM and reaped on exit."""
 
@@ -129,13 +138,15 @@ class ServerProcess:
                     time.sleep(0.2)
         raise RuntimeError(f"{self.label} server not ready after {timeout_s:g} s ({last})")
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process (all its threads) so far, seconds."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        # Fields after the command name, which is in parentheses and may hold spaces:
-        # index 11 and 12 are utime and stime (fields 14 and 15 of proc(5)), in clock ticks.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time so far, seconds: (the whole process, all threads; its main thread alone).
+
+        Both servers run their event loop on the main thread, so the second figure is the
+        loop's share; the rest is gRPC's own threads and, in rnnserve, the engine's worker.
+        """
+        return _stat_cpu(f"/proc/{self.pid}/stat"), _stat_cpu(
+            f"/proc/{self.pid}/task/{self.pid}/stat"
+        )
 
     def stop(self) -> None:
         """SIGTERM, a grace period, then SIGKILL; always closes the log."""

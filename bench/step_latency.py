@@ -83,7 +83,7 @@ def measure(
     server: ServerProcess, model: str, sessions: int, args: argparse.Namespace, uvloop: bool
 ) -> Measurement:
     """One closed-loop run against one server, with its CPU time sampled over the window."""
-    marks: dict[str, float] = {}
+    marks: dict[str, tuple[float, float]] = {}
     config = LoadConfig(
         target=server.target,
         model=model,
@@ -102,6 +102,8 @@ def measure(
         use_uvloop=uvloop,
     )
     server.check_alive()
+    steps = max(result.steps, 1)
+    (total0, loop0), (total1, loop1) = marks["start"], marks["stop"]
     return Measurement(
         server=server.label,
         loop="uvloop" if uvloop else "asyncio",
@@ -110,8 +112,9 @@ def measure(
         p99_us=result.p99_us,
         steps=result.steps,
         steps_per_s=result.steps_per_s,
-        server_cpu_us_per_step=1e6 * (marks["stop"] - marks["start"]) / max(result.steps, 1),
-        client_cpu_us_per_step=1e6 * result.client_cpu_s / max(result.steps, 1),
+        server_cpu_us_per_step=1e6 * (total1 - total0) / steps,
+        server_loop_cpu_us_per_step=1e6 * (loop1 - loop0) / steps,
+        client_cpu_us_per_step=1e6 * result.client_cpu_s / steps,
         errors=sum(result.errors.values()),
     )
 
@@ -141,7 +144,8 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
                         f"{loop_name:8} {sessions:4} sessions  {server.label:9} "
                         f"p50 {m.p50_us:8.0f} µs  p99 {m.p99_us:8.0f} µs  "
                         f"{m.steps_per_s:8.0f} steps/s  server CPU "
-                        f"{m.server_cpu_us_per_step:6.1f} µs/step",
+                        f"{m.server_cpu_us_per_step:6.1f} µs/step "
+                        f"(loop thread {m.server_loop_cpu_us_per_step:.1f})",
                         flush=True,
                     )
                     results.append(m)
