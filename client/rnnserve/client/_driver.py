@@ -21,9 +21,12 @@ _MAX_SEQ_REFUSALS = 3
 
 #: Failures after which the session is intact and the chunk is simply sent again.
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
-#: On a stream the SDK itself never cancels while a chunk is in flight, so a CANCELLED there
-#: comes from the server going away (a restart, a drain) and is retried like UNAVAILABLE.
-STREAM_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+#: How a broken stream call looks: the SDK never cancels a call while a chunk is in flight, so a
+#: CANCELLED comes from the server going away (a restart, a drain), and gRPC core reports a
+#: connection torn down mid-write as INTERNAL. Replies in-band on a live stream use RETRY_CODES.
+STREAM_RETRY_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+)
 
 
 class ChunkDriver:

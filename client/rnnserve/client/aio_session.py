@@ -34,6 +34,17 @@ async def _items(inputs: Iterable[object] | AsyncIterable[object]) -> AsyncItera
             yield item
 
 
+async def _why_ended(call: _StreamCall, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status of a broken stream call (a write to a finished call raises no RpcError)."""
+    call.cancel()
+    if isinstance(exc, grpc.RpcError):
+        return rpc_code(exc), rpc_message(exc)
+    code = await call.code()
+    if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+        return grpc.StatusCode.UNAVAILABLE, "the stream ended early"
+    return code, await call.details()
+
+
 class AsyncSession:
     """A session for asyncio code; see ``Session`` for the contract (ordering, resume, errors).
 
@@ -134,12 +145,10 @@ class AsyncSession:
                 call = holder[0]
                 await call.write(pb.StreamRequest(step=request, request_id=request.seq))
                 reply = await call.read()
-            except grpc.RpcError as exc:
-                holder.pop().cancel()
+            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                code, message = await _why_ended(holder.pop(), exc)
                 try:
-                    delay = driver.on_failure(
-                        rpc_code(exc), rpc_message(exc), None, retry_codes=STREAM_RETRY_CODES
-                    )
+                    delay = driver.on_failure(code, message, None, retry_codes=STREAM_RETRY_CODES)
                 except RnnserveError as error:
                     raise error from exc
                 await asyncio.sleep(delay)
@@ -161,7 +170,6 @@ class AsyncSession:
                     code_from_int(err.code),
                     err.message,
                     int(err.next_seq),
-                    retry_codes=STREAM_RETRY_CODES,
                 )
                 await asyncio.sleep(delay)
                 continue

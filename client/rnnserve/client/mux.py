@@ -112,7 +112,6 @@ class Multiplexer:
                     code_from_int(err.code),
                     err.message,
                     int(err.next_seq),
-                    retry_codes=STREAM_RETRY_CODES,
                 )
                 await asyncio.sleep(delay)
                 continue

@@ -181,7 +181,6 @@ class Session:
                     code_from_int(err.code),
                     err.message,
                     int(err.next_seq),
-                    retry_codes=STREAM_RETRY_CODES,
                 )
                 time.sleep(delay)
                 continue
