@@ -154,9 +154,8 @@ def test_server_errors_keep_their_status_code(server_thread: Any) -> None:
         assert isinstance(info.value.__cause__, grpc.RpcError)
         s = client.session("tiny-gru")
         s.close()
-        other = client.attach  # a handle on a session the server no longer has
-        with pytest.raises(SessionLost) as lost:
-            other(s.id)
+        with pytest.raises(SessionLost, match="was closed") as lost:
+            client.attach(s.id)  # the server no longer has it
         assert lost.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(RnnserveError, match="closed"):
             s.step(np.zeros(s.model.step_shape, np.float32))
