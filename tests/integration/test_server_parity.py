@@ -61,7 +61,11 @@ async def test_chunks_over_separate_rpcs_and_channels_equal_one_run(server, mode
         assert np.max(np.abs(from_tensor(value) - want_state[name])) <= TOL
 
 
-async def test_interleaved_sessions_on_one_stream_and_across_streams(server, model_repo):
+@pytest.mark.parametrize("inline_max_steps", [64, 0], ids=["inline", "worker-thread"])
+async def test_interleaved_sessions_on_one_stream_and_across_streams(
+    start_server, model_repo, inline_max_steps
+):
+    server = await start_server(inline_max_steps=inline_max_steps)
     stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
     n, steps = 6, 8
     xs = [_inputs(model_repo, "tiny-lstm", steps, seed=100 + i) for i in range(n)]

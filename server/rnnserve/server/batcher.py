@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from rnnserve.server.model import ServedModel
     from rnnserve.server.sessions import Session
 
+LE_FLOAT32 = np.dtype("<f4")
+
 #: Called once with the chunk's reply or its error; runs on the event loop.
 Reply = Callable[[pb.StepResponse | ServingError], None]
 
@@ -54,9 +56,10 @@ class Work:
 class Batcher:
     """Runs a model version's pending chunks, one batch at a time, on its worker thread."""
 
-    def __init__(self, model: ServedModel, max_batch: int) -> None:
+    def __init__(self, model: ServedModel, max_batch: int, inline_max_steps: int = 0) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.inline_max_steps = inline_max_steps
         self._pending: deque[Work] = deque()
         self._task: asyncio.Task[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
@@ -151,10 +154,12 @@ class Batcher:
         for w in batch:
             metrics.queue_wait.observe(started - w.enqueued)
         try:
-            loop = asyncio.get_running_loop()
-            y, new = await loop.run_in_executor(
-                model.executor, model.engine.run, x, states, lengths
-            )
+            run = model.engine.run
+            if x.shape[0] * x.shape[1] <= self.inline_max_steps:
+                y, new = run(x, states, lengths)
+            else:
+                loop = asyncio.get_running_loop()
+                y, new = await loop.run_in_executor(model.executor, run, x, states, lengths)
         except BaseException as exc:
             for w in batch:
                 w.session.busy = False
@@ -169,7 +174,7 @@ class Batcher:
         # A session closed or evicted while its chunk ran may have handed its slot to another.
         alive = [i for i, w in enumerate(batch) if w.session.ended is None]
         if len(alive) == len(batch):
-            model.pool.scatter(slots, new, np.arange(len(batch)))
+            model.pool.scatter(slots, new)
         elif alive:
             rows = np.array(alive, dtype=np.intp)
             model.pool.scatter(slots[rows], new, rows)
@@ -180,7 +185,10 @@ class Batcher:
             steps += n
             metrics.chunk_length.observe(n)
             reply = pb.StepResponse(session_id=session.id, seq=w.seq, next_seq=w.seq + n)
-            to_tensor(y[:n, i], reply.outputs)
+            out = reply.outputs
+            out.dtype = pb.DTYPE_FLOAT32
+            out.shape[:] = (n, y.shape[2])
+            out.raw_data = y[:n, i].astype(LE_FLOAT32, copy=False).tobytes()
             if w.want_state:
                 for spec in model.manifest.states:
                     to_tensor(

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled."""
     max_batch_size: int = Field(default=256, ge=1)
     """The most sessions one engine run may carry (one chunk per session)."""
+    inline_max_steps: int = Field(default=64, ge=0)
+    """Engine runs of at most this many steps (sessions x chunk length) run on the event loop
+    itself; larger ones go to the model's worker thread. A small run takes microseconds, less
+    than handing it to a thread and back (measured: the hand-off costs more CPU than the run);
+    0 sends every run to the worker thread."""
     self_check: bool = True
     """Run each model's stored golden sequence at load and refuse a model that disagrees."""
     self_check_tolerance: float = Field(default=1e-4, gt=0)

@@ -26,6 +26,14 @@ class SlotPool:
             for s in self.specs
         }
         self._capacity = initial_capacity
+        # Axis orders pool <-> graph layout, computed once (np.moveaxis costs microseconds).
+        self._to_graph: dict[str, tuple[int, ...]] = {}
+        self._to_pool: dict[str, tuple[int, ...]] = {}
+        for spec in self.specs:
+            order = list(range(1, len(spec.shape) + 1))
+            order.insert(spec.batch_axis, 0)
+            self._to_graph[spec.name] = tuple(order)
+            self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
         # Lowest slots first, so a small pool's live sessions stay packed at the front.
         self._free = list(range(initial_capacity - 1, -1, -1))
 
@@ -71,17 +79,20 @@ class SlotPool:
         out = {}
         for s in self.specs:
             taken = self._arrays[s.name][slots]
-            out[s.input] = np.ascontiguousarray(np.moveaxis(taken, 0, s.batch_axis))
+            out[s.input] = np.ascontiguousarray(taken.transpose(self._to_graph[s.name]))
         return out
 
     def scatter(
-        self, slots: npt.NDArray[np.intp], new: dict[str, Array], rows: npt.NDArray[np.intp]
+        self,
+        slots: npt.NDArray[np.intp],
+        new: dict[str, Array],
+        rows: npt.NDArray[np.intp] | None = None,
     ) -> None:
-        """Write rows ``rows`` of the graph-layout outputs ``new`` (keyed by output name) into
-        ``slots`` (one slot per row)."""
+        """Write the graph-layout outputs ``new`` (keyed by output name) into ``slots``, one
+        slot per batch row; only the batch rows ``rows`` when given."""
         for s in self.specs:
-            values = np.moveaxis(new[s.output], s.batch_axis, 0)
-            self._arrays[s.name][slots] = values[rows]
+            values = new[s.output].transpose(self._to_pool[s.name])
+            self._arrays[s.name][slots] = values if rows is None else values[rows]
 
     def read(self, slot: int) -> dict[str, Array]:
         """Copies of one slot's state, by state name, each of its per-session shape."""
