@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -54,23 +54,31 @@ class Work:
 
 
 class Batcher:
-    """Runs a model version's pending chunks, one batch at a time, on its worker thread."""
+    """Runs a model version's pending chunks, one batch at a time.
+
+    Small runs happen on the event loop itself (``inline_max_steps``), larger ones on the
+    model's worker thread; either way a batch is taken from what is pending when the loop gets
+    to it, and the next batch forms while one runs in the thread. Plain callbacks, not tasks:
+    this is the per-step path.
+    """
 
     def __init__(self, model: ServedModel, max_batch: int, inline_max_steps: int = 0) -> None:
         self.model = model
         self.max_batch = max_batch
         self.inline_max_steps = inline_max_steps
         self._pending: deque[Work] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._scheduled = False
+        self._running = False
         self._idle_waiters: list[asyncio.Future[None]] = []
 
     def submit(self, work: Work) -> None:
         """Queue a chunk; its ``done`` is called from the event loop when it is answered."""
         self._pending.append(work)
-        if self._task is None:
-            # The task's first step runs on the next loop tick, after the callbacks already
-            # ready in this one: every chunk that arrived in the same tick joins the batch.
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+        if not self._scheduled and not self._running:
+            # Dispatch on the next loop tick, after the callbacks already ready in this one:
+            # every chunk that arrives in the same tick joins the batch.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     async def wait_idle(self, session: Session) -> None:
         """Return once ``session`` has no chunk in an engine run."""
@@ -79,18 +87,20 @@ class Batcher:
             self._idle_waiters.append(fut)
             await fut
 
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch = self._take()
-                if batch:
-                    await self._run(batch)
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-        finally:
-            self._task = None
+    def _wake_idle_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        while self._pending and not self._running:
+            batch = self._take()
+            if batch:
+                self._start(batch)
+        if not self._running:
+            self._wake_idle_waiters()
 
     def _take(self) -> list[Work]:
         """The next batch: at most one chunk per session, in arrival order. Duplicates and seq
@@ -144,31 +154,58 @@ class Batcher:
             x[: w.inputs.shape[0], i] = w.inputs
         return x, lengths
 
-    async def _run(self, batch: list[Work]) -> None:
+    def _start(self, batch: list[Work]) -> None:
+        """Run a batch inline, or start it on the worker thread and return."""
         model = self.model
-        metrics = model.metrics
         slots = np.fromiter((w.session.slot for w in batch), dtype=np.intp, count=len(batch))
         x, lengths = self._assemble(batch)
         states = model.pool.gather(slots)
         started = time.perf_counter()
+        queue_wait = model.metrics.queue_wait
         for w in batch:
-            metrics.queue_wait.observe(started - w.enqueued)
-        try:
-            run = model.engine.run
-            if x.shape[0] * x.shape[1] <= self.inline_max_steps:
+            queue_wait.observe(started - w.enqueued)
+        run = model.engine.run
+        if x.shape[0] * x.shape[1] <= self.inline_max_steps:
+            try:
                 y, new = run(x, states, lengths)
+            except Exception as exc:
+                self._failed(batch, exc)
             else:
-                loop = asyncio.get_running_loop()
-                y, new = await loop.run_in_executor(model.executor, run, x, states, lengths)
-        except BaseException as exc:
-            for w in batch:
-                w.session.busy = False
-            err = as_serving_error(exc, f"engine run of {model.label}")
-            for w in batch:
-                w.done(err)
-            if not isinstance(exc, Exception):
-                raise
+                self._finish(batch, slots, y, new, started)
             return
+        self._running = True
+        fut = asyncio.get_running_loop().run_in_executor(model.executor, run, x, states, lengths)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            self._running = False
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:
+                self._failed(batch, exc or RuntimeError("engine run cancelled"))
+            else:
+                y, new = f.result()
+                self._finish(batch, slots, y, new, started)
+            self._dispatch()
+
+        fut.add_done_callback(finished)
+
+    def _failed(self, batch: list[Work], exc: BaseException) -> None:
+        err = as_serving_error(exc, f"engine run of {self.model.label}")
+        for w in batch:
+            w.session.busy = False
+        for w in batch:
+            w.done(err)
+
+    def _finish(
+        self,
+        batch: list[Work],
+        slots: npt.NDArray[np.intp],
+        y: npt.NDArray[np.float32],
+        new: dict[str, npt.NDArray[np.float32]],
+        started: float,
+    ) -> None:
+        """Store the new states, cache and send each chunk's reply."""
+        model = self.model
+        metrics = model.metrics
         metrics.compute.observe(time.perf_counter() - started)
         metrics.batch_size.observe(len(batch))
         # A session closed or evicted while its chunk ran may have handed its slot to another.

@@ -59,6 +59,34 @@ def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
+class _Replies:
+    """The replies a Stream call has ready to send, and a wake-up for its writer. Lighter than
+    an asyncio.Queue on the per-message path."""
+
+    __slots__ = ("ended", "items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: list[pb.StreamResponse | None] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.ended = False
+
+    def put(self, reply: pb.StreamResponse | None, last: bool = False) -> None:
+        self.items.append(reply)
+        self.ended = self.ended or last
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[pb.StreamResponse | None]:
+        """Everything ready, waiting until there is something."""
+        while not self.items and not self.ended:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        items, self.items = self.items, []
+        return items
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """rnnserve.v1.InferenceService over a repository and a session manager."""
 
@@ -129,7 +157,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResponse]:
-        replies: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
+        replies = _Replies()
         outstanding = 0
         reading = True
         observe = self.metrics.observe_request
@@ -137,10 +165,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         def answer(reply: pb.StreamResponse, started: float, code: str) -> None:
             nonlocal outstanding
             observe("Stream", code, time.perf_counter() - started)
-            replies.put_nowait(reply)
             outstanding -= 1
-            if not reading and outstanding == 0:
-                replies.put_nowait(None)
+            replies.put(reply, last=not reading and outstanding == 0)
 
         def accept(req: pb.StreamRequest) -> None:
             nonlocal outstanding
@@ -153,29 +179,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 inputs = session.model.decode_chunk(step.inputs)
             except Exception as exc:
                 err = as_serving_error(exc, "Stream")
-                answer(
-                    pb.StreamResponse(
-                        request_id=rid, session_id=step.session_id, error=err.to_step_error()
-                    ),
-                    started,
-                    err.code.name,
+                reply = pb.StreamResponse(
+                    request_id=rid, session_id=step.session_id, error=err.to_step_error()
                 )
+                answer(reply, started, err.code.name)
                 return
 
             def done(result: pb.StepResponse | ServingError) -> None:
+                reply = pb.StreamResponse(request_id=rid, session_id=step.session_id)
                 if isinstance(result, ServingError):
-                    reply = pb.StreamResponse(
-                        request_id=rid, session_id=step.session_id, error=result.to_step_error()
-                    )
+                    reply.error.CopyFrom(result.to_step_error())
                     answer(reply, started, result.code.name)
                 else:
-                    answer(
-                        pb.StreamResponse(
-                            request_id=rid, session_id=result.session_id, step=result
-                        ),
-                        started,
-                        "OK",
-                    )
+                    reply.step.CopyFrom(result)
+                    answer(reply, started, "OK")
 
             session.model.batcher.submit(Work(session, step.seq, inputs, step.want_state, done))
 
@@ -187,13 +204,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             finally:
                 reading = False
                 if outstanding == 0:
-                    replies.put_nowait(None)
+                    replies.put(None, last=True)
 
         reader = asyncio.get_running_loop().create_task(read())
         self._readers.add(reader)
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
+            while True:
+                batch = await replies.take()
+                for reply in batch:
+                    if reply is not None:
+                        yield reply
+                if replies.ended and not replies.items:
+                    break
         finally:
             reader.cancel()
             self._readers.discard(reader)
