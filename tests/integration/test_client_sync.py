@@ -13,9 +13,11 @@ from rnnserve.client import (
     InvalidInput,
     ModelNotFound,
     RnnserveError,
+    SeqConflict,
     SessionLost,
     Snapshot,
 )
+from rnnserve.v1 import rnnserve_pb2 as pb
 
 from tests.support.modelgen import reference_run
 
@@ -159,3 +161,22 @@ def test_server_errors_keep_their_status_code(server_thread: Any) -> None:
         assert lost.value.code == grpc.StatusCode.NOT_FOUND
         with pytest.raises(RnnserveError, match="closed"):
             s.step(np.zeros(s.model.step_shape, np.float32))
+        # Refusals the server makes keep its code and words.
+        with pytest.raises(ModelNotFound, match="has no version '7'"):
+            client.session("tiny-gru", version="7")
+        empty = Snapshot(pb.SessionSnapshot(model="tiny-gru", version="1"))
+        with pytest.raises(RnnserveError, match="missing") as refused:
+            client.restore(empty)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_second_driver_of_one_session_is_a_conflict(server_thread: Any) -> None:
+    with Client(server_thread.address) as client, client.session("tiny-gru") as s:
+        x = np.zeros((3, *s.model.step_shape), np.float32)
+        other = client.attach(s.id)  # a second handle that has not seen s's steps
+        s.step(x)
+        s.step(x)
+        with pytest.raises(SeqConflict, match="another client") as info:
+            other.step(x)
+        assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert s.step(x).shape == (3, s.model.output_size)  # the session itself goes on
