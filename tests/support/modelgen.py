@@ -47,6 +47,7 @@ def _build_graph(
     layers: int,
     output_size: int,
     rng: np.random.Generator,
+    with_lens: bool,
 ) -> onnx.ModelProto:
     gates = 3 if cell == "gru" else 4
     scale = 1.0 / np.sqrt(hidden)
@@ -76,7 +77,9 @@ def _build_graph(
         inputs.append(
             helper.make_tensor_value_info(f"{s}0", TensorProto.FLOAT, [layers, "B", hidden])
         )
-    inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
+    lens = "sequence_lens" if with_lens else ""
+    if with_lens:
+        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
 
     axes0 = const("axes0", np.array([0], dtype=np.int64))
     axes1 = const("axes1", np.array([1], dtype=np.int64))
@@ -98,7 +101,7 @@ def _build_graph(
             nodes.append(
                 helper.make_node(
                     "GRU",
-                    [layer_in, w, r, b, "sequence_lens", init[0]],
+                    [layer_in, w, r, b, lens, init[0]],
                     outs,
                     hidden_size=hidden,
                     linear_before_reset=1,
@@ -109,7 +112,7 @@ def _build_graph(
             nodes.append(
                 helper.make_node(
                     "LSTM",
-                    [layer_in, w, r, b, "sequence_lens", init[0], init[1]],
+                    [layer_in, w, r, b, lens, init[0], init[1]],
                     outs,
                     hidden_size=hidden,
                     name=f"lstm{layer}",
@@ -154,12 +157,14 @@ def write_model(
     output_size: int = 2,
     seed: int = 0,
     vocabulary: list[str] | None = None,
+    sequence_lens: bool = True,
 ) -> Path:
     """Write ``<root>/<name>/<version>/`` (model.onnx, manifest.json, golden.npz); its path.
 
     The folder appears whole (built in a temporary folder beside it, then renamed), so a server
     polling the repository never sees half a model. Token models take their ``input_size`` from
-    the vocabulary (default ``CHAR_VOCABULARY``) and output logits over it.
+    the vocabulary (default ``CHAR_VOCABULARY``) and output logits over it. With
+    ``sequence_lens=False`` the graph has no ``sequence_lens`` input (chunks of one length only).
     """
     if input_kind == "tokens":
         vocabulary = list(vocabulary or CHAR_VOCABULARY)
@@ -174,6 +179,7 @@ def write_model(
         layers=layers,
         output_size=output_size,
         rng=rng,
+        with_lens=sequence_lens,
     )
     states = [
         StateSpec(name=s, input=f"{s}0", output=f"{s}n", shape=[layers, hidden])
@@ -193,7 +199,7 @@ def write_model(
         states=states,
         layers=layers,
         hidden_size=hidden,
-        sequence_lens="sequence_lens",
+        sequence_lens="sequence_lens" if sequence_lens else None,
         vocabulary=vocabulary if input_kind == "tokens" else None,
         opset=OPSET,
         onnx_form="native",
@@ -215,11 +221,9 @@ def write_model(
             s.name: rng.normal(0.0, 0.5, s.shape).astype(np.float32) for s in manifest.states
         }
         out, state_out = reference_run(tmp, golden_in, state_in)
-        arrays = {
-            "x": np.expand_dims(golden_in, 1),
-            "sequence_lens": np.array([GOLDEN_STEPS], dtype=np.int32),
-            "y": np.expand_dims(out, 1),
-        }
+        arrays = {"x": np.expand_dims(golden_in, 1), "y": np.expand_dims(out, 1)}
+        if sequence_lens:
+            arrays["sequence_lens"] = np.array([GOLDEN_STEPS], dtype=np.int32)
         for spec in manifest.states:
             arrays[spec.input] = np.expand_dims(state_in[spec.name], spec.batch_axis)
             arrays[spec.output] = np.expand_dims(state_out[spec.name], spec.batch_axis)

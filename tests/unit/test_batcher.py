@@ -1,0 +1,94 @@
+"""Batcher over a real engine and slot pool: mixed-length batches, one chunk per session per
+batch, seq checks at batch time, grouping by length for a model without sequence_lens."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from rnnserve.server.batcher import Work
+from rnnserve.server.errors import ServingError
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
+from rnnserve.server.sessions import SessionManager
+from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+from tests.support.modelgen import reference_run, write_model
+
+
+async def _served(tmp_path: Path, inline_max_steps: int, **model_args):
+    folder = write_model(tmp_path, "m", **model_args)
+    metrics = Metrics(CollectorRegistry())
+    settings = Settings(models=tmp_path, inline_max_steps=inline_max_steps, metrics_port=-1)
+    model = await asyncio.to_thread(Repository(settings, metrics).load_version, folder)
+    return folder, model, SessionManager(metrics, 60.0, 100)
+
+
+def _submit(model, session, seq: int, x: np.ndarray) -> asyncio.Future:
+    fut = asyncio.get_running_loop().create_future()
+    model.batcher.submit(Work(session, seq, x, False, fut.set_result))
+    return fut
+
+
+def _runs(model) -> int:
+    """Engine runs so far, from the batch-size histogram's buckets."""
+    return int(sum(b.get() for b in model.metrics.batch_size._buckets))
+
+
+def _out(reply: pb.StepResponse) -> np.ndarray:
+    return np.frombuffer(reply.outputs.raw_data, np.float32).reshape(tuple(reply.outputs.shape))
+
+
+@pytest.mark.parametrize("inline_max_steps", [1000, 0], ids=["inline", "worker-thread"])
+async def test_mixed_lengths_share_one_batch(tmp_path: Path, inline_max_steps: int):
+    folder, model, sessions = await _served(tmp_path, inline_max_steps, cell="lstm")
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (1, 5, 2, 7)]
+    opened = [sessions.open(model) for _ in xs]
+    # Two chunks per session submitted before the loop runs: the first of each go in one
+    # batch, the second ones (same sessions) in the next.
+    futs = [_submit(model, s, 0, x[:1]) for s, x in zip(opened, xs, strict=True)]
+    futs += [_submit(model, s, 1, x[1:]) for s, x in zip(opened, xs, strict=True) if len(x) > 1]
+    replies = await asyncio.gather(*futs)
+    batches = model.metrics.batch_size._sum.get()
+    assert (
+        model.metrics.batch_size._count.get()
+        if hasattr(model.metrics.batch_size, "_count")
+        else True
+    )
+    assert batches == 4 + 3
+    for s, x in zip(opened, xs, strict=True):
+        mine = sorted((r for r in replies if r.session_id == s.id), key=lambda r: r.seq)
+        got = np.concatenate([_out(r) for r in mine])
+        want, _ = reference_run(folder, x)
+        assert np.max(np.abs(got - want)) <= 1e-5
+        assert s.next_seq == len(x)
+
+
+async def test_seq_checked_when_taken(tmp_path: Path):
+    _, model, sessions = await _served(tmp_path, 1000)
+    s = sessions.open(model)
+    x = np.ones((2, 3), np.float32)
+    first, dup, gap = _submit(model, s, 0, x), _submit(model, s, 0, x), _submit(model, s, 9, x)
+    a, b, c = await asyncio.gather(first, dup, gap)
+    assert b is a  # the cached reply, not a second application
+    assert isinstance(c, ServingError) and c.next_seq == 2
+    assert model.metrics.steps._value.get() == 2
+
+
+async def test_without_sequence_lens_batches_one_length_at_a_time(tmp_path: Path):
+    folder, model, sessions = await _served(tmp_path, 1000, sequence_lens=False)
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (2, 3, 2, 3, 2)]
+    opened = [sessions.open(model) for _ in xs]
+    replies = await asyncio.gather(
+        *(_submit(model, s, 0, x) for s, x in zip(opened, xs, strict=True))
+    )
+    assert _runs(model) == 2 and model.metrics.batch_size._sum.get() == 5
+    for x, r in zip(xs, replies, strict=True):
+        want, _ = reference_run(folder, x)
+        assert np.max(np.abs(_out(r) - want)) <= 1e-5
