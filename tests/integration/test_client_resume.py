@@ -297,3 +297,36 @@ def test_sync_stream_survives_cuts(server_thread: Any, model_repo: Path) -> None
             assert direct.attach(s.id).next_seq == 41
     finally:
         pt.close()
+
+
+async def test_server_behind_is_brought_up_to_date_by_replay(server: Any, model_repo: Path) -> None:
+    """A replica that restored an older copy of the session (as a durable store would after a
+    crash) says so with its seq; the SDK replays what it lacks and the caller notices nothing."""
+    xs, expected, state = _sequence(model_repo, 20, seed=15)
+    async with AsyncClient(server.address) as admin, AsyncClient(_options(server.port)) as client:
+        s = await client.session("tiny-gru")
+        outs = [await s.step(xs[:4])]
+        old = await (await admin.attach(s.id)).snapshot()  # taken at seq 4
+        outs.append(await s.step(xs[4:8]))
+        outs += [o async for o in s.stream([xs[8:11], xs[11:12]])]
+        await admin.restore(old, session_id=s.id)  # the server goes back to seq 4
+        outs.append(await s.step(xs[12:16]))  # replays 4..12, then applies 12..16
+        await admin.restore(old, session_id=s.id)
+        async with client.multiplexer() as mux:
+            outs.append(await mux.step(s, xs[16:]))
+        assert np.max(np.abs(np.concatenate(outs) - expected)) <= TOL
+        await _assert_exactly_once(admin, s.id, 20, state)
+
+
+async def test_server_too_far_behind_is_session_lost(server: Any) -> None:
+    options = ClientOptions(target=server.address, retry=RetryPolicy(replay_steps=2))
+    async with AsyncClient(server.address) as admin, AsyncClient(options) as client:
+        s = await client.session("tiny-gru")
+        x = np.zeros((3, *s.model.step_shape), np.float32)
+        await s.step(x)
+        old = await s.snapshot()
+        for _ in range(3):
+            await s.step(x)
+        await admin.restore(old, session_id=s.id)
+        with pytest.raises(SessionLost, match="keeps only the last 2 steps"):
+            await s.step(x)
