@@ -98,6 +98,8 @@ class AsyncSession:
 
         ``inputs`` may be a plain or an async iterable; the next item is read only after the
         previous outputs were yielded. Reconnects and resumes by itself (see ``Session.stream``).
+        The stream holds the session until ``inputs`` is exhausted or the generator is closed
+        (``break``, or ``aclose()`` on a generator kept in a variable).
         """
         async with self._lock:
             self._check_open()

@@ -118,7 +118,8 @@ class Session:
         Each item is what ``step()`` takes, and each yielded array what it returns. The next
         item is read only after the previous outputs were yielded, so ``inputs`` may depend on
         them (feeding a sampled token back, for example). The stream reconnects and resumes by
-        itself. Close the generator (or exhaust it) to end the stream.
+        itself. It ends when ``inputs`` is exhausted or the generator is closed (``break`` out
+        of the loop); until then the session's other calls wait.
         """
         with self._lock:
             self._check_open()
