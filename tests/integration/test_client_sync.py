@@ -180,3 +180,22 @@ def test_a_second_driver_of_one_session_is_a_conflict(server_thread: Any) -> Non
             other.step(x)
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert s.step(x).shape == (3, s.model.output_size)  # the session itself goes on
+
+
+def test_sessions_driven_from_many_threads(server_thread: Any, model_repo: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with Client(server_thread.address) as client:
+        model = client.model("tiny-gru")
+        rng = np.random.default_rng(7)
+        xs = rng.normal(size=(8, 15, model.step_shape[0])).astype(np.float32)
+
+        def drive(k: int) -> np.ndarray:
+            with client.session(model) as s:
+                return np.concatenate([s.step(xs[k, i : i + 5]) for i in range(0, 15, 5)])
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(drive, range(8)))
+    for k, got in enumerate(results):
+        expected, _ = reference_run(model_repo / "tiny-gru" / "1", xs[k])
+        assert np.max(np.abs(got - expected)) <= TOL
