@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socketserver
 import threading
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.servicer import InferenceServicer
@@ -39,6 +40,29 @@ class ServerStartError(RuntimeError):
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+        pass
+
+
+def _serve_metrics(
+    host: str, port: int, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread]:
+    """``/metrics`` on its own thread; polls for shutdown every 50 ms so stop() is quick."""
+    httpd = make_server(
+        host, port, make_wsgi_app(registry), _MetricsServer, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="metrics"
+    )
+    thread.start()
+    return httpd, thread
 
 
 class RnnServer:
@@ -94,9 +118,7 @@ class RnnServer:
             raise ServerStartError(f"cannot listen on {address} (address in use?)")
         if s.metrics_port >= 0:
             try:
-                self._metrics_http = start_http_server(
-                    s.metrics_port, s.metrics_host, registry=self.registry
-                )
+                self._metrics_http = _serve_metrics(s.metrics_host, s.metrics_port, self.registry)
             except OSError as exc:
                 raise ServerStartError(
                     f"cannot serve metrics on {_hostport(s.metrics_host, s.metrics_port)}: "
@@ -140,17 +162,23 @@ class RnnServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # The metrics endpoint stops in a thread (its poll loop takes up to 50 ms) while the
+        # gRPC server drains, so the event loop never waits on it.
+        closing_metrics = asyncio.ensure_future(asyncio.to_thread(self._close_metrics))
         if self._server is not None:
             await self._server.stop(grace)
+        await closing_metrics
+        for model in self.repository.all():
+            model.close()
+        log.info("rnnserve stopped")
+
+    def _close_metrics(self) -> None:
         if self._metrics_http is not None:
             httpd, thread = self._metrics_http
             httpd.shutdown()
             httpd.server_close()
             thread.join(5)
             self._metrics_http = None
-        for model in self.repository.all():
-            model.close()
-        log.info("rnnserve stopped")
 
     async def wait_stopped(self) -> None:
         """Return once stop() has been called."""
