@@ -45,6 +45,15 @@ async def _why_ended(call: _StreamCall, exc: BaseException) -> tuple[grpc.Status
     return code, await call.details()
 
 
+async def _finish(call: _StreamCall) -> None:
+    """End a stream whose replies have all arrived: half-close, let the server end it with OK."""
+    try:
+        await call.done_writing()
+        await call.code()
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        call.cancel()
+
+
 class AsyncSession:
     """A session for asyncio code; see ``Session`` for the contract (ordering, resume, errors).
 
@@ -114,9 +123,18 @@ class AsyncSession:
                         self._ledger.submit(piece)
                         parts.append(await self._drive_stream(holder))
                     yield join_outputs(parts, single)
-            finally:
+            except GeneratorExit:  # the caller stopped early: a clean end if nothing is in flight
+                for call in holder:
+                    if self._ledger.pending is None:
+                        await _finish(call)
+                    call.cancel()
+                raise
+            except BaseException:
                 for call in holder:
                     call.cancel()
+                raise
+            for call in holder:
+                await _finish(call)
 
     async def _drive_unary(self) -> Array:
         driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)

@@ -45,9 +45,19 @@ class _BidiCall:
                 grpc.StatusCode.UNAVAILABLE, "the server ended the stream early"
             ) from None
 
-    def close(self) -> None:
-        """End the call (idempotent)."""
+    def close(self, *, graceful: bool = False) -> None:
+        """End the call (idempotent).
+
+        ``graceful``: half-close and let the server finish with OK (every reply has arrived,
+        so it ends at once) instead of cancelling, which the server would count as CANCELLED.
+        """
         self._requests.put(None)
+        if graceful:
+            try:
+                for _ in self._replies:
+                    pass
+            except grpc.RpcError:
+                pass
         self._replies.cancel()
 
 
@@ -134,9 +144,16 @@ class Session:
                         self._ledger.submit(piece)
                         parts.append(self._drive_stream(holder))
                     yield join_outputs(parts, single)
-            finally:
+            except GeneratorExit:  # the caller stopped early: a clean end if nothing is in flight
+                for call in holder:
+                    call.close(graceful=self._ledger.pending is None)
+                raise
+            except BaseException:
                 for call in holder:
                     call.close()
+                raise
+            for call in holder:
+                call.close(graceful=True)
 
     def _drive_unary(self) -> Array:
         driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)
