@@ -32,6 +32,8 @@ class Measurement:
     server: str
     loop: str
     sessions: int
+    #: 0: one Stream call per session; K: all sessions multiplexed on K shared calls.
+    streams: int
     p50_us: float
     p99_us: float
     steps: int
@@ -122,9 +124,20 @@ def _table(rows: list[Measurement]) -> list[str]:
     return out
 
 
-def _pairs(results: list[Measurement], loop: str) -> list[tuple[Measurement, Measurement]]:
-    by_key = {(m.server, m.sessions): m for m in results if m.loop == loop}
-    sessions = sorted({m.sessions for m in results if m.loop == loop})
+Group = tuple[str, int]  # (loop, streams)
+
+
+def _title(group: Group) -> str:
+    loop, streams = group
+    if streams == 0:
+        return f"{loop}, one Stream per session"
+    return f"{loop}, all sessions on {streams} shared Stream{'s' if streams > 1 else ''}"
+
+
+def _pairs(results: list[Measurement], group: Group) -> list[tuple[Measurement, Measurement]]:
+    mine = [m for m in results if (m.loop, m.streams) == group]
+    by_key = {(m.server, m.sessions): m for m in mine}
+    sessions = sorted({m.sessions for m in mine})
     return [
         (by_key[("rnnserve", n)], by_key[("echo", n)])
         for n in sessions
@@ -150,29 +163,32 @@ def render(results: list[Measurement], info: RunInfo) -> str:
         f"- Runs: {info.settings}.",
         "",
     ]
-    loops = list(dict.fromkeys(m.loop for m in results))
-    for loop in loops:
-        lines += [f"### {loop} (client and both servers)", ""]
-        lines += [*_table([m for m in results if m.loop == loop]), ""]
+    groups = sorted(dict.fromkeys((m.loop, m.streams) for m in results), key=lambda g: g[1])
+    for group in groups:
+        lines += [f"### {_title(group)} (loop of the client and both servers)", ""]
+        lines += [*_table([m for m in results if (m.loop, m.streams) == group]), ""]
     lines += [
         "### rnnserve / echo",
         "",
         "Ratios of rnnserve to the echo server measured back to back in this run "
         "(latency and CPU: lower is better, 1.00 is the floor; throughput: higher is better).",
         "",
-        "| loop | sessions | p50 | p99 | steps/s | server CPU per step |",
+        "| layout | sessions | p50 | p99 | steps/s | server CPU per step |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for loop in loops:
-        for real, echo in _pairs(results, loop):
+    for group in groups:
+        for real, echo in _pairs(results, group):
             lines.append(
-                f"| {loop} | {real.sessions} | {real.p50_us / echo.p50_us:.2f}x | "
+                f"| {_title(group)} | {real.sessions} | {real.p50_us / echo.p50_us:.2f}x | "
                 f"{real.p99_us / echo.p99_us:.2f}x | {real.steps_per_s / echo.steps_per_s:.2f}x | "
                 f"{real.server_cpu_us_per_step / echo.server_cpu_us_per_step:.2f}x |"
             )
     lines += ["", "### Against the targets of issue 3", ""]
-    for loop in loops:
-        pairs = {real.sessions: (real, echo) for real, echo in _pairs(results, loop)}
+    for group in groups:
+        if group[1] != 0:
+            continue  # the targets are stated for one stream per session
+        loop = group[0]
+        pairs = {real.sessions: (real, echo) for real, echo in _pairs(results, group)}
         if 1 in pairs:
             real, echo = pairs[1]
             ratio = real.p50_us / echo.p50_us

@@ -80,7 +80,12 @@ def generated_model() -> Iterator[tuple[Path, str, str]]:
 
 
 def measure(
-    server: ServerProcess, model: str, sessions: int, args: argparse.Namespace, uvloop: bool
+    server: ServerProcess,
+    model: str,
+    sessions: int,
+    streams: int,
+    args: argparse.Namespace,
+    uvloop: bool,
 ) -> Measurement:
     """One closed-loop run against one server, with its CPU time sampled over the window."""
     marks: dict[str, tuple[float, float]] = {}
@@ -88,7 +93,7 @@ def measure(
         target=server.target,
         model=model,
         sessions=sessions,
-        streams=args.streams,
+        streams=streams,
         chunk=args.chunk,
         seconds=args.seconds,
         warmup=args.warmup,
@@ -108,6 +113,7 @@ def measure(
         server=server.label,
         loop="uvloop" if uvloop else "asyncio",
         sessions=sessions,
+        streams=streams,
         p50_us=result.p50_us,
         p99_us=result.p99_us,
         steps=result.steps,
@@ -137,11 +143,13 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
             # rnnserve chooses its loop itself and says so; make sure it is the one asked for.
             if real.log_contains("with uvloop") != uvloop:
                 raise RuntimeError(f"rnnserve did not start on {loop_name}:\n{real.log_tail()}")
-            for sessions in args.sessions:
+            runs = [(n, 0) for n in args.sessions] + [(n, 1) for n in args.shared]
+            for sessions, streams in runs:
                 for server in (echo, real):
-                    m = measure(server, model, sessions, args, uvloop)
+                    m = measure(server, model, sessions, streams, args, uvloop)
+                    layout = "1 stream " if streams else "streams  "
                     print(
-                        f"{loop_name:8} {sessions:4} sessions  {server.label:9} "
+                        f"{loop_name:8} {sessions:4} sessions {layout} {server.label:9} "
                         f"p50 {m.p50_us:8.0f} µs  p99 {m.p99_us:8.0f} µs  "
                         f"{m.steps_per_s:8.0f} steps/s  server CPU "
                         f"{m.server_cpu_us_per_step:6.1f} µs/step "
@@ -162,16 +170,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per run")
     parser.add_argument("--chunk", type=int, default=1, help="steps per message")
-    parser.add_argument("--streams", type=int, default=0, help="0: one Stream per session")
+    parser.add_argument(
+        "--shared",
+        default="256",
+        help="session counts also measured multiplexed on one shared Stream ('' for none)",
+    )
     parser.add_argument("--no-uvloop", action="store_true", help="measure asyncio only")
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     args = parser.parse_args(argv)
-    try:
-        args.sessions = [int(s) for s in args.sessions.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sessions {args.sessions!r} must be comma-separated integers")
+    for name in ("sessions", "shared"):
+        text = getattr(args, name)
+        try:
+            setattr(args, name, [int(s) for s in text.split(",") if s.strip()])
+        except ValueError:
+            parser.error(f"--{name} {text!r} must be comma-separated integers")
     if args.quick:
-        args.seconds, args.warmup, args.no_uvloop = 1.0, 0.5, True
+        args.seconds, args.warmup, args.no_uvloop, args.shared = 1.0, 0.5, True, []
     args.loops = [False] if args.no_uvloop else [False, True]
     return args
 
@@ -197,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         model=description,
         settings=(
             f"window {args.seconds:g} s after {args.warmup:g} s warmup per run, chunk "
-            f"{args.chunk}, "
-            + ("one Stream per session" if args.streams == 0 else f"{args.streams} shared Streams")
-            + (", quick run" if args.quick else "")
+            f"{args.chunk}" + (", quick run" if args.quick else "")
         ),
         load_before=before,
     )
