@@ -198,16 +198,20 @@ class _SharedStream:
         await self._call.done_writing()
 
     async def _read(self) -> None:
+        error = BenchError("a shared stream ended with steps in flight")
         try:
             while (reply := await self._call.read()) is not grpc.aio.EOF:
                 assert isinstance(reply, pb.StreamResponse)
                 future = self._pending.pop(reply.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            error = BenchError(f"shared stream failed: {exc.code().name}: {exc.details()}")
         finally:
+            # Every session waiting on this stream learns why it broke.
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(BenchError("a shared stream ended with steps in flight"))
+                    future.set_exception(error)
 
     async def round_trip(self, request: pb.StreamRequest) -> pb.StreamResponse:
         request.request_id = self._next_id
