@@ -31,8 +31,9 @@ from rnnserve.manifest import ManifestError, load_manifest
 from servers import ServerProcess, echo_command, rnnserve_command
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Shipped models to prefer, in order: the char model, then the CO2 forecaster.
-PREFERRED = ("char", "co2")
+#: Shipped models to prefer, in order (exact names first, then any name containing the key):
+#: the char model on a native GRU node, any char model, then the CO2 forecaster.
+PREFERRED = ("char-gru", "char", "co2")
 
 
 def pick_model(models: Path, name: str | None) -> tuple[Path, str, str] | None:
@@ -43,8 +44,8 @@ def pick_model(models: Path, name: str | None) -> tuple[Path, str, str] | None:
     if name is not None:
         candidates = [p for p in candidates if p.name == name]
     else:
-        ranked = [p for key in PREFERRED for p in candidates if key in p.name]
-        candidates = ranked
+        exact = [p for key in PREFERRED for p in candidates if p.name == key]
+        candidates = exact + [p for key in PREFERRED for p in candidates if key in p.name]
     for folder in candidates:
         versions = sorted(
             (v for v in folder.iterdir() if (v / "manifest.json").is_file()),
