@@ -36,7 +36,7 @@ def _submit(model, session, seq: int, x: np.ndarray) -> asyncio.Future:
 
 def _runs(model) -> int:
     """Engine runs so far, from the batch-size histogram's buckets."""
-    return int(sum(b.get() for b in model.metrics.batch_size._buckets))
+    return model.metrics.batch_size.count
 
 
 def _out(reply: pb.StepResponse) -> np.ndarray:
@@ -54,7 +54,7 @@ async def test_mixed_lengths_share_one_batch(tmp_path: Path, inline_max_steps: i
     futs = [_submit(model, s, 0, x[:1]) for s, x in zip(opened, xs, strict=True)]
     futs += [_submit(model, s, 1, x[1:]) for s, x in zip(opened, xs, strict=True) if len(x) > 1]
     replies = await asyncio.gather(*futs)
-    batches = model.metrics.batch_size._sum.get()
+    batches = model.metrics.batch_size.sum
     assert (
         model.metrics.batch_size._count.get()
         if hasattr(model.metrics.batch_size, "_count")
@@ -88,7 +88,7 @@ async def test_without_sequence_lens_batches_one_length_at_a_time(tmp_path: Path
     replies = await asyncio.gather(
         *(_submit(model, s, 0, x) for s, x in zip(opened, xs, strict=True))
     )
-    assert _runs(model) == 2 and model.metrics.batch_size._sum.get() == 5
+    assert _runs(model) == 2 and model.metrics.batch_size.sum == 5
     for x, r in zip(xs, replies, strict=True):
         want, _ = reference_run(folder, x)
         assert np.max(np.abs(_out(r) - want)) <= 1e-5
