@@ -40,7 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
             continue
         kwargs: dict[str, Any] = {"default": None, "help": help_text, "dest": name}
         if typing.get_origin(annotation) is typing.Literal:
-            kwargs["choices"] = typing.get_args(annotation)
+            choices = typing.get_args(annotation)
+            kwargs["choices"] = choices
+            if all(c == c.upper() for c in choices):
+                kwargs["type"] = str.upper  # --log-level debug works too
         elif annotation in (int, float, Path):
             kwargs["type"] = annotation
         elif isinstance(annotation, types.UnionType):
