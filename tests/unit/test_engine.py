@@ -53,3 +53,10 @@ def test_graph_that_lacks_a_manifest_name(tmp_path: Path):
     (folder / "model.onnx").write_bytes((other / "model.onnx").read_bytes())
     with pytest.raises(ModelLoadError, match="graph inputs \\['c0'\\] are not in the manifest"):
         Engine(folder, load_manifest(folder), [CPU])
+
+
+def test_unreadable_graph_is_a_load_error(tmp_path: Path):
+    folder = write_model(tmp_path, "m")
+    (folder / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load it"):
+        Engine(folder, load_manifest(folder), [CPU])

@@ -12,6 +12,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,23 +88,27 @@ class Engine:
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(profile_dir, "load")
         try:
-            self.session = ort.InferenceSession(str(folder / MODEL_FILE), opts, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types for bad graphs
-            raise ModelLoadError(
-                f"{folder / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
-            ) from None
-        self._check_graph()
-        self._feed_names = [manifest.input_name, *(s.input for s in manifest.states)]
-        self._output_names = [manifest.output_name, *(s.output for s in manifest.states)]
-        self.providers: list[str] = list(self.session.get_providers())
-        self.provider = self.providers[0]
-        try:
-            self.run(*self._zero_batch())
+            try:
+                self.session = ort.InferenceSession(
+                    str(folder / MODEL_FILE), opts, providers=providers
+                )
+            except Exception as exc:  # ORT raises its own exception types for bad graphs
+                raise ModelLoadError(
+                    f"{folder / MODEL_FILE}: ONNX Runtime cannot load it: {exc}"
+                ) from None
+            self._check_graph()
+            self._output_names = [manifest.output_name, *(s.output for s in manifest.states)]
+            self.providers: list[str] = list(self.session.get_providers())
+            self.provider = self.providers[0]
+            try:
+                self.run(*self._zero_batch())
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{folder / MODEL_FILE}: a one-step run fails: {exc}"
+                ) from None
             self.node_providers = self._read_profile(self.session.end_profiling())
         finally:
-            for f in Path(profile_dir).glob("*"):
-                f.unlink(missing_ok=True)
-            os.rmdir(profile_dir)
+            shutil.rmtree(profile_dir, ignore_errors=True)
         if self.node_providers:
             # The provider that runs the recurrence is the one that matters for speed.
             self.provider = sorted(set(self.node_providers.values()))[0]

@@ -49,6 +49,7 @@ class Repository:
         self._models: dict[str, dict[str, ServedModel]] = {}
         self._failed: dict[Path, tuple[float, ...]] = {}
         self._lock = asyncio.Lock()
+        self._warned_missing = False
 
     def load_version(self, folder: Path) -> ServedModel:
         """Load and check one version folder (blocking); ModelLoadError/ManifestError say why."""
@@ -99,8 +100,10 @@ class Repository:
         """Load the version folders that are new (or changed since they failed); forget the
         ones that disappeared. Returns the versions added."""
         async with self._lock:
-            if not self.root.is_dir():
-                log.warning("model repository %s does not exist", self.root)
+            missing = not self.root.is_dir()
+            if missing and not self._warned_missing:
+                log.warning("model repository %s does not exist (yet)", self.root)
+            self._warned_missing = missing
             present = self._candidates()
             added = []
             for folder in present:
