@@ -186,7 +186,8 @@ class Engine:
 
     def self_check(self, tolerance: float) -> float | None:
         """Run the golden sequence stored with the model; its max abs difference, or None when
-        the model has no golden file. ModelLoadError when it disagrees beyond ``tolerance``.
+        the model has no golden file. ModelLoadError when it disagrees beyond ``tolerance``
+        (outputs measured in units of the manifest's output scaling std, states as they are).
 
         ``golden.npz`` is keyed by the graph's own names, in graph layout (what rnnserve's
         export writes): the step input (``x``), each state input and output (``h0``/``hn``…),
@@ -224,13 +225,17 @@ class Engine:
         except Exception as exc:  # ORT's own exception types
             raise ModelLoadError(f"{path}: the golden inputs do not run: {exc}") from None
         got = {m.output_name: y, **new}
+        # Outputs are compared in the model's scaled units (as export's parity check does):
+        # one float32 rounding step of a raw 350 ppm forecast is already 3e-5.
+        scale = {m.output_name: np.asarray(m.output_scaling.std if m.output_scaling else 1.0)}
         diffs = []
         for name in (m.output_name, *(s.output for s in m.states)):
             want = golden.get(name)
             if want is None:
                 continue
             same = got[name].shape == want.shape
-            diffs.append(float(np.max(np.abs(got[name] - want))) if same else np.inf)
+            err = np.abs(got[name] - want) / scale.get(name, 1.0) if same else np.inf
+            diffs.append(float(np.max(err)))
         worst = max(diffs)
         if not worst <= tolerance:
             raise ModelLoadError(
