@@ -59,12 +59,12 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe(
         "co2-notes-gru",
-        TrainConfig("forecast", "notes-gru", hidden=32, epochs=20, lr=3e-3, options=_CO2),
+        TrainConfig("forecast", "notes-gru", hidden=32, epochs=30, lr=3e-3, options=_CO2),
         "the notes' GRU forecasting next week's Mauna Loa CO2 in ppm",
     ),
     Recipe(
         "co2-gru",
-        TrainConfig("forecast", "gru", hidden=32, epochs=20, lr=3e-3, options=_CO2),
+        TrainConfig("forecast", "gru", hidden=32, epochs=30, lr=3e-3, options=_CO2),
         "PyTorch's nn.GRU forecasting next week's Mauna Loa CO2 in ppm",
     ),
 )

@@ -190,7 +190,7 @@ class ForecastTask(Task):
     name = "forecast"
     metric = "val_rmse"
     #: random level shift of a training window, in units of the scaling's std
-    SHIFT = (-0.5, 1.0)
+    SHIFT = (-1.0, 2.0)
 
     def __init__(self, options: TaskOptions) -> None:
         super().__init__(options)

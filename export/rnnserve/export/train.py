@@ -57,6 +57,9 @@ class TrainConfig:
     lr: float = 3e-3
     clip: float = 1.0
     lstm_output: str = "tanh"
+    #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
+    #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
+    schedule: str = "cosine"
     options: TaskOptions = field(default_factory=TaskOptions)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +98,16 @@ def new_model(task: Task, config: TrainConfig) -> tuple[ModelSpec, RecurrentMode
     return spec, model
 
 
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (1-based) under ``config.schedule``."""
+    if config.schedule == "constant" or config.epochs <= 1:
+        return config.lr
+    if config.schedule != "cosine":
+        raise ValueError(f"unknown schedule {config.schedule!r}; choose cosine or constant")
+    progress = (epoch - 1) / (config.epochs - 1)
+    return config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
+
+
 def train_epoch(
     task: Task,
     model: RecurrentModel,
@@ -107,6 +120,8 @@ def train_epoch(
     """One epoch of Adam steps with clipped gradients; returns each step's loss."""
     rng = np.random.default_rng([config.seed, epoch])
     torch.manual_seed(config.seed * 100_003 + epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, epoch)
     model.train()
     state: State | None = None
     losses: list[float] = []
