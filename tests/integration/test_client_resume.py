@@ -330,3 +330,33 @@ async def test_server_too_far_behind_is_session_lost(server: Any) -> None:
         await admin.restore(old, session_id=s.id)
         with pytest.raises(SessionLost, match="keeps only the last 2 steps"):
             await s.step(x)
+
+
+async def test_stream_survives_a_server_replaced_mid_stream(
+    start_server: Any, model_repo: Path
+) -> None:
+    """The server goes away mid-stream and a new one takes its address with an older copy of
+    the session (what a durable store or a replica move gives): the stream carries on."""
+    xs, expected, state = _sequence(model_repo, 32, seed=16)
+    first = await start_server()
+    replacement: list[Any] = []
+    async with AsyncClient(_options(first.port)) as client:
+        s = await client.session("tiny-gru")
+
+        async def inputs() -> AsyncIterator[np.ndarray]:
+            old = None
+            for i in range(0, 32, CHUNK):
+                if i == 8:
+                    old = await s.snapshot()  # the last copy saved before the "crash"
+                if i == 20:
+                    await first.server.stop(0)
+                    replacement.append(await start_server(port=first.port))
+                    async with AsyncClient(replacement[0].address) as admin:
+                        assert old is not None
+                        await admin.restore(old, session_id=s.id)
+                yield xs[i : i + CHUNK]
+
+        outs = [out async for out in s.stream(inputs())]
+        assert np.max(np.abs(np.concatenate(outs) - expected)) <= TOL
+        async with AsyncClient(replacement[0].address) as admin:
+            await _assert_exactly_once(admin, s.id, 32, state)

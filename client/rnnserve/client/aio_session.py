@@ -54,6 +54,33 @@ async def _finish(call: _StreamCall) -> None:
         call.cancel()
 
 
+class _TaskLock:
+    """An asyncio lock that the task holding it may take again.
+
+    A stream holds its session while it runs, and the caller's input generator runs in the
+    stream's own task; so ``snapshot()`` or ``step()`` called from that generator (between
+    chunks, when nothing is in flight) must not wait for the stream, as with ``Session``'s RLock.
+    """
+
+    def __init__(self) -> None:
+        self._inner = asyncio.Lock()
+        self._owner: asyncio.Task[Any] | None = None
+        self._depth = 0
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if self._owner is not task or task is None:
+            await self._inner.acquire()
+            self._owner = task
+        self._depth += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+            self._inner.release()
+
+
 class AsyncSession:
     """A session for asyncio code; see ``Session`` for the contract (ordering, resume, errors).
 
@@ -66,7 +93,7 @@ class AsyncSession:
         self.id: str = info.session_id
         self.model: ModelInfo = model
         self._ledger = SeqLedger(self.id, int(info.next_seq), client.options.retry.replay_steps)
-        self._lock = asyncio.Lock()
+        self._lock = _TaskLock()
         self._closed = False
 
     async def __aenter__(self) -> AsyncSession:
