@@ -227,6 +227,7 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _run_all(args: argparse.Namespace) -> int:
+    from rnnserve.export.model import build_model
     from rnnserve.export.shipped import VERSION, train_all
     from rnnserve.export.train import pick_device
 
@@ -240,13 +241,13 @@ def _run_all(args: argparse.Namespace) -> int:
         device=pick_device(args.device),
         progress=not args.quiet,
     )
-    print(f"\n{'model':<18} {'cell':<11} {'params':>8} {'epochs':>6} {'seconds':>7}  best metrics")
-    for recipe, result, manifest in results:
-        params = manifest.extra.get("parameters", "")
+    print(f"\n{'model':<18} {'cell':<11} {'params':>8} {'best':>4} {'seconds':>7}  best metrics")
+    for recipe, result, _ in results:
+        params = sum(p.numel() for p in build_model(result.spec).parameters())
         shown = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items())
         print(
-            f"{recipe.name:<18} {recipe.config.cell:<11} {params!s:>8} "
-            f"{result.best_epoch:>6} {result.seconds:>7.0f}  {shown}"
+            f"{recipe.name:<18} {recipe.config.cell:<11} {params:>8} "
+            f"{result.best_epoch:>4} {result.seconds:>7.0f}  {shown}"
         )
     print(f"models written to {args.models}/<name>/{VERSION}; runs in {args.out or 'runs'}")
     return 0

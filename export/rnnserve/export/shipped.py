@@ -18,7 +18,7 @@ import torch
 from rnnserve.export.checkpoint import load_checkpoint
 from rnnserve.export.onnx_export import export_onnx
 from rnnserve.export.tasks import TaskOptions
-from rnnserve.export.train import BEST, CURVE, RunResult, TrainConfig, run_training
+from rnnserve.export.train import BEST, CURVE, RunResult, TrainConfig, run_training, say
 from rnnserve.manifest import Manifest, write_atomic
 
 VERSION = "1"
@@ -116,7 +116,7 @@ def train_all(
     resume: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> list[tuple[Recipe, RunResult, Manifest]]:
     """Train and export every shipped model (or those in ``names``), each from scratch.
 

@@ -83,6 +83,11 @@ class EpochRecord:
     step_losses: list[float] = field(default_factory=list)
 
 
+def say(message: str) -> None:
+    """Print a progress line at once, even when stdout is a file or a pipe."""
+    print(message, flush=True)
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """``name`` when given, else the GPU when torch sees one, else the CPU."""
     if name:
@@ -230,7 +235,7 @@ def run_training(
     resume: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train into ``out_dir``: ``checkpoint.pt`` every epoch, ``best.pt``, history, loss curve.
 
@@ -238,6 +243,7 @@ def run_training(
     ``out_dir`` cannot be written, before anything is written. With ``resume``, continues the
     run in ``out_dir`` from its last checkpoint, which must hold the same architecture.
     """
+    log = log or say
     out_dir = Path(out_dir)
     task = make_task(config.task, config.options)
     spec = task.spec(config.cell, config.hidden, config.layers, config.lstm_output)
@@ -273,6 +279,7 @@ def run_training(
         f"device {device}" + (f", resuming after epoch {start['epoch']}" if start else "")
     )
     t0 = time.perf_counter()
+    history: list[EpochRecord] = [EpochRecord(**h) for h in (start or {}).get("history", [])]
 
     def on_epoch(model: RecurrentModel, optimizer: torch.optim.Optimizer, rec: EpochRecord) -> None:
         history.append(rec)
@@ -305,7 +312,6 @@ def run_training(
             f"({rec.seconds:.1f} s)"
         )
 
-    history: list[EpochRecord] = [EpochRecord(**h) for h in (start or {}).get("history", [])]
     fit(task, config, device=device, progress=progress, start=start, on_epoch=on_epoch)
     return RunResult(
         out_dir=out_dir,
