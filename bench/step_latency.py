@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -201,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step_latency: no model {args.model!r} in {args.models}", file=sys.stderr)
                 return 2
             picked = stack.enter_context(generated_model())
+        else:
+            # Serve a copy of the one model measured: a model retrained or added in the shared
+            # repository during the run would be hot-reloaded and bill its load to the server.
+            copy = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-repo-")))
+            shutil.copytree(picked[0] / picked[1], copy / picked[1])
+            picked = (copy, picked[1], picked[2])
         repo, model, description = picked
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
         try:
