@@ -3,26 +3,30 @@
 Starts two server processes on free 127.0.0.1 ports, the echo (bench/echo_server.py: the
 same gRPC stack, no sessions, no model) and ``rnnserve serve``, once on asyncio's default loop
 and once on uvloop (client and both servers alike). At each concurrency (1, 16, 64, 256
-sessions, one Stream call per session, closed loop) it measures both servers back to back with
-the load generator of ``rnnserve bench``: round trip p50/p99, steps/s, and the server
+sessions, one Stream call per session, closed loop; then 256 sessions on one shared Stream) it
+measures both servers back to back, twice in ABBA order, with the load generator of
+``rnnserve bench``: round trip p50/p99, steps/s, and the server
 process's CPU time per step (utime + stime of /proc/<pid>/stat over the measured window,
 divided by the steps applied in it). Then it writes the results into docs/benchmarks.md
 between the ``step_latency`` markers, leaving the rest of the file as it is.
 
 Usage: ``python bench/step_latency.py [--quick] [--out docs/benchmarks.md] [--models DIR]``.
-A full run takes about 3 minutes; ``--quick`` about 30 seconds (asyncio only, short windows).
+A full run takes about 4 minutes; ``--quick`` about 30 seconds (asyncio only, one short run
+each).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +131,30 @@ def measure(
     )
 
 
+def combine(runs: list[Measurement]) -> Measurement:
+    """One figure per server from repeated runs: rates and CPU over all steps, percentiles
+    averaged."""
+    if len(runs) == 1:
+        return runs[0]
+    steps = sum(m.steps for m in runs)
+    window = sum(m.steps / m.steps_per_s for m in runs if m.steps_per_s > 0)
+
+    def per_step(value: Callable[[Measurement], float]) -> float:
+        return sum(value(m) * m.steps for m in runs) / max(steps, 1)
+
+    return dataclasses.replace(
+        runs[0],
+        p50_us=statistics.fmean(m.p50_us for m in runs),
+        p99_us=statistics.fmean(m.p99_us for m in runs),
+        steps=steps,
+        steps_per_s=steps / window if window > 0 else 0.0,
+        server_cpu_us_per_step=per_step(lambda m: m.server_cpu_us_per_step),
+        server_loop_cpu_us_per_step=per_step(lambda m: m.server_loop_cpu_us_per_step),
+        client_cpu_us_per_step=per_step(lambda m: m.client_cpu_us_per_step),
+        errors=sum(m.errors for m in runs),
+    )
+
+
 def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> list[Measurement]:
     """Every (loop, concurrency, server) measurement, echo and rnnserve back to back."""
     version_dir = max(
@@ -147,11 +175,18 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
                 raise RuntimeError(f"rnnserve did not start on {loop_name}:\n{real.log_tail()}")
             runs = [(n, 0) for n in args.sessions] + [(n, 1) for n in args.shared]
             for sessions, streams in runs:
-                for server in (echo, real):
-                    m = measure(server, model, sessions, streams, args, uvloop)
+                # ABBA order over the repeats: drift of a shared machine hits both alike.
+                order = [(echo, real) if r % 2 == 0 else (real, echo) for r in range(args.repeat)]
+                done: dict[str, list[Measurement]] = {"echo": [], "rnnserve": []}
+                for pair in order:
+                    for server in pair:
+                        m = measure(server, model, sessions, streams, args, uvloop)
+                        done[server.label].append(m)
+                for label in ("echo", "rnnserve"):
+                    m = combine(done[label])
                     layout = "1 stream " if streams else "streams  "
                     print(
-                        f"{loop_name:8} {sessions:4} sessions {layout} {server.label:9} "
+                        f"{loop_name:8} {sessions:4} sessions {layout} {label:9} "
                         f"p50 {m.p50_us:8.0f} µs  p99 {m.p99_us:8.0f} µs  "
                         f"{m.steps_per_s:8.0f} steps/s  server CPU "
                         f"{m.server_cpu_us_per_step:6.1f} µs/step "
@@ -169,7 +204,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--model", help="model name in --models (default: a char or co2 model)")
     parser.add_argument("--sessions", default="1,16,64,256", help="comma-separated")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured window per run")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs per server and setting, in ABBA order"
+    )
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per run")
     parser.add_argument("--chunk", type=int, default=1, help="steps per message")
     parser.add_argument(
@@ -188,6 +226,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name} {text!r} must be comma-separated integers")
     if args.quick:
         args.seconds, args.warmup, args.no_uvloop, args.shared = 1.0, 0.5, True, []
+        args.repeat = 1
     args.loops = [False] if args.no_uvloop else [False, True]
     return args
 
@@ -218,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     info = RunInfo.collect(
         model=description,
         settings=(
-            f"window {args.seconds:g} s after {args.warmup:g} s warmup per run, chunk "
-            f"{args.chunk}" + (", quick run" if args.quick else "")
+            f"{args.repeat} run(s) per server and setting in ABBA order, each a "
+            f"{args.seconds:g} s window after {args.warmup:g} s warmup; chunk {args.chunk}"
+            + (", quick run" if args.quick else "")
         ),
         load_before=before,
     )
