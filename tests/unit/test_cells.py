@@ -239,3 +239,38 @@ def test_bad_specs_are_refused() -> None:
         model(torch.zeros(4, 1, 2), (torch.zeros(2, 1, 3),))
     with pytest.raises(ValueError, match="expected"):
         model(torch.zeros(4, 1, 2), (torch.zeros(1, 1, 3), torch.zeros(1, 1, 3)))
+
+
+@pytest.mark.parametrize("cell", ["notes-lstm", "lstm"])
+def test_fresh_lstm_starts_with_forget_gate_near_sigma_one(cell: str) -> None:
+    """Forget-gate bias +1 at construction (cells.LSTM_FORGET_BIAS), in every layer.
+
+    Measured through the model on layer 0: at zero input and zero ``a<t-1>``,
+    ``c<t> = Γu ⊙ c̃ + Γf ⊙ c<t-1>``, so flipping the sign of ``c<t-1>`` changes ``c<t>`` by
+    exactly ``2 Γf ⊙ c<t-1>``. A higher layer reads layer 0's output, which differs between the
+    two runs, so there the forget gate's total bias is read from the parameters instead.
+    """
+    torch.manual_seed(0)
+    layers, hidden = 2, 8
+    model = build_model(ModelSpec(cell, "features", 3, hidden, layers, 1, lstm_output="tanh"))
+    c_prev = torch.full((layers, 2, hidden), 2.0)
+    zeros = torch.zeros(layers, 2, hidden)
+    with torch.no_grad():
+        _, (_, c_plus) = model(torch.zeros(1, 2, 3), (zeros, c_prev))
+        _, (_, c_minus) = model(torch.zeros(1, 2, 3), (zeros, -c_prev))
+    gamma_f = (c_plus[0] - c_minus[0]) / (2 * c_prev[0])
+    sigma_one = float(sigma(np.array(1.0)))  # ≈ 0.731
+    torch.testing.assert_close(gamma_f, torch.full((2, hidden), sigma_one), rtol=0, atol=1e-6)
+    for layer in range(layers):
+        if cell == "notes-lstm":
+            assert isinstance(model.rnn, NotesStack)
+            notes = model.rnn.cells[layer]
+            assert isinstance(notes, NotesLSTMCell)
+            forget_bias = notes.bias[notes.gate("f")]
+        else:  # nn.LSTM: two biases, gates stacked i, f, g, o
+            f = slice(hidden, 2 * hidden)
+            forget_bias = (
+                getattr(model.rnn, f"bias_ih_l{layer}")[f]
+                + getattr(model.rnn, f"bias_hh_l{layer}")[f]
+            )
+        torch.testing.assert_close(forget_bias.detach(), torch.ones(hidden), rtol=0, atol=1e-7)

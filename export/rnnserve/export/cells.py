@@ -23,6 +23,15 @@ from torch import Tensor, nn
 
 State = tuple[Tensor, ...]
 
+#: Initial forget-gate bias of every LSTM built here (the notes' ``notes-lstm`` and PyTorch's
+#: ``nn.LSTM`` inside ``RecurrentModel``). With the uniform ±1/sqrt(hidden) initialisation alone
+#: the bias is near 0, so Γf starts near σ(0) = 0.5 and the memory cell halves every step until
+#: training pushes Γf up; on the adding problem that left the notes' LSTM stuck at every lag
+#: above 10 within the long-lag experiment's budget (docs/long-lag.md). A bias of +1 (Γf ≈ 0.73)
+#: is the common remedy (Gers, Schmidhuber & Cummins 2000; Jozefowicz, Zaremba & Sutskever 2015).
+#: An initialisation only: the equations are unchanged, and a trained checkpoint overrides it.
+LSTM_FORGET_BIAS = 1.0
+
 
 class NotesCell(nn.Module):
     """Base of the notes' cells: the shared weight layout and the single-step contract."""
@@ -141,6 +150,12 @@ class NotesLSTMCell(NotesCell):
         super().__init__(input_size, hidden_size)
         self.output = output
 
+    def reset_parameters(self) -> None:
+        """PyTorch's uniform initialisation, then the forget-gate bias at ``LSTM_FORGET_BIAS``."""
+        super().reset_parameters()
+        with torch.no_grad():
+            self.bias[self.gate("f")].fill_(LSTM_FORGET_BIAS)
+
     def recur(self, xw: Tensor, state: State) -> tuple[Tensor, State]:
         a_prev, c_prev = state
         gu, gf, go, gc = self._split(xw + a_prev @ self.weight_h.T)
@@ -150,6 +165,25 @@ class NotesLSTMCell(NotesCell):
         c = gamma_u * torch.tanh(gc) + gamma_f * c_prev
         a = gamma_o * (c if self.output == "notes" else torch.tanh(c))
         return a, (a, c)
+
+
+def init_torch_lstm_forget_bias(lstm: nn.LSTM, value: float = LSTM_FORGET_BIAS) -> None:
+    """Start every layer of PyTorch's ``nn.LSTM`` with forget-gate bias ``value``.
+
+    ``nn.LSTM`` adds two biases, ``bias_ih_l{k}`` and ``bias_hh_l{k}``, each with its gates
+    stacked i, f, g, o; the forget slice of ``bias_ih`` is set to ``value`` and that of
+    ``bias_hh`` to 0, so their sum (what the gate sees) is exactly ``value``. No-op without biases.
+    """
+    if not lstm.bias:
+        return
+    h = lstm.hidden_size
+    forget = slice(h, 2 * h)
+    with torch.no_grad():
+        for name, p in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                p[forget].fill_(value)
+            elif name.startswith("bias_hh"):
+                p[forget].zero_()
 
 
 #: spec.cell -> the notes' cell class

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from rnnserve.export.cells import NotesStack, State
+from rnnserve.export.cells import NotesStack, State, init_torch_lstm_forget_bias
 from rnnserve.export.spec import ModelSpec
 from rnnserve.manifest import Scaling
 from torch import Tensor, nn
@@ -55,6 +55,10 @@ class RecurrentModel(nn.Module):
         if spec.cell in ("gru", "lstm"):
             cls = nn.GRU if spec.cell == "gru" else nn.LSTM
             self.rnn = cls(rnn_in, spec.hidden_size, num_layers=spec.layers)
+            if isinstance(self.rnn, nn.LSTM):
+                # Forget-gate bias +1 at initialisation, as for the notes' LSTM (cells.py,
+                # LSTM_FORGET_BIAS says why); the weights are otherwise PyTorch's own.
+                init_torch_lstm_forget_bias(self.rnn)
         else:
             self.rnn = NotesStack(
                 spec.cell, rnn_in, spec.hidden_size, spec.layers, lstm_output=spec.lstm_output
