@@ -5,6 +5,7 @@ Tensors travel as dtype + shape + little-endian C-order bytes, never as repeated
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -98,3 +99,16 @@ def from_tensor_map(tensors: Mapping[str, pb.Tensor]) -> dict[str, npt.NDArray[n
         except TensorError as exc:
             raise TensorError(f"state {name!r}: {exc}") from None
     return out
+
+
+def chunk_digest(msg: pb.Tensor) -> bytes:
+    """A 16-byte digest of a chunk's inputs (dtype, shape and bytes).
+
+    The server keeps it for the last applied chunk, so a retry (same seq, same inputs) is
+    answered from the cache while a different chunk that reuses the seq is refused. It travels in
+    snapshots, so every replica must compute it the same way: this function is that definition.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{msg.dtype}:{','.join(map(str, msg.shape))}:".encode())
+    h.update(msg.raw_data)
+    return h.digest()

@@ -118,6 +118,29 @@ async def test_retry_of_last_chunk_is_answered_again_not_applied(server, model_r
     assert session.next_seq == 6
 
 
+async def test_a_different_chunk_reusing_the_last_seq_is_refused_not_answered(server, model_repo):
+    stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
+    x = _inputs(model_repo, "tiny-gru", 6, seed=8)
+    sid = await open_session(stub, "tiny-gru")
+    await step(stub, sid, 0, x[:3])
+    before = await state_bytes(stub, sid)
+    other = x[:3] + 1.0  # another client's chunk with the same seq
+    err = await step_error(stub, pb.StepRequest(session_id=sid, seq=0, inputs=to_tensor(other)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already applied with other inputs" in err.details()
+    assert dict(err.trailing_metadata())["rnnserve-next-seq"] == "3"
+    [r] = await stream_all(stub, [stream_step(sid, 0, other, 1)])
+    assert r.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and r.error.next_seq == 3
+    assert await state_bytes(stub, sid) == before
+    # The guard travels with a snapshot: a restored session refuses the same impostor.
+    snap = (await stub.GetState(pb.GetStateRequest(session_id=sid))).snapshot
+    assert len(snap.last_inputs_digest) == 16
+    moved = (await stub.PutState(pb.PutStateRequest(snapshot=snap))).session.session_id
+    err = await step_error(stub, pb.StepRequest(session_id=moved, seq=0, inputs=to_tensor(other)))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert outputs(await step(stub, moved, 0, x[:3])).shape == (3, 2)  # the true retry still works
+
+
 async def test_fork_reset_snapshot_restore(server, model_repo):
     stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
     x = _inputs(model_repo, "tiny-lstm", 10, seed=9)

@@ -7,10 +7,11 @@ A session is a memory cell the server keeps between calls: open one, push chunks
 get one output per step. A session outlives the RPC and the connection it was used on.
 
 Ordering and retries: every chunk carries `seq`, the index of its first step in the session
-(the first chunk has seq 0, a chunk of T steps moves the session to seq + T). A chunk whose
-seq repeats the last applied chunk is answered from the cached reply and not applied again;
-any other seq that is not the session's next_seq is refused with FAILED_PRECONDITION
-(unary: trailing metadata `rnnserve-next-seq`; stream: StepError.next_seq).
+(the first chunk has seq 0, a chunk of T steps moves the session to seq + T). A chunk that
+repeats the last applied chunk (same seq, same inputs) is answered from the cached reply and
+not applied again; any other seq that is not the session's next_seq, or a repeated seq with
+other inputs, is refused with FAILED_PRECONDITION (unary: trailing metadata
+`rnnserve-next-seq`; stream: StepError.next_seq).
 """
 
 from collections import abc as _abc
@@ -413,11 +414,16 @@ class SessionSnapshot(_message.Message):
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_OUTPUTS_FIELD_NUMBER: _builtins.int
+    LAST_INPUTS_DIGEST_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     next_seq: _builtins.int
     last_seq: _builtins.int
     """The seq and outputs of the last applied chunk, so a retry of it stays idempotent."""
+    last_inputs_digest: _builtins.bytes
+    """rnnserve.wire.chunk_digest of the last applied chunk's inputs: a retry must carry the same
+    inputs, so a different chunk reusing its seq is refused, not answered from the cache.
+    """
     @_builtins.property
     def state(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
         """The memory cell, one tensor per state name, each of its per-session shape."""
@@ -433,10 +439,11 @@ class SessionSnapshot(_message.Message):
         next_seq: _builtins.int = ...,
         last_seq: _builtins.int = ...,
         last_outputs: Global___Tensor | None = ...,
+        last_inputs_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_outputs", b"last_outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_outputs", b"last_outputs", "last_seq", b"last_seq", "model", b"model", "next_seq", b"next_seq", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_inputs_digest", b"last_inputs_digest", "last_outputs", b"last_outputs", "last_seq", b"last_seq", "model", b"model", "next_seq", b"next_seq", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,10 +7,11 @@ A session is a memory cell the server keeps between calls: open one, push chunks
 get one output per step. A session outlives the RPC and the connection it was used on.
 
 Ordering and retries: every chunk carries `seq`, the index of its first step in the session
-(the first chunk has seq 0, a chunk of T steps moves the session to seq + T). A chunk whose
-seq repeats the last applied chunk is answered from the cached reply and not applied again;
-any other seq that is not the session's next_seq is refused with FAILED_PRECONDITION
-(unary: trailing metadata `rnnserve-next-seq`; stream: StepError.next_seq).
+(the first chunk has seq 0, a chunk of T steps moves the session to seq + T). A chunk that
+repeats the last applied chunk (same seq, same inputs) is answered from the cached reply and
+not applied again; any other seq that is not the session's next_seq, or a repeated seq with
+other inputs, is refused with FAILED_PRECONDITION (unary: trailing metadata
+`rnnserve-next-seq`; stream: StepError.next_seq).
 """
 
 from collections import abc as _abc

@@ -35,7 +35,7 @@ Reply = Callable[[pb.StepResponse | ServingError], None]
 class Work:
     """One chunk waiting for, or in, a batch."""
 
-    __slots__ = ("done", "enqueued", "inputs", "seq", "session", "want_state")
+    __slots__ = ("digest", "done", "enqueued", "inputs", "seq", "session", "want_state")
 
     def __init__(
         self,
@@ -44,12 +44,14 @@ class Work:
         inputs: npt.NDArray[np.generic],
         want_state: bool,
         done: Reply,
+        digest: bytes = b"",
     ) -> None:
         self.session = session
         self.seq = seq
         self.inputs = inputs
         self.want_state = want_state
         self.done = done
+        self.digest = digest
         self.enqueued = time.perf_counter()
 
 
@@ -123,7 +125,7 @@ class Batcher:
                 )
                 continue
             try:
-                cached = session.check_seq(work.seq)
+                cached = session.check_seq(work.seq, work.digest)
             except ServingError as exc:
                 work.done(exc)
                 continue
@@ -233,6 +235,7 @@ class Batcher:
                     )
             session.next_seq = w.seq + n
             session.last_reply = reply
+            session.last_digest = w.digest
             session.busy = False
             w.done(reply)
         metrics.steps.inc(steps)

@@ -23,7 +23,7 @@ from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CLOSED, SessionManager
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.wire import TensorError, from_tensor, to_tensor_map
+from rnnserve.wire import TensorError, chunk_digest, from_tensor, to_tensor_map
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -146,7 +146,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if not fut.done():  # the caller may have gone away
                 fut.set_result(result)
 
-        session.model.batcher.submit(Work(session, request.seq, inputs, request.want_state, done))
+        session.model.batcher.submit(
+            Work(
+                session, request.seq, inputs, request.want_state, done, chunk_digest(request.inputs)
+            )
+        )
         result = await fut
         if isinstance(result, ServingError):
             raise result
@@ -194,7 +198,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     reply.step.CopyFrom(result)
                     answer(reply, started, "OK")
 
-            session.model.batcher.submit(Work(session, step.seq, inputs, step.want_state, done))
+            session.model.batcher.submit(
+                Work(session, step.seq, inputs, step.want_state, done, chunk_digest(step.inputs))
+            )
 
         async def read() -> None:
             nonlocal reading
@@ -269,6 +275,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if session.last_reply is not None:
             snap.last_seq = session.last_reply.seq
             snap.last_outputs.CopyFrom(session.last_reply.outputs)
+            snap.last_inputs_digest = session.last_digest
         return pb.GetStateResponse(snapshot=snap)
 
     @unary("PutState")
@@ -308,4 +315,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if last_reply is not None:
             last_reply.session_id = session.id
             session.last_reply = last_reply
+            session.last_digest = snap.last_inputs_digest
         return pb.PutStateResponse(session=self.sessions.info(session))

@@ -32,7 +32,17 @@ class Session:
     """One session. ``last_reply`` is the reply of the last applied chunk, kept so a retry of
     that chunk is answered again instead of applied twice."""
 
-    __slots__ = ("busy", "deadline", "ended", "id", "last_reply", "model", "next_seq", "slot")
+    __slots__ = (
+        "busy",
+        "deadline",
+        "ended",
+        "id",
+        "last_digest",
+        "last_reply",
+        "model",
+        "next_seq",
+        "slot",
+    )
 
     def __init__(self, sid: str, model: ServedModel, slot: int, deadline: float) -> None:
         self.id = sid
@@ -40,17 +50,27 @@ class Session:
         self.slot = slot
         self.next_seq = 0
         self.last_reply: pb.StepResponse | None = None
+        #: rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown).
+        self.last_digest = b""
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
 
-    def check_seq(self, seq: int) -> pb.StepResponse | None:
-        """The cached reply when ``seq`` repeats the last applied chunk, None when it is the
-        next one; FAILED_PRECONDITION (with next_seq) otherwise."""
+    def check_seq(self, seq: int, digest: bytes = b"") -> pb.StepResponse | None:
+        """The cached reply when ``seq`` and the inputs' ``digest`` repeat the last applied
+        chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
+        An empty digest (on either side) matches by seq alone."""
         if seq == self.next_seq:
             return None
         last = self.last_reply
         if last is not None and seq == last.seq:
+            if digest and self.last_digest and digest != self.last_digest:
+                raise seq_error(
+                    f"chunk seq {seq} was already applied with other inputs (a retry must resend "
+                    f"the same chunk; is another client using session {self.id}?); "
+                    f"it expects seq {self.next_seq} next",
+                    self.next_seq,
+                )
             return last
         what = "was already applied" if seq < self.next_seq else "skips steps"
         raise seq_error(
@@ -173,6 +193,7 @@ class SessionManager:
             reply.CopyFrom(source.last_reply)
             reply.session_id = child.id
             child.last_reply = reply
+            child.last_digest = source.last_digest
         return child
 
     def info(self, session: Session) -> pb.SessionInfo:
