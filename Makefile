@@ -10,7 +10,7 @@ MODELS ?= models
 # gigabytes of CUDA build. Installing it first makes the `train` extra's range a no-op.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help venv install install-train serve test lint typecheck proto proto-check models bench clean
+.PHONY: help venv install install-train serve test lint typecheck proto proto-check proto-lint models bench clean
 
 help:
 	@echo "make serve        set up .venv and serve the shipped models on $(HOST):$(PORT)"
@@ -38,7 +38,7 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/rnnserve serve --models $(MODELS) --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed-dev
-	$(MAKE) lint typecheck proto-check
+	$(MAKE) lint typecheck proto-check proto-lint
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-dev
@@ -63,6 +63,18 @@ proto-check: $(VENV)/.installed-dev
 		cmp -s $$f proto/rnnserve/v1/$$(basename $$f) || \
 		{ echo "proto/rnnserve/v1/$$(basename $$f) is stale: run make proto"; exit 1; }; \
 	done; rm -rf $$tmp; echo "generated gRPC code is up to date"
+
+# buf comes from the npm registry (@bufbuild/buf ships the binary). Without npm the lint is
+# skipped with a note, unless REQUIRE_BUF=1 (CI sets it).
+BUF_VERSION ?= 1.75.0
+BUF := $(VENV)/buf/node_modules/.bin/buf
+
+proto-lint:
+	@if [ ! -x $(BUF) ] && command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-audit --no-fund --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION); fi
+	@if [ -x $(BUF) ]; then $(BUF) lint proto && echo "buf lint: clean"; \
+	elif [ "$(REQUIRE_BUF)" = 1 ]; then echo "buf lint: npm is needed to install buf" >&2; exit 1; \
+	else echo "buf lint: skipped (no npm to install buf with)"; fi
 
 models: $(VENV)/.installed-dev
 	$(VENV)/bin/rnnserve train all --out runs --models $(MODELS)

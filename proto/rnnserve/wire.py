@@ -30,7 +30,7 @@ class TensorError(ValueError):
 
 
 def dtype_to_proto(dtype: npt.DTypeLike) -> int:
-    """The ``DType`` enum value of a numpy dtype; TensorError for unsupported ones."""
+    """The ``Dtype`` enum value of a numpy dtype; TensorError for unsupported ones."""
     name = np.dtype(dtype).name
     try:
         return _TO_PROTO[name]
@@ -40,7 +40,7 @@ def dtype_to_proto(dtype: npt.DTypeLike) -> int:
 
 
 def dtype_from_proto(code: int) -> np.dtype[np.generic]:
-    """The numpy dtype of a ``DType`` enum value; TensorError for unknown ones."""
+    """The numpy dtype of a ``Dtype`` enum value; TensorError for unknown ones."""
     try:
         return _TO_NUMPY[code]
     except KeyError:
@@ -51,9 +51,9 @@ def dtype_from_proto(code: int) -> np.dtype[np.generic]:
 
 
 def dtype_name(code: int) -> str:
-    """A readable name of a ``DType`` value, for messages: ``float32``, ``int64``…"""
+    """A readable name of a ``Dtype`` value, for messages: ``float32``, ``int64``…"""
     dt = _TO_NUMPY.get(code)
-    return dt.name if dt is not None else f"DType {code} (unspecified or unknown)"
+    return dt.name if dt is not None else f"Dtype {code} (unspecified or unknown)"
 
 
 def to_tensor(array: npt.ArrayLike, out: pb.Tensor | None = None) -> pb.Tensor:

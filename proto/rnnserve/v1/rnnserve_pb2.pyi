@@ -31,29 +31,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _DType:
+class _Dtype:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType], _builtins.type):
+class _DtypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Dtype.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    DTYPE_UNSPECIFIED: _DType.ValueType  # 0
-    DTYPE_FLOAT32: _DType.ValueType  # 1
-    DTYPE_FLOAT64: _DType.ValueType  # 2
-    DTYPE_FLOAT16: _DType.ValueType  # 3
-    DTYPE_INT32: _DType.ValueType  # 4
-    DTYPE_INT64: _DType.ValueType  # 5
+    DTYPE_UNSPECIFIED: _Dtype.ValueType  # 0
+    DTYPE_FLOAT32: _Dtype.ValueType  # 1
+    DTYPE_FLOAT64: _Dtype.ValueType  # 2
+    DTYPE_FLOAT16: _Dtype.ValueType  # 3
+    DTYPE_INT32: _Dtype.ValueType  # 4
+    DTYPE_INT64: _Dtype.ValueType  # 5
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
+class Dtype(_Dtype, metaclass=_DtypeEnumTypeWrapper):
     """Element type of a tensor."""
 
-DTYPE_UNSPECIFIED: DType.ValueType  # 0
-DTYPE_FLOAT32: DType.ValueType  # 1
-DTYPE_FLOAT64: DType.ValueType  # 2
-DTYPE_FLOAT16: DType.ValueType  # 3
-DTYPE_INT32: DType.ValueType  # 4
-DTYPE_INT64: DType.ValueType  # 5
-Global___DType: _TypeAlias = DType  # noqa: Y015
+DTYPE_UNSPECIFIED: Dtype.ValueType  # 0
+DTYPE_FLOAT32: Dtype.ValueType  # 1
+DTYPE_FLOAT64: Dtype.ValueType  # 2
+DTYPE_FLOAT16: Dtype.ValueType  # 3
+DTYPE_INT32: Dtype.ValueType  # 4
+DTYPE_INT64: Dtype.ValueType  # 5
+Global___Dtype: _TypeAlias = Dtype  # noqa: Y015
 
 class _InputKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -108,14 +108,14 @@ class Tensor(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     RAW_DATA_FIELD_NUMBER: _builtins.int
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     raw_data: _builtins.bytes
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         raw_data: _builtins.bytes = ...,
     ) -> None: ...
@@ -137,14 +137,14 @@ class TensorSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    dtype: Global___DType.ValueType
+    dtype: Global___Dtype.ValueType
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        dtype: Global___DType.ValueType = ...,
+        dtype: Global___Dtype.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
