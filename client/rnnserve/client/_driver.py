@@ -13,7 +13,14 @@ from rnnserve.wire import to_tensor
 from ._convert import Array, decode_outputs
 from ._ledger import SeqLedger
 from ._retry import Backoff
-from .errors import IN_DOUBT_CODES, RnnserveError, SeqConflict, ServerUnavailable, from_code
+from .errors import (
+    IN_DOUBT_CODES,
+    RnnserveError,
+    SeqConflict,
+    ServerUnavailable,
+    code_from_int,
+    from_code,
+)
 from .models import ModelInfo
 
 #: Seq refusals in a row after which the SDK stops re-planning (the server disagrees with itself).
@@ -102,9 +109,16 @@ class ChunkDriver:
             )
         raise from_code(code, message, target=self._target, session_id=session_id)
 
-    @staticmethod
-    def empty_reply(session_id: str) -> RnnserveError:
-        """The error for a stream reply that carries neither outputs nor an error."""
-        return RnnserveError(
-            grpc.StatusCode.INTERNAL, f"session {session_id}: the server sent an empty reply"
+    def on_stream_reply(self, reply: pb.StreamResponse) -> Array | float | None:
+        """A reply on a live stream: the caller's outputs (an array), the seconds to wait before
+        sending again (an in-band refusal), or None to send the next request right away."""
+        kind = reply.WhichOneof("result")
+        if kind == "step":
+            return self.on_reply(reply.step)
+        if kind == "error":
+            err = reply.error
+            return self.on_failure(code_from_int(err.code), err.message, int(err.next_seq))
+        raise RnnserveError(
+            grpc.StatusCode.INTERNAL,
+            f"session {self._ledger.session_id}: the server sent an empty reply",
         )

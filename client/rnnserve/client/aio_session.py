@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
+import numpy as np
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
 from ._driver import STREAM_RETRY_CODES, ChunkDriver
 from ._ledger import SeqLedger
-from .errors import RnnserveError, code_from_int, rpc_code, rpc_message, rpc_next_seq
+from .errors import RnnserveError, rpc_code, rpc_message, rpc_next_seq
 from .models import ModelInfo
 from .snapshot import Snapshot
 
@@ -210,21 +211,11 @@ class AsyncSession:
                 )
                 await asyncio.sleep(delay)
                 continue
-            kind = reply.WhichOneof("result")
-            if kind == "error":
-                err = reply.error
-                delay = driver.on_failure(
-                    code_from_int(err.code),
-                    err.message,
-                    int(err.next_seq),
-                )
-                await asyncio.sleep(delay)
-                continue
-            if kind != "step":
-                raise driver.empty_reply(self.id)
-            outputs = driver.on_reply(reply.step)
-            if outputs is not None:
-                return outputs
+            result = driver.on_stream_reply(reply)
+            if isinstance(result, np.ndarray):
+                return result
+            if result is not None:
+                await asyncio.sleep(result)
 
     async def reset(self) -> None:
         """Set the memory cell back to zeros; seq numbering goes on."""

@@ -8,9 +8,10 @@ reference figures in ARCHITECTURE.md were measured with. ``--streams K`` multipl
 sessions over K ``Stream`` calls instead (a gateway fanning many users into few streams).
 
 A round trip is timed from just before the request is handed to gRPC to just after its reply
-comes back (``time.perf_counter_ns``). Sessions run ``--warmup`` seconds unmeasured, then the
-measured window opens: ``--seconds`` long, or until every session has applied ``--steps``
-steps. Callers that sample the server's CPU (bench/step_latency.py) get callbacks at the
+comes back (``time.perf_counter_ns``); the percentiles cover round trips sent and answered
+inside the window, the rates every reply that arrived inside it. Sessions run ``--warmup``
+seconds unmeasured, then the measured window opens: ``--seconds`` long, or until every
+session has applied ``--steps`` steps. Callers that sample the server's CPU (bench/step_latency.py) get callbacks at the
 window's edges. Depends only on grpcio, protobuf, numpy and rnnserve.v1/rnnserve.wire.
 """
 
@@ -288,8 +289,11 @@ async def _session_loop(
             continue
         seq = reply.step.next_seq
         if counted:
-            latencies.append(t1 - t0)
             measured += 1
+            # A round trip sent before the window opened belongs to the warmup's conditions
+            # (connection and stream set-up): it counts as throughput, not as a latency sample.
+            if t0 >= window.started_ns:
+                latencies.append(t1 - t0)
     return measured
 
 
