@@ -92,20 +92,25 @@ class RunInfo:
 
 
 def _git_commit() -> str:
+    """Short HEAD, and which of the measured code's folders differ from it (shared checkout)."""
     root = Path(__file__).resolve().parents[1]
+    folders = ["server", "client", "proto", "bench"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *folders],
             cwd=root,
             capture_output=True,
             text=True,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except OSError:
         return "unknown"
-    return f"{head}{' (with uncommitted changes)' if dirty else ''}" if head else "unknown"
+    if not head:
+        return "unknown"
+    changed = sorted({line[3:].split("/")[0] for line in dirty if len(line) > 3})
+    return f"{head} (uncommitted changes in {', '.join(changed)}/)" if changed else head
 
 
 def _table(rows: list[Measurement]) -> list[str]:

@@ -11,8 +11,9 @@ A round trip is timed from just before the request is handed to gRPC to just aft
 comes back (``time.perf_counter_ns``); the percentiles cover round trips sent and answered
 inside the window, the rates every reply that arrived inside it. Sessions run ``--warmup``
 seconds unmeasured, then the measured window opens: ``--seconds`` long, or until every
-session has applied ``--steps`` steps. Callers that sample the server's CPU (bench/step_latency.py) get callbacks at the
-window's edges. Depends only on grpcio, protobuf, numpy and rnnserve.v1/rnnserve.wire.
+session has applied ``--steps`` steps. Callers that sample the server's CPU
+(bench/step_latency.py) get callbacks at the window's edges. Depends only on grpcio,
+protobuf, numpy and rnnserve.v1/rnnserve.wire.
 """
 
 from __future__ import annotations
