@@ -6,6 +6,8 @@ Tensors travel as dtype + shape + little-endian C-order bytes, never as repeated
 from __future__ import annotations
 
 import hashlib
+import math
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,6 +25,10 @@ _TO_NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_INT64: np.dtype("<i8"),
 }
 _TO_PROTO: dict[str, int] = {dt.name: code for code, dt in _TO_NUMPY.items()}
+#: Keyed by the dtype object itself: the per-step path looks up without building names.
+_CODE_OF: dict[np.dtype[np.generic], int] = {dt: code for code, dt in _TO_NUMPY.items()}
+#: On a little-endian host (nearly all) wire bytes are native: no byte swapping at all.
+_NATIVE_LE = sys.byteorder == "little"
 
 
 class TensorError(ValueError):
@@ -59,30 +65,35 @@ def dtype_name(code: int) -> str:
 def to_tensor(array: npt.ArrayLike, out: pb.Tensor | None = None) -> pb.Tensor:
     """Encode an array as a Tensor (little-endian, C order). Fills ``out`` when given."""
     arr = np.asarray(array)
-    code = dtype_to_proto(arr.dtype)
-    le = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    code = _CODE_OF.get(arr.dtype)
+    if code is None:
+        code = dtype_to_proto(arr.dtype)  # a big-endian twin, or TensorError
+    if not (_NATIVE_LE and arr.dtype.isnative):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
     msg = out if out is not None else pb.Tensor()
     msg.dtype = code  # type: ignore[assignment]
     msg.shape[:] = arr.shape
-    msg.raw_data = np.ascontiguousarray(le).tobytes()
+    msg.raw_data = arr.tobytes()  # C order whatever the array's layout
     return msg
 
 
 def from_tensor(msg: pb.Tensor) -> npt.NDArray[np.generic]:
     """Decode a Tensor into a read-only numpy array; TensorError says what is malformed."""
-    dtype = dtype_from_proto(msg.dtype)
-    shape = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in shape):
+    dtype = _TO_NUMPY.get(msg.dtype)
+    if dtype is None:
+        dtype = dtype_from_proto(msg.dtype)  # raises TensorError
+    shape = tuple(msg.shape)
+    if shape and min(shape) < 0:
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    expected = count * dtype.itemsize
-    if len(msg.raw_data) != expected:
+    count = math.prod(shape)
+    raw = msg.raw_data  # read once: each read of a bytes field may copy
+    if len(raw) != count * dtype.itemsize:
         raise TensorError(
-            f"tensor of shape {list(shape)} and dtype {dtype.name} needs {expected} bytes "
-            f"of raw_data, got {len(msg.raw_data)}"
+            f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
+            f"{count * dtype.itemsize} bytes of raw_data, got {len(raw)}"
         )
-    arr = np.frombuffer(msg.raw_data, dtype=dtype, count=count).reshape(shape)
-    return arr.astype(dtype.newbyteorder("="), copy=False)
+    arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+    return arr if _NATIVE_LE else arr.astype(dtype.newbyteorder("="))
 
 
 def to_tensor_map(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, pb.Tensor]:
