@@ -90,7 +90,10 @@ async def test_stream_feeds_back_its_own_outputs(server: Any, model_repo: Path) 
     assert len(vocab) == expected.shape[1]
 
 
-async def test_many_sessions_multiplexed_on_one_stream(server: Any, model_repo: Path) -> None:
+@pytest.mark.parametrize("streams", [1, 4])
+async def test_many_sessions_multiplexed_on_few_streams(
+    server: Any, model_repo: Path, streams: int
+) -> None:
     n, rounds, chunk = 40, 4, 3
     size = load_manifest(model_repo / "tiny-lstm" / "1").input_size
     xs = np.random.default_rng(22).normal(size=(n, rounds * chunk, size)).astype(np.float32)
@@ -98,7 +101,7 @@ async def test_many_sessions_multiplexed_on_one_stream(server: Any, model_repo: 
         model = await client.model("tiny-lstm")
         sessions = await asyncio.gather(*(client.session(model) for _ in range(n)))
         outs: list[list[np.ndarray]] = [[] for _ in range(n)]
-        async with client.multiplexer() as mux:
+        async with client.multiplexer(streams=streams) as mux:
             for r in range(rounds):
                 part = slice(r * chunk, (r + 1) * chunk)
                 # Two steps of the same session in one gather still apply in order.
@@ -107,6 +110,9 @@ async def test_many_sessions_multiplexed_on_one_stream(server: Any, model_repo: 
                 )
                 for k, out in enumerate(results):
                     outs[k].append(out)
+            # 40 sessions over `streams` calls: every lane carried some (white-box: no metric
+            # counts calls per client).
+            assert sum(lane.call is not None for lane in mux._lanes) == streams
             with pytest.raises(InvalidInput):
                 await mux.step(sessions[0], np.zeros((2, size + 1), np.float32))
         for k, s in enumerate(sessions):

@@ -109,11 +109,14 @@ class AsyncClient:
         resp = await self._call(self._stub.PutState, req, session_id or None)
         return await self._session(resp.session)
 
-    def multiplexer(self) -> Multiplexer:
-        """A helper that drives many sessions over one bidi stream (``async with`` it)."""
+    def multiplexer(self, streams: int = 4) -> Multiplexer:
+        """A helper that drives many sessions over ``streams`` bidi streams (``async with`` it).
+
+        Each session stays on one of the streams; ``streams=1`` puts every session on one.
+        """
         from .mux import Multiplexer
 
-        return Multiplexer(self)
+        return Multiplexer(self, streams)
 
     async def _session(self, info: pb.SessionInfo) -> AsyncSession:
         return AsyncSession(self, info, await self.model(info.model, info.version))
