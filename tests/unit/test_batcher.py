@@ -92,3 +92,31 @@ async def test_without_sequence_lens_batches_one_length_at_a_time(tmp_path: Path
     for x, r in zip(xs, replies, strict=True):
         want, _ = reference_run(folder, x)
         assert np.max(np.abs(_out(r) - want)) <= 1e-5
+
+
+@pytest.mark.parametrize("steps", [1, 3, 40, 200], ids=lambda n: f"T={n}")
+async def test_decode_chunk_checks_small_and_large_chunks_alike(tmp_path: Path, steps: int):
+    """Small chunks are checked in Python, large ones in numpy: both accept and refuse the
+    same inputs with the same message."""
+    from rnnserve.wire import to_tensor
+
+    _, feats, _ = await _served(tmp_path / "f", 0, input_size=3)
+    _, toks, _ = await _served(tmp_path / "t", 0, input_kind="tokens", input_size=20)
+    x = np.random.default_rng(steps).normal(size=(steps, 3)).astype(np.float32)
+    np.testing.assert_array_equal(feats.decode_chunk(to_tensor(x)), x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[-1, 1] = bad
+        with pytest.raises(ServingError, match=f"NaN or Inf at step {steps - 1}"):
+            feats.decode_chunk(to_tensor(y))
+    y = x.copy()
+    y[0, 0], y[-1, 2] = np.inf, -np.inf  # sums to NaN: still refused
+    with pytest.raises(ServingError, match="NaN or Inf at step 0"):
+        feats.decode_chunk(to_tensor(y))
+    ids = np.arange(steps, dtype=np.int64) % 20
+    np.testing.assert_array_equal(toks.decode_chunk(to_tensor(ids)), ids)
+    for bad in (-1, 20, 2**62):
+        bad_ids = ids.copy()
+        bad_ids[-1] = bad
+        with pytest.raises(ServingError, match=f"token id {bad} at step {steps - 1} is outside"):
+            toks.decode_chunk(to_tensor(bad_ids))
