@@ -132,8 +132,8 @@ class ServedModel:
                 if self.tokens:
                     arr = np.frombuffer(raw, self.wire_dtype)
                     if count <= _PY_CHECK_MAX and _NATIVE_LE:
-                        ids = memoryview(raw).cast("q")
-                        if min(ids) >= 0 and max(ids) < m.input_size:
+                        values = memoryview(raw).cast("q")
+                        if min(values) >= 0 and max(values) < m.input_size:
                             return arr
                     elif arr.min() >= 0 and arr.max() < m.input_size:
                         return arr
