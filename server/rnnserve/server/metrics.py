@@ -32,11 +32,12 @@ class HistogramChild:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
+    def observe(self, value: float, times: int = 1) -> None:
+        """Record ``value`` (``times`` times over: one call for a batch of equal values)."""
         # Bucket ``le=b`` holds values <= b: the first bound not below the value.
-        self.counts[bisect.bisect_left(self._bounds, value)] += 1
-        self.sum += value
-        self.count += 1
+        self.counts[bisect.bisect_left(self._bounds, value)] += times
+        self.sum += value * times
+        self.count += times
 
 
 class Histogram(Collector):
