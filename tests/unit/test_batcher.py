@@ -120,3 +120,22 @@ async def test_decode_chunk_checks_small_and_large_chunks_alike(tmp_path: Path, 
         bad_ids[-1] = bad
         with pytest.raises(ServingError, match=f"token id {bad} at step {steps - 1} is outside"):
             toks.decode_chunk(to_tensor(bad_ids))
+
+
+@pytest.mark.parametrize("steps", [2, 300], ids=["kept", "digested-at-once"])
+async def test_applied_chunk_digest_matches_the_wire_definition(tmp_path: Path, steps: int):
+    """A chunk handed over as its tensor is digested lazily (small) or at once (large); either
+    way the session's digest is rnnserve.wire.chunk_digest and guards retries."""
+    from rnnserve.wire import chunk_digest, to_tensor
+
+    _, model, sessions = await _served(tmp_path, 1000)
+    s = sessions.open(model)
+    t = to_tensor(np.ones((steps, 3), np.float32))
+    fut = asyncio.get_running_loop().create_future()
+    model.batcher.submit(Work(s, 0, model.decode_chunk(t), False, fut.set_result, t))
+    reply = await fut
+    assert s.last_digest == chunk_digest(t)
+    assert s.check_seq(0, t) is reply and s.check_seq(0, chunk_digest(t)) is reply
+    other = to_tensor(np.zeros((steps, 3), np.float32))
+    with pytest.raises(ServingError, match="already applied with other inputs"):
+        s.check_seq(0, other)

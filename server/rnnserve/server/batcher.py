@@ -33,7 +33,9 @@ Reply = Callable[[pb.StepResponse | ServingError], None]
 
 
 class Work:
-    """One chunk waiting for, or in, a batch."""
+    """One chunk waiting for, or in, a batch. ``digest`` is the chunk's
+    rnnserve.wire.chunk_digest, or its input tensor, digested only if a retry or a snapshot
+    needs it."""
 
     __slots__ = ("digest", "done", "enqueued", "inputs", "seq", "session", "want_state")
 
@@ -44,7 +46,7 @@ class Work:
         inputs: npt.NDArray[np.generic],
         want_state: bool,
         done: Reply,
-        digest: bytes = b"",
+        digest: bytes | pb.Tensor = b"",
     ) -> None:
         self.session = session
         self.seq = seq
@@ -254,7 +256,7 @@ class Batcher:
                     )
             session.next_seq = w.seq + n
             session.last_reply = reply
-            session.last_digest = w.digest
+            session.applied(w.digest)
             session.busy = False
             w.done(reply)
         if uniform > 0:

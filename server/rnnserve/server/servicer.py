@@ -23,7 +23,7 @@ from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CLOSED, SessionManager
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.wire import TensorError, chunk_digest, from_tensor, to_tensor_map
+from rnnserve.wire import TensorError, from_tensor, to_tensor_map
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -147,9 +147,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 fut.set_result(result)
 
         session.model.batcher.submit(
-            Work(
-                session, request.seq, inputs, request.want_state, done, chunk_digest(request.inputs)
-            )
+            Work(session, request.seq, inputs, request.want_state, done, request.inputs)
         )
         result = await fut
         if isinstance(result, ServingError):
@@ -199,7 +197,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     answer(reply, started, "OK")
 
             session.model.batcher.submit(
-                Work(session, step.seq, inputs, step.want_state, done, chunk_digest(step.inputs))
+                Work(session, step.seq, inputs, step.want_state, done, step.inputs)
             )
 
         async def read() -> None:

@@ -20,10 +20,15 @@ from rnnserve.server.errors import not_found, seq_error
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import chunk_digest
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
 #: Tombstones kept for ended sessions (oldest forgotten first).
 MAX_TOMBSTONES = 100_000
+#: Inputs of at most this many bytes are kept undigested after a chunk (``Session.applied``).
+MAX_KEPT_INPUT_BYTES = 1024
+#: A chunk's digest (rnnserve.wire.chunk_digest), or its inputs to digest when needed.
+Digest = bytes | pb.Tensor
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
 
@@ -33,11 +38,12 @@ class Session:
     that chunk is answered again instead of applied twice."""
 
     __slots__ = (
+        "_last_digest",
+        "_last_inputs",
         "busy",
         "deadline",
         "ended",
         "id",
-        "last_digest",
         "last_reply",
         "model",
         "next_seq",
@@ -50,20 +56,49 @@ class Session:
         self.slot = slot
         self.next_seq = 0
         self.last_reply: pb.StepResponse | None = None
-        #: rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown).
-        self.last_digest = b""
+        self._last_digest = b""
+        #: The last applied chunk's inputs, not yet digested (see ``last_digest``).
+        self._last_inputs: pb.Tensor | None = None
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
 
-    def check_seq(self, seq: int, digest: bytes = b"") -> pb.StepResponse | None:
+    @property
+    def last_digest(self) -> bytes:
+        """rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown)."""
+        if self._last_inputs is not None:
+            self._last_digest = chunk_digest(self._last_inputs)
+            self._last_inputs = None
+        return self._last_digest
+
+    @last_digest.setter
+    def last_digest(self, digest: bytes) -> None:
+        self._last_digest = digest
+        self._last_inputs = None
+
+    def applied(self, inputs: Digest) -> None:
+        """Remember the inputs of the chunk just applied: its digest, or its tensor. A small
+        tensor is kept and digested only if a retry or a snapshot asks (most never do: the
+        digest costs microseconds per step); a large one is digested now, so an idle session
+        keeps no more than a small record."""
+        if isinstance(inputs, bytes):
+            self.last_digest = inputs
+        elif len(inputs.raw_data) <= MAX_KEPT_INPUT_BYTES:
+            self._last_inputs = inputs
+        else:
+            self.last_digest = chunk_digest(inputs)
+
+    def check_seq(self, seq: int, digest: Digest = b"") -> pb.StepResponse | None:
         """The cached reply when ``seq`` and the inputs' ``digest`` repeat the last applied
         chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
-        An empty digest (on either side) matches by seq alone."""
+        An empty digest (on either side) matches by seq alone; ``digest`` may be the chunk's
+        tensor, digested only when needed."""
         if seq == self.next_seq:
             return None
         last = self.last_reply
         if last is not None and seq == last.seq:
+            if not isinstance(digest, bytes):
+                digest = chunk_digest(digest)
             if digest and self.last_digest and digest != self.last_digest:
                 raise seq_error(
                     f"chunk seq {seq} was already applied with other inputs (a retry must resend "
