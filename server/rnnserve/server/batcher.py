@@ -56,6 +56,11 @@ class Work:
         self.digest = digest
         self.enqueued = time.perf_counter()
 
+    def answer(self, result: pb.StepResponse | ServingError) -> None:
+        """Hand the chunk's reply or error to its caller (``done``); a subclass may answer
+        another way, without a callback made per chunk."""
+        self.done(result)
+
 
 class Batcher:
     """Runs a model version's pending chunks, one batch at a time.
@@ -76,7 +81,7 @@ class Batcher:
         self._idle_waiters: list[asyncio.Future[None]] = []
 
     def submit(self, work: Work) -> None:
-        """Queue a chunk; its ``done`` is called from the event loop when it is answered."""
+        """Queue a chunk; its ``answer`` is called from the event loop when it is answered."""
         self._pending.append(work)
         if not self._scheduled and not self._running:
             # Dispatch on the next loop tick, after the callbacks already ready in this one:
@@ -122,17 +127,17 @@ class Batcher:
                 deferred.append(work)
                 continue
             if session.ended is not None:
-                work.done(
+                work.answer(
                     not_found(f"session {session.id} ended ({session.ended}) before its chunk ran")
                 )
                 continue
             try:
                 cached = session.check_seq(work.seq, work.digest)
             except ServingError as exc:
-                work.done(exc)
+                work.answer(exc)
                 continue
             if cached is not None:
-                work.done(cached)
+                work.answer(cached)
                 continue
             if fixed_length:
                 if length is None:
@@ -197,7 +202,7 @@ class Batcher:
         for w in batch:
             w.session.busy = False
         for w in batch:
-            w.done(err)
+            w.answer(err)
 
     def _finish(
         self,
@@ -258,7 +263,7 @@ class Batcher:
             session.last_reply = reply
             session.applied(w.digest)
             session.busy = False
-            w.done(reply)
+            w.answer(reply)
         if uniform > 0:
             chunk_length.observe(uniform, len(batch))
         metrics.steps.inc(steps)

@@ -201,13 +201,18 @@ class Metrics:
             state_bytes=self.state_bytes.labels(label),
         )
 
-    def observe_request(self, method: str, code: str, seconds: float) -> None:
-        """Record one request's duration; errors also count in ``rnnserve_errors_total``."""
+    def request_child(self, method: str, code: str) -> HistogramChild:
+        """The request-duration series of ``method`` and ``code``, to observe directly (OK only:
+        an error must also count in ``rnnserve_errors_total``, see observe_request)."""
         key = (method, code)
         child = self._durations.get(key)
         if child is None:
             child = self._durations[key] = self.request_duration.labels(method, code)
-        child.observe(seconds)
+        return child
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        """Record one request's duration; errors also count in ``rnnserve_errors_total``."""
+        self.request_child(method, code).observe(seconds)
         if code != "OK":
             self.errors.labels(method, code).inc()
 

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from rnnserve.server.batcher import Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import CLOSED, SessionManager
+from rnnserve.server.sessions import CLOSED, Session, SessionManager
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.wire import TensorError, from_tensor, to_tensor_map
@@ -85,6 +87,87 @@ class _Replies:
             self.waiter = None
         items, self.items = self.items, []
         return items
+
+
+class _StreamWork(Work):
+    """A chunk that came on a Stream: it answers its call directly (no closure per chunk)."""
+
+    __slots__ = ("call", "rid", "started")
+
+    def __init__(
+        self,
+        call: _StreamCall,
+        rid: int,
+        started: float,
+        session: Session,
+        step: pb.StepRequest,
+        inputs: npt.NDArray[np.generic],
+    ) -> None:
+        super().__init__(session, step.seq, inputs, step.want_state, _no_callback, step.inputs)
+        self.call = call
+        self.rid = rid
+        self.started = started
+
+    def answer(self, result: pb.StepResponse | ServingError) -> None:
+        reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
+        if isinstance(result, ServingError):
+            reply.error.CopyFrom(result.to_step_error())
+            self.call.answer(reply, self.started, result.code.name)
+        else:
+            reply.step.CopyFrom(result)
+            self.call.answer(reply, self.started, None)
+
+
+def _no_callback(result: pb.StepResponse | ServingError) -> None:
+    raise AssertionError("a _StreamWork answers through its call")
+
+
+class _StreamCall:
+    """One Stream call's bookkeeping, shared by every chunk on it: the replies ready to send
+    and how many chunks are still unanswered."""
+
+    __slots__ = ("metrics", "ok", "outstanding", "reading", "replies", "sessions")
+
+    def __init__(self, sessions: SessionManager, metrics: Metrics) -> None:
+        self.sessions = sessions
+        self.metrics = metrics
+        self.ok = metrics.request_child("Stream", "OK")
+        self.replies = _Replies()
+        self.outstanding = 0
+        self.reading = True
+
+    def accept(self, req: pb.StreamRequest) -> None:
+        """Decode one message and queue its chunk; a bad one is answered in-band at once."""
+        started = time.perf_counter()
+        self.outstanding += 1
+        step = req.step
+        try:
+            session = self.sessions.get(step.session_id)
+            inputs = session.model.decode_chunk(step.inputs)
+        except Exception as exc:
+            err = as_serving_error(exc, "Stream")
+            reply = pb.StreamResponse(
+                request_id=req.request_id, session_id=step.session_id, error=err.to_step_error()
+            )
+            self.answer(reply, started, err.code.name)
+            return
+        session.model.batcher.submit(
+            _StreamWork(self, req.request_id, started, session, step, inputs)
+        )
+
+    def answer(self, reply: pb.StreamResponse, started: float, code: str | None) -> None:
+        """Queue ``reply``; ``code`` None means OK."""
+        if code is None:
+            self.ok.observe(time.perf_counter() - started)
+        else:
+            self.metrics.observe_request("Stream", code, time.perf_counter() - started)
+        self.outstanding -= 1
+        self.replies.put(reply, last=not self.reading and self.outstanding == 0)
+
+    def end_of_input(self) -> None:
+        self.reading = False
+        if self.outstanding == 0:
+            self.replies.put(None, last=True)
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -159,57 +242,17 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResponse]:
-        replies = _Replies()
-        outstanding = 0
-        reading = True
-        observe = self.metrics.observe_request
-
-        def answer(reply: pb.StreamResponse, started: float, code: str) -> None:
-            nonlocal outstanding
-            observe("Stream", code, time.perf_counter() - started)
-            outstanding -= 1
-            replies.put(reply, last=not reading and outstanding == 0)
-
-        def accept(req: pb.StreamRequest) -> None:
-            nonlocal outstanding
-            started = time.perf_counter()
-            outstanding += 1
-            step = req.step
-            rid = req.request_id
-            try:
-                session = self.sessions.get(step.session_id)
-                inputs = session.model.decode_chunk(step.inputs)
-            except Exception as exc:
-                err = as_serving_error(exc, "Stream")
-                reply = pb.StreamResponse(
-                    request_id=rid, session_id=step.session_id, error=err.to_step_error()
-                )
-                answer(reply, started, err.code.name)
-                return
-
-            def done(result: pb.StepResponse | ServingError) -> None:
-                reply = pb.StreamResponse(request_id=rid, session_id=step.session_id)
-                if isinstance(result, ServingError):
-                    reply.error.CopyFrom(result.to_step_error())
-                    answer(reply, started, result.code.name)
-                else:
-                    reply.step.CopyFrom(result)
-                    answer(reply, started, "OK")
-
-            session.model.batcher.submit(
-                Work(session, step.seq, inputs, step.want_state, done, step.inputs)
-            )
+        call = _StreamCall(self.sessions, self.metrics)
 
         async def read() -> None:
-            nonlocal reading
+            accept = call.accept
             try:
                 async for req in request_iterator:
                     accept(req)
             finally:
-                reading = False
-                if outstanding == 0:
-                    replies.put(None, last=True)
+                call.end_of_input()
 
+        replies = call.replies
         reader = asyncio.get_running_loop().create_task(read())
         self._readers.add(reader)
         try:
