@@ -11,16 +11,29 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 RNNSERVE = str(Path(sys.executable).with_name("rnnserve"))
 
 
-def test_serve_prints_how_to_try_it_and_stops_on_sigterm(model_repo: Path):
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_serve_prints_how_to_try_it_and_stops_on_sigterm(model_repo: Path, loop: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
     env["RNNSERVE_METRICS_PORT"] = "0"
     proc = subprocess.Popen(
-        [RNNSERVE, "serve", "--models", str(model_repo), "--port", "0", "--log-level", "warning"],
+        [
+            RNNSERVE,
+            "serve",
+            "--models",
+            str(model_repo),
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--loop",
+            loop,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -35,6 +48,7 @@ def test_serve_prints_how_to_try_it_and_stops_on_sigterm(model_repo: Path):
         text = "\n".join(lines)
         port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", text).group(1))
         assert "serving tiny-gru/1 (gru, features) on CPUExecutionProvider" in text
+        assert ("with uvloop" in text) == (loop == "auto")  # uvloop is installed here
         assert f"rnnserve models --server 127.0.0.1:{port}" in text
         assert re.search(r"metrics on http://127\.0\.0\.1:\d+/metrics", text)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -57,6 +71,22 @@ def test_bad_setting_is_one_line_on_stderr(tmp_path: Path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "rnnserve serve: setting port: Input should be less than or equal to 65535"
+    ]
+
+
+def test_uvloop_asked_for_but_missing_is_one_line_on_stderr():
+    hide = (
+        "import sys; sys.modules['uvloop'] = None\n"
+        "from rnnserve.client.cli import main; raise SystemExit(main())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide, "serve", "--loop", "uvloop", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rnnserve serve: setting loop: uvloop is not installed; install it (pip install uvloop) "
+        "or use --loop asyncio"
     ]
 
 

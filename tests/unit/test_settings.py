@@ -93,3 +93,37 @@ def test_cli_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]):
     rc = cli.run(parser.parse_args(["--config", "/nonexistent.toml"]))
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("rnnserve serve: ") and err.count("\n") == 1
+
+
+def test_loop_setting_from_environment_and_flag(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("RNNSERVE_LOOP", raising=False)
+    assert load_settings().loop == "auto"
+    monkeypatch.setenv("RNNSERVE_LOOP", "asyncio")
+    assert load_settings().loop == "asyncio"
+    assert load_settings(loop="uvloop").loop == "uvloop"
+    monkeypatch.setenv("RNNSERVE_LOOP", "trio")
+    with pytest.raises(SettingsError, match="setting loop"):
+        load_settings()
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert parser.parse_args(["--loop", "asyncio"]).loop == "asyncio"
+
+
+def test_use_loop_installs_the_policy_asked_for(monkeypatch: pytest.MonkeyPatch):
+    import asyncio
+    import sys
+
+    import uvloop
+
+    try:
+        assert cli.use_loop("asyncio") is False
+        assert not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+        assert cli.use_loop("uvloop") is True
+        assert isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+        asyncio.set_event_loop_policy(None)
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+        assert cli.use_loop("auto") is False
+        with pytest.raises(SettingsError, match="uvloop is not installed"):
+            cli.use_loop("uvloop")
+    finally:
+        asyncio.set_event_loop_policy(None)

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from rnnserve.server.settings import Settings, SettingsError, load_settings
+from rnnserve.server.settings import LoopKind, Settings, SettingsError, load_settings
 
 
 def _flag(name: str) -> str:
@@ -51,10 +51,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(_flag(name), metavar=name.upper(), **kwargs)
 
 
-def _uvloop() -> bool:
+def use_loop(kind: LoopKind) -> bool:
+    """Install the event loop policy ``kind`` asks for; True when it is uvloop. SettingsError
+    when ``uvloop`` is asked for and not installed."""
+    if kind == "asyncio":
+        return False
     try:
         import uvloop
     except ImportError:
+        if kind == "uvloop":
+            raise SettingsError(
+                "setting loop: uvloop is not installed; install it (pip install uvloop) "
+                "or use --loop asyncio"
+            ) from None
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
     try:
         settings = load_settings(config, **overrides)
+        fast = use_loop(settings.loop)
     except SettingsError as exc:
         print(f"rnnserve serve: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    fast = _uvloop()
     try:
         return asyncio.run(_serve(settings, fast))
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NanPolicy = Literal["reject", "pass"]
+LoopKind = Literal["auto", "asyncio", "uvloop"]
 
 
 class SettingsError(ValueError):
@@ -71,6 +72,10 @@ class Settings(BaseSettings):
     """Run each model's stored golden sequence at load and refuse a model that disagrees."""
     self_check_tolerance: float = Field(default=1e-4, gt=0)
     """Largest absolute difference from the golden outputs the self-check accepts."""
+    loop: LoopKind = "auto"
+    """Event loop of ``rnnserve serve``: ``uvloop`` (faster per message; fails to start when
+    uvloop is not installed), ``asyncio`` (the standard library's loop) or ``auto`` (uvloop when
+    installed, asyncio otherwise)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server's own loggers."""
 
