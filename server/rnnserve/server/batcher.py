@@ -155,18 +155,28 @@ class Batcher:
         if len(batch) == 1:
             x = batch[0].inputs[:, None]
             return x, np.array([x.shape[0]], dtype=np.int32)
-        lengths = np.array([w.inputs.shape[0] for w in batch], dtype=np.int32)
-        steps = int(lengths.max())
-        first = batch[0].inputs
+        chunks = [w.inputs for w in batch]
+        counts = [c.shape[0] for c in chunks]
+        steps = max(counts)
+        lengths = np.array(counts, dtype=np.int32)
+        if min(counts) == steps:
+            # Equal lengths (the usual case): one concatenate, not one numpy assignment per
+            # chunk (measured at 256 one-step chunks: 38 against 227 µs).
+            flat = np.concatenate(chunks)
+            if steps == 1:
+                return flat[None], lengths
+            joined = flat.reshape(len(batch), steps, *flat.shape[1:]).swapaxes(0, 1)
+            return np.ascontiguousarray(joined), lengths
+        first = chunks[0]
         x = np.zeros((steps, len(batch), *first.shape[1:]), dtype=first.dtype)
-        for i, w in enumerate(batch):
-            x[: w.inputs.shape[0], i] = w.inputs
+        for i, c in enumerate(chunks):
+            x[: c.shape[0], i] = c
         return x, lengths
 
     def _start(self, batch: list[Work]) -> None:
         """Run a batch inline, or start it on the worker thread and return."""
         model = self.model
-        slots = np.fromiter((w.session.slot for w in batch), dtype=np.intp, count=len(batch))
+        slots = np.array([w.session.slot for w in batch], dtype=np.intp)
         x, lengths = self._assemble(batch)
         states = model.pool.gather(slots)
         started = time.perf_counter()
