@@ -56,6 +56,11 @@ class Work:
         self.digest = digest
         self.enqueued = time.perf_counter()
 
+    def new_reply(self) -> pb.StepResponse:
+        """An empty reply for the batcher to fill; a subclass may hand out one that is part of
+        a larger message, so the reply is built in place and never copied."""
+        return pb.StepResponse()
+
     def answer(self, result: pb.StepResponse | ServingError) -> None:
         """Hand the chunk's reply or error to its caller (``done``); a subclass may answer
         another way, without a callback made per chunk."""
@@ -258,7 +263,10 @@ class Batcher:
                     uniform = 0
             if not uniform:
                 chunk_length.observe(n)
-            reply = pb.StepResponse(session_id=session.id, seq=w.seq, next_seq=w.seq + n)
+            reply = w.new_reply()
+            reply.session_id = session.id
+            reply.seq = w.seq
+            reply.next_seq = w.seq + n
             out = reply.outputs
             out.dtype = float32
             out.shape[:] = (n, width)

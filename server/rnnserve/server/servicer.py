@@ -92,7 +92,7 @@ class _Replies:
 class _StreamWork(Work):
     """A chunk that came on a Stream: it answers its call directly (no closure per chunk)."""
 
-    __slots__ = ("call", "rid", "started")
+    __slots__ = ("call", "reply", "rid", "started")
 
     def __init__(
         self,
@@ -107,15 +107,24 @@ class _StreamWork(Work):
         self.call = call
         self.rid = rid
         self.started = started
+        #: The StreamResponse whose ``step`` new_reply handed out, once it has.
+        self.reply: pb.StreamResponse | None = None
+
+    def new_reply(self) -> pb.StepResponse:
+        self.reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
+        return self.reply.step
 
     def answer(self, result: pb.StepResponse | ServingError) -> None:
-        reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
         if isinstance(result, ServingError):
+            reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
             reply.error.CopyFrom(result.to_step_error())
             self.call.answer(reply, self.started, result.code.name)
-        else:
-            reply.step.CopyFrom(result)
-            self.call.answer(reply, self.started, None)
+            return
+        built = self.reply
+        if built is None:  # a cached reply (a retry), not one built for this chunk
+            built = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
+            built.step.CopyFrom(result)
+        self.call.answer(built, self.started, None)
 
 
 def _no_callback(result: pb.StepResponse | ServingError) -> None:
