@@ -103,6 +103,26 @@ async def test_pipelined_chunks_of_one_session_apply_in_order(server, model_repo
     assert np.max(np.abs(got - want)) <= TOL
 
 
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_stream_backpressure_keeps_order_and_never_stalls(start_server, model_repo, limit):
+    # A client that pipelines far past max_stream_inflight: the server stops reading at the
+    # limit and resumes as replies go out; every chunk is still applied once, in order.
+    server = await start_server(max_stream_inflight=limit)
+    stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
+    x = _inputs(model_repo, "tiny-gru", 30, seed=7)
+    a, b = await open_session(stub, "tiny-gru"), await open_session(stub, "tiny-gru")
+    requests = [stream_step(sid, t, x[t : t + 1], 2 * t + k) for t in range(30) for k, sid in
+                enumerate((a, b))]  # fmt: skip
+    replies = await stream_all(stub, requests)
+    assert len(replies) == 60
+    want, _ = reference_run(model_repo / "tiny-gru" / "1", x)
+    for k in (0, 1):
+        mine = [r for r in replies if r.request_id % 2 == k]
+        assert [r.step.seq for r in mine] == list(range(30))
+        got = np.concatenate([outputs(r.step) for r in mine])
+        assert np.max(np.abs(got - want)) <= TOL
+
+
 async def test_retry_of_last_chunk_is_answered_again_not_applied(server, model_repo):
     stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
     x = _inputs(model_repo, "tiny-gru", 6, seed=8)

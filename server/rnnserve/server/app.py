@@ -74,7 +74,9 @@ class RnnServer:
         self.metrics = Metrics(self.registry)
         self.repository = Repository(settings, self.metrics)
         self.sessions = SessionManager(self.metrics, settings.session_ttl_s, settings.max_sessions)
-        self.servicer = InferenceServicer(self.repository, self.sessions, self.metrics)
+        self.servicer = InferenceServicer(
+            self.repository, self.sessions, self.metrics, settings.max_stream_inflight
+        )
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None

@@ -135,20 +135,49 @@ class _StreamCall:
     """One Stream call's bookkeeping, shared by every chunk on it: the replies ready to send
     and how many chunks are still unanswered."""
 
-    __slots__ = ("metrics", "ok", "outstanding", "reading", "replies", "sessions")
+    __slots__ = (
+        "limit",
+        "metrics",
+        "ok",
+        "outstanding",
+        "reading",
+        "replies",
+        "room",
+        "sessions",
+        "unsent",
+    )
 
-    def __init__(self, sessions: SessionManager, metrics: Metrics) -> None:
+    def __init__(self, sessions: SessionManager, metrics: Metrics, limit: int) -> None:
         self.sessions = sessions
         self.metrics = metrics
         self.ok = metrics.request_child("Stream", "OK")
         self.replies = _Replies()
         self.outstanding = 0
         self.reading = True
+        #: Chunks received and not yet handed back to gRPC, and the most the reader allows.
+        self.unsent = 0
+        self.limit = limit
+        self.room: asyncio.Future[None] | None = None
+
+    async def wait_for_room(self) -> None:
+        """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
+        while self.unsent >= self.limit:
+            self.room = asyncio.get_running_loop().create_future()
+            await self.room
+            self.room = None
+
+    def sent(self, count: int) -> None:
+        """``count`` replies went to gRPC; wake the reader if it waits for room."""
+        self.unsent -= count
+        room = self.room
+        if room is not None and not room.done() and self.unsent < self.limit:
+            room.set_result(None)
 
     def accept(self, req: pb.StreamRequest) -> None:
         """Decode one message and queue its chunk; a bad one is answered in-band at once."""
         started = time.perf_counter()
         self.outstanding += 1
+        self.unsent += 1
         step = req.step
         try:
             session = self.sessions.get(step.session_id)
@@ -182,10 +211,17 @@ class _StreamCall:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     """rnnserve.v1.InferenceService over a repository and a session manager."""
 
-    def __init__(self, repository: Repository, sessions: SessionManager, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        repository: Repository,
+        sessions: SessionManager,
+        metrics: Metrics,
+        max_stream_inflight: int = 1024,
+    ) -> None:
         self.repository = repository
         self.sessions = sessions
         self.metrics = metrics
+        self.max_stream_inflight = max_stream_inflight
         self._readers: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -251,13 +287,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResponse]:
-        call = _StreamCall(self.sessions, self.metrics)
+        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight)
 
         async def read() -> None:
             accept = call.accept
             try:
                 async for req in request_iterator:
                     accept(req)
+                    if call.unsent >= call.limit:
+                        await call.wait_for_room()
             finally:
                 call.end_of_input()
 
@@ -270,6 +308,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 for reply in batch:
                     if reply is not None:
                         yield reply
+                        call.sent(1)
                 if replies.ended and not replies.items:
                     break
         finally:

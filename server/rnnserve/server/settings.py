@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """Seconds in-flight calls get to finish on SIGTERM/SIGINT before they are cancelled."""
     max_batch_size: int = Field(default=256, ge=1)
     """The most sessions one engine run may carry (one chunk per session)."""
+    max_stream_inflight: int = Field(default=1024, ge=1)
+    """The most chunks one Stream call may have received but not yet sent back. Past it the
+    server stops reading that stream until replies go out, so HTTP/2 flow control holds the
+    client back: a client that pipelines without reading cannot grow the server's memory."""
     inline_max_steps: int = Field(default=64, ge=0)
     """Engine runs of at most this many steps (sessions x chunk length) run on the event loop
     itself; larger ones go to the model's worker thread. A small run takes microseconds, less
