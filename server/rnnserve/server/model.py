@@ -145,8 +145,12 @@ class ServedModel:
                         # float64 sum of float32 values cannot overflow; NaN and Inf propagate.
                         if math.isfinite(sum(memoryview(raw).cast("f"))):
                             return arr
-                    elif np.isfinite(arr.sum()) or np.isfinite(arr).all():
-                        return arr
+                    else:
+                        # The sum is the fast test; +Inf and -Inf together make it NaN (and an
+                        # overflow makes it Inf): then the element-wise test decides, quietly.
+                        with np.errstate(invalid="ignore", over="ignore"):
+                            if np.isfinite(arr.sum()) or np.isfinite(arr).all():
+                                return arr
         want = "int64 [T] token ids" if self.tokens else f"float32 [T, {m.input_size}]"
         try:
             arr = from_tensor(tensor)
