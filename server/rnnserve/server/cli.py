@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import sys
 import types
@@ -128,9 +130,21 @@ async def _serve(settings: Settings, uvloop: bool) -> int:
     else:
         print(f"rnnserve: no model found in {settings.models} yet (it is polled for new ones)")
     print("try it:")
-    print(f"  rnnserve models --server {target}")
+    print(f"  {_own_command()} models --server {target}")
     print(f"  grpcurl -plaintext {target} rnnserve.v1.InferenceService/ListModels", flush=True)
     await stop.wait()
     print("rnnserve: shutting down", flush=True)
     await server.stop(settings.shutdown_grace_s)
     return 0
+
+
+def _own_command() -> str:
+    """How the user can run this CLI again: ``rnnserve`` when it is on the PATH, else the path
+    it was started by (``.venv/bin/rnnserve`` under ``make serve``)."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "rnnserve":
+        return "rnnserve"
+    found = shutil.which("rnnserve")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "rnnserve"
+    return os.path.relpath(argv0)
