@@ -77,6 +77,23 @@ class Task(ABC):
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
         """The model architecture this task trains, for the given cell and sizes."""
 
+    @staticmethod
+    def _feature_spec(
+        cell: str, hidden: int, layers: int, lstm_output: str, input_size: int
+    ) -> ModelSpec:
+        """A validated spec of a real-valued model with one regression output per step."""
+        spec = ModelSpec(
+            cell=cell,
+            input_kind="features",
+            input_size=input_size,
+            hidden_size=hidden,
+            layers=layers,
+            output_size=1,
+            lstm_output=lstm_output,  # type: ignore[arg-type]
+        )
+        spec.validate()
+        return spec
+
     @abstractmethod
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
         """One epoch of training batches, drawn from ``rng`` only (so a seed fixes them)."""
@@ -203,17 +220,7 @@ class ForecastTask(Task):
             raise DataError(f"--bptt {options.bptt} is longer than the training series")
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
-        spec = ModelSpec(
-            cell=cell,
-            input_kind="features",
-            input_size=1,
-            hidden_size=hidden,
-            layers=layers,
-            output_size=1,
-            lstm_output=lstm_output,  # type: ignore[arg-type]
-        )
-        spec.validate()
-        return spec
+        return self._feature_spec(cell, hidden, layers, lstm_output, input_size=1)
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
         b, w = self.options.batch_size, self.options.bptt
@@ -280,17 +287,7 @@ class AddingTask(Task):
         }
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
-        spec = ModelSpec(
-            cell=cell,
-            input_kind="features",
-            input_size=2,
-            hidden_size=hidden,
-            layers=layers,
-            output_size=1,
-            lstm_output=lstm_output,  # type: ignore[arg-type]
-        )
-        spec.validate()
-        return spec
+        return self._feature_spec(cell, hidden, layers, lstm_output, input_size=2)
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
         for _ in range(self.options.steps_per_epoch):
