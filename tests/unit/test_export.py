@@ -11,14 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from rnnserve.export.cells import NotesLSTMCell, NotesStack, init_torch_lstm_forget_bias
-from rnnserve.export.model import RecurrentModel, build_model
+from rnnserve.export.model import RecurrentModel
 from rnnserve.export.onnx_export import export_onnx
 from rnnserve.export.parity import one_torch_thread
-from rnnserve.export.spec import ModelSpec
-from rnnserve.manifest import Manifest, Scaling
+from rnnserve.manifest import Manifest
 
-VOCAB = list("abcdefg")
+from tests.support.torch_models import VOCAB, tiny_model
+
 #: cell, lstm_output: the notes' LSTM in both output forms
 KINDS = [
     ("rnn", "tanh"),
@@ -36,47 +35,6 @@ def _one_thread() -> Iterator[None]:
     # Tiny models: PyTorch's thread pool only adds synchronisation on a shared 2-core machine.
     with one_torch_thread():
         yield
-
-
-def tiny_model(cell: str, kind: str, layers: int, lstm_output: str = "tanh") -> RecurrentModel:
-    torch.manual_seed(3)
-    tokens = kind == "tokens"
-    spec = ModelSpec(
-        cell=cell,
-        input_kind=kind,  # type: ignore[arg-type]
-        input_size=len(VOCAB) if tokens else 3,
-        hidden_size=6,
-        layers=layers,
-        output_size=len(VOCAB) if tokens else 2,
-        embedding_dim=4 if tokens else 0,
-        lstm_output=lstm_output,  # type: ignore[arg-type]
-    )
-    model = build_model(
-        spec,
-        input_scaling=None if tokens else Scaling(mean=[1.0, -2.0, 30.0], std=[0.5, 2.0, 8.0]),
-        output_scaling=None if tokens else Scaling(mean=[3.0, -1.0], std=[2.0, 0.25]),
-    )
-    # Larger weights than the default initialisation, so the gates leave their linear range.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.5)
-    # ... but the LSTM forget-gate bias at 0, not its initial +1 (cells.LSTM_FORGET_BIAS) scaled:
-    # at 2.5 (Γf near 0.9) the notes' unsquashed output (a = Γo ⊙ c) grows to ~30 over the
-    # parity sequences in two layers, and float32 rounding alone then reaches the absolute 1e-5
-    # bound. The graph computes any bias alike; this keeps the values where 1e-5 means parity.
-    set_forget_bias(model, 0.0)
-    return model.eval()
-
-
-def set_forget_bias(model: RecurrentModel, value: float) -> None:
-    """Set every LSTM layer's forget-gate bias to ``value`` (no-op for other cells)."""
-    with torch.no_grad():
-        if isinstance(model.rnn, torch.nn.LSTM):
-            init_torch_lstm_forget_bias(model.rnn, value)
-        elif isinstance(model.rnn, NotesStack):
-            for cell in model.rnn.cells:
-                if isinstance(cell, NotesLSTMCell):
-                    cell.bias[cell.gate("f")] = value
 
 
 def per_session_reference(

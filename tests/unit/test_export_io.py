@@ -21,7 +21,8 @@ from rnnserve.export.onnx_export import (
 )
 from rnnserve.export.parity import check_parity, one_torch_thread
 from rnnserve.manifest import load_manifest
-from test_export import VOCAB, tiny_model
+
+from tests.support.torch_models import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)

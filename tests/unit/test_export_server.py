@@ -13,7 +13,8 @@ from rnnserve.export.parity import one_torch_thread
 from rnnserve.manifest import load_manifest
 from rnnserve.server.engine import Engine
 from rnnserve.server.settings import Settings
-from test_export import VOCAB, tiny_model
+
+from tests.support.torch_models import VOCAB, tiny_model
 
 
 @pytest.fixture(autouse=True)
