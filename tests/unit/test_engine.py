@@ -60,3 +60,62 @@ def test_unreadable_graph_is_a_load_error(tmp_path: Path):
     (folder / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load it"):
         Engine(folder, load_manifest(folder), [CPU])
+
+
+def _plain_run(engine: Engine, x, states, lengths):
+    m = engine.manifest
+    feed = {**states, m.input_name: x, m.sequence_lens: lengths}
+    names = [m.output_name, *(s.output for s in m.states)]
+    y, *rest = engine.session.run(names, feed)
+    return y, {s.output: r for s, r in zip(m.states, rest, strict=True)}
+
+
+def test_bound_runs_equal_plain_runs_for_every_shape(tmp_path: Path):
+    folder = write_model(tmp_path, "m", cell="lstm", layers=2)
+    engine = Engine(folder, load_manifest(folder), [CPU])
+    rng = np.random.default_rng(1)
+    for steps, batch in [(1, 1), (3, 2), (1, 1), (5, 4), (3, 2)]:
+        x = rng.standard_normal((steps, batch, 3)).astype(np.float32)
+        states = {
+            s.input: rng.standard_normal((2, batch, 8)).astype(np.float32)
+            for s in engine.manifest.states
+        }
+        lengths = rng.integers(1, steps + 1, batch).astype(np.int32)
+        kept = {k: v.copy() for k, v in states.items()}
+        y, new = engine.run(x, states, lengths)
+        y_ref, new_ref = _plain_run(engine, x, states, lengths)
+        np.testing.assert_array_equal(y, y_ref)
+        for name, ref in new_ref.items():
+            np.testing.assert_array_equal(new[name], ref)
+        for name, before in kept.items():  # the caller's arrays are read, never written
+            np.testing.assert_array_equal(states[name], before)
+    assert engine._bind and len(engine._bindings) == 3  # one binding per shape, reused
+
+
+def test_binding_cache_keeps_the_newest_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import rnnserve.server.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "BIND_CACHE_SIZE", 2)
+    folder = write_model(tmp_path, "m")
+    engine = Engine(folder, load_manifest(folder), [CPU])
+    for batch in (1, 2, 3, 4):
+        x = np.zeros((1, batch, 3), np.float32)
+        states = {s.input: np.zeros((2, batch, 8), np.float32) for s in engine.manifest.states}
+        engine.run(x, states, np.ones(batch, np.int32))
+    assert [shape for shape, _ in engine._bindings] == [(1, 3, 3), (1, 4, 3)]
+
+
+def test_a_graph_whose_outputs_differ_from_the_manifest_runs_unbound(tmp_path: Path):
+    # The manifest says 2 outputs per step, the graph gives 3: binding [T, B, 2] fails, the
+    # plain run serves it (the batcher reads the width from what the run returns).
+    folder = write_model(tmp_path, "m", output_size=3)
+    manifest_path = folder / "manifest.json"
+    manifest_path.write_text(
+        manifest_path.read_text().replace('"output_size": 3', '"output_size": 2')
+    )
+    engine = Engine(folder, load_manifest(folder), [CPU])
+    assert not engine._bind
+    x = np.zeros((2, 1, 3), np.float32)
+    states = {s.input: np.zeros((2, 1, 8), np.float32) for s in engine.manifest.states}
+    y, _ = engine.run(x, states, np.array([2], np.int32))
+    assert y.shape == (2, 1, 3)

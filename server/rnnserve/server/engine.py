@@ -25,6 +25,15 @@ from rnnserve.manifest import GOLDEN_FILE, MODEL_FILE, Manifest
 log = logging.getLogger("rnnserve.server.engine")
 
 RNN_OPS = frozenset({"GRU", "LSTM", "RNN"})
+#: Batches of at most this many input values run on pre-bound buffers (see _Bound); the
+#: buffers of the last BIND_CACHE_SIZE shapes are kept.
+BIND_MAX_INPUT_VALUES = 1 << 16
+BIND_CACHE_SIZE = 64
+_NUMPY_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
@@ -98,6 +107,8 @@ class Engine:
                 ) from None
             self._check_graph()
             self._output_names = [manifest.output_name, *(s.output for s in manifest.states)]
+            self._bind = True
+            self._bindings: dict[tuple[tuple[int, ...], str], _Bound] = {}
             self.providers: list[str] = list(self.session.get_providers())
             self.provider = self.providers[0]
             try:
@@ -171,18 +182,56 @@ class Engine:
         """Run one batch: ``x`` time-major ``[T, B, ...]``, states by graph input name in graph
         layout, ``lengths`` int32 ``[B]`` (each <= T) when the model takes sequence_lens.
 
-        Returns the outputs ``[T, B, outputs]`` and the new states by graph output name.
-        Blocking; call it from a worker thread.
+        Returns the outputs ``[T, B, outputs]`` and the new states by graph output name. The
+        returned arrays may be the engine's own buffers: they hold until the next run, so copy
+        what must outlive it. Blocking and not reentrant (one run at a time, which the batcher
+        guarantees); call it from the worker thread or, for a small batch, the event loop.
         """
+        if self.manifest.sequence_lens and lengths is None:
+            lengths = np.full(x.shape[1], x.shape[0], dtype=np.int32)
+        if self._bind and x.size <= BIND_MAX_INPUT_VALUES:
+            bound = self._bindings.get((x.shape, x.dtype.char))
+            if bound is not None:
+                return bound.run(x, states, lengths)
+            result = self._bind_and_run(x, states, lengths)
+            if result is not None:
+                return result
         feed: dict[str, npt.NDArray[Any]] = dict(states)
         feed[self.manifest.input_name] = x
-        if self.manifest.sequence_lens:
-            if lengths is None:
-                lengths = np.full(x.shape[1], x.shape[0], dtype=np.int32)
+        if lengths is not None and self.manifest.sequence_lens:
             feed[self.manifest.sequence_lens] = lengths
         results = self.session.run(self._output_names, feed)
         outs = {s.output: results[i + 1] for i, s in enumerate(self.manifest.states)}
         return results[0], outs
+
+    def _bind_and_run(
+        self,
+        x: npt.NDArray[np.generic],
+        states: dict[str, npt.NDArray[np.float32]],
+        lengths: npt.NDArray[np.int32] | None,
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]] | None:
+        """Bind buffers for ``x``'s shape and run; None when binding fails where the plain run
+        succeeds (a graph whose outputs are not what the manifest says): then binding stays
+        off for this engine and the plain run serves every shape."""
+        if len(self._bindings) >= BIND_CACHE_SIZE:
+            del self._bindings[next(iter(self._bindings))]  # the oldest shape
+        try:
+            bound = _Bound(self, x, states)
+            result = bound.run(x, states, lengths)
+        except Exception as exc:  # ORT's own exception types
+            feed: dict[str, npt.NDArray[Any]] = {**states, self.manifest.input_name: x}
+            if lengths is not None and self.manifest.sequence_lens:
+                feed[self.manifest.sequence_lens] = lengths
+            self.session.run(self._output_names, feed)  # raises when the run itself is bad
+            log.info(
+                "%s/%s: runs without pre-bound buffers (%s)",
+                self.manifest.name, self.manifest.version, exc,
+            )  # fmt: skip
+            self._bind = False
+            self._bindings.clear()
+            return None
+        self._bindings[(x.shape, x.dtype.char)] = bound
+        return result
 
     def self_check(self, tolerance: float) -> float | None:
         """Run the golden sequence stored with the model; its max abs difference, or None when
@@ -255,3 +304,67 @@ class Engine:
                 if key in golden:
                     out[name] = np.expand_dims(golden[key], s.batch_axis)
         return out
+
+
+class _Bound:
+    """Numpy buffers for one input shape, bound once to an ONNX Runtime IOBinding.
+
+    A plain ``InferenceSession.run`` converts every input and allocates every output on each
+    call; with the buffers bound, a run is a few copies into them and one call. Measured on
+    char-gru at batch 1 with the CPU idling between steps (as it does between a client's
+    steps): 60 against 92 µs a run; 17 against 28 µs back to back. Inputs are copied into the
+    bound buffers, so the caller's arrays are never aliased by ONNX Runtime.
+    """
+
+    __slots__ = ("binding", "lengths", "names", "outputs", "session", "states", "x")
+
+    def __init__(
+        self, engine: Engine, x: npt.NDArray[np.generic], states: dict[str, npt.NDArray[Any]]
+    ) -> None:
+        m = engine.manifest
+        steps, batch = x.shape[0], x.shape[1]
+        self.session = engine.session
+        self.binding = engine.session.io_binding()
+        self.x = np.empty_like(x, order="C")
+        self.states = {name: np.empty_like(v, order="C") for name, v in states.items()}
+        self.lengths = np.empty(batch, np.int32) if m.sequence_lens else None
+        types = {o.name: _NUMPY_TYPES.get(o.type) for o in engine.session.get_outputs()}
+        shapes: dict[str, tuple[int, ...]] = {m.output_name: (steps, batch, m.output_size)}
+        for s in m.states:
+            dims = list(s.shape)
+            dims.insert(s.batch_axis, batch)
+            shapes[s.output] = tuple(dims)
+        self.outputs: dict[str, npt.NDArray[Any]] = {}
+        for name, shape in shapes.items():
+            dtype = types.get(name)
+            if dtype is None:
+                raise ModelLoadError(f"output {name} has a type the engine does not bind")
+            self.outputs[name] = np.empty(shape, dtype)
+        bind = self.binding
+        bind.bind_input(m.input_name, "cpu", 0, self.x.dtype, self.x.shape, self.x.ctypes.data)
+        for name, buf in self.states.items():
+            bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        if self.lengths is not None:
+            buf = self.lengths
+            bind.bind_input(m.sequence_lens, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        for name, buf in self.outputs.items():
+            bind.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        self.names = (m.output_name, [s.output for s in m.states])
+
+    def run(
+        self,
+        x: npt.NDArray[np.generic],
+        states: dict[str, npt.NDArray[np.float32]],
+        lengths: npt.NDArray[np.int32] | None,
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
+        np.copyto(self.x, x)
+        for name, buf in self.states.items():
+            np.copyto(buf, states[name])
+        if self.lengths is not None and lengths is not None:
+            np.copyto(self.lengths, lengths)
+        # No RunOptions: with one, onnxruntime looks up an unset config entry on every run and
+        # that lookup raises and catches a C++ exception (40 µs, measured with onnxruntime 1.31).
+        self.session.run_with_iobinding(self.binding, None)
+        out = self.outputs
+        y_name, state_names = self.names
+        return out[y_name], {name: out[name] for name in state_names}

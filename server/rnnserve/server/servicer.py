@@ -140,6 +140,7 @@ class _StreamCall:
         "metrics",
         "ok",
         "outstanding",
+        "posting",
         "reading",
         "replies",
         "room",
@@ -158,6 +159,28 @@ class _StreamCall:
         self.unsent = 0
         self.limit = limit
         self.room: asyncio.Future[None] | None = None
+        self.posting: asyncio.Future[None] | None = None
+
+    @property
+    def quiet(self) -> bool:
+        """True when the one chunk just received is all this call has in hand: nothing else
+        unanswered, no reply waiting to be sent. A closed-loop client (one chunk, then its
+        reply) always looks like this; a pipelining one does not once it is busy."""
+        return self.unsent == 1 and self.outstanding == 1
+
+    async def wait_until_posted(self) -> None:
+        """Return once the writer hands the next reply to gRPC (or the call ends)."""
+        self.posting = asyncio.get_running_loop().create_future()
+        try:
+            await self.posting
+        finally:
+            self.posting = None
+
+    def posted(self) -> None:
+        """The writer is about to hand a reply to gRPC: wake a reader waiting for that."""
+        posting = self.posting
+        if posting is not None and not posting.done():
+            posting.set_result(None)
 
     async def wait_for_room(self) -> None:
         """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
@@ -296,6 +319,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     accept(req)
                     if call.unsent >= call.limit:
                         await call.wait_for_room()
+                    elif call.quiet:
+                        # Read on only once this chunk's reply is on its way: posting the next
+                        # read costs gRPC tens of µs, which would sit between this chunk and
+                        # its run (the batch runs on the next loop tick). A closed-loop client
+                        # sends nothing before it has the reply, so this loses nothing; a
+                        # client with more in flight is read eagerly.
+                        await call.wait_until_posted()
             finally:
                 call.end_of_input()
 
@@ -307,6 +337,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 batch = await replies.take()
                 for reply in batch:
                     if reply is not None:
+                        call.posted()
                         yield reply
                         call.sent(1)
                 if replies.ended and not replies.items:
