@@ -88,7 +88,9 @@ async def test_without_sequence_lens_batches_one_length_at_a_time(tmp_path: Path
     replies = await asyncio.gather(
         *(_submit(model, s, 0, x) for s, x in zip(opened, xs, strict=True))
     )
-    assert _runs(model) == 2 and model.metrics.batch_size.sum == 5
+    # The first chunk ran as it arrived (the batcher was idle); the other four went in two
+    # batches, one per length.
+    assert _runs(model) == 3 and model.metrics.batch_size.sum == 5
     for x, r in zip(xs, replies, strict=True):
         want, _ = reference_run(folder, x)
         assert np.max(np.abs(_out(r) - want)) <= 1e-5
@@ -139,3 +141,35 @@ async def test_applied_chunk_digest_matches_the_wire_definition(tmp_path: Path, 
     other = to_tensor(np.zeros((steps, 3), np.float32))
     with pytest.raises(ServingError, match="already applied with other inputs"):
         s.check_seq(0, other)
+
+
+@pytest.mark.parametrize("inline_max_steps", [1000, 0], ids=["inline", "worker-thread"])
+async def test_low_load_runs_at_once_and_a_busy_tick_batches(tmp_path: Path, inline_max_steps):
+    _, model, sessions = await _served(tmp_path, inline_max_steps)
+    opened = [sessions.open(model) for _ in range(4)]
+    x = np.ones((1, 3), np.float32)
+    inline = inline_max_steps > 0
+
+    # Idle: a lone chunk runs as it is submitted (on the loop, or started on the worker).
+    first = _submit(model, opened[0], 0, x)
+    assert first.done() == inline and _runs(model) == int(inline)
+    await first
+    await asyncio.sleep(0)  # the next tick
+
+    # Four chunks in one tick: the first runs at once, the other three wait for the next tick
+    # and share one batch; with that, the batcher stays batching.
+    futs = [_submit(model, s, 1 if s is opened[0] else 0, x) for s in opened]
+    await asyncio.gather(*futs)
+    assert _runs(model) == 3 and model.metrics.batch_size.sum == 5
+    futs = [_submit(model, s, s.next_seq, x) for s in opened]
+    assert not any(f.done() for f in futs)
+    await asyncio.gather(*futs)
+    assert _runs(model) == 4 and model.metrics.batch_size.sum == 9
+
+    # A tick with one chunk: back to running chunks as they arrive.
+    await _submit(model, opened[0], opened[0].next_seq, x)
+    await asyncio.sleep(0)
+    later = _submit(model, opened[1], opened[1].next_seq, x)
+    assert later.done() == inline
+    await later
+    assert _runs(model) == 6

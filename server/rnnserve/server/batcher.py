@@ -1,11 +1,12 @@
 """Cross-session batching for one model version.
 
-Chunks that arrive while the engine is busy form the next batch; there is no fixed wait: the
-first chunk after an idle spell runs on the next event-loop tick together with whatever else
-arrived in that tick. A session has at most one chunk in a batch, so its chunks apply in
-arrival order; its seq is checked when the chunk is taken into a batch, after the one before
-has been applied. Chunks of different lengths share a batch through the model's
-``sequence_lens`` input (padded to the longest); without one, a batch holds one length only.
+Chunks that arrive while the engine is busy form the next batch; there is no fixed wait. At
+low load (the last batch held one chunk) a chunk runs as it arrives; once two arrive in one
+event-loop tick, a chunk runs on the next tick together with whatever else arrived in its
+tick. A session has at most one chunk in a batch, so its chunks apply in arrival order; its
+seq is checked when the chunk is taken into a batch, after the one before has been applied.
+Chunks of different lengths share a batch through the model's ``sequence_lens`` input (padded
+to the longest); without one, a batch holds one length only.
 """
 
 from __future__ import annotations
@@ -83,16 +84,34 @@ class Batcher:
         self._pending: deque[Work] = deque()
         self._scheduled = False
         self._running = False
+        #: Run a chunk as it arrives while the load is low (the last batch held one chunk);
+        #: a second chunk arriving in the same loop tick turns batching back on.
+        self._eager = True
+        self._ran_this_tick = False
         self._idle_waiters: list[asyncio.Future[None]] = []
 
     def submit(self, work: Work) -> None:
-        """Queue a chunk; its ``answer`` is called from the event loop when it is answered."""
+        """Queue a chunk; its ``answer`` is called from the event loop when it is answered
+        (possibly before ``submit`` returns)."""
         self._pending.append(work)
-        if not self._scheduled and not self._running:
-            # Dispatch on the next loop tick, after the callbacks already ready in this one:
-            # every chunk that arrives in the same tick joins the batch.
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+        if self._scheduled or self._running:
+            return
+        loop = asyncio.get_running_loop()
+        if self._eager and not self._ran_this_tick:
+            # Low load: nothing else is waiting, so run now rather than a loop tick later.
+            self._ran_this_tick = True
+            loop.call_soon(self._tick_over)
+            self._dispatch()
+            return
+        if self._ran_this_tick:
+            self._eager = False  # a second chunk in one tick: batch from now on
+        # Dispatch on the next loop tick, after the callbacks already ready in this one:
+        # every chunk that arrives in the same tick joins the batch.
+        self._scheduled = True
+        loop.call_soon(self._dispatch)
+
+    def _tick_over(self) -> None:
+        self._ran_this_tick = False
 
     async def wait_idle(self, session: Session) -> None:
         """Return once ``session`` has no chunk in an engine run."""
@@ -112,6 +131,7 @@ class Batcher:
         while self._pending and not self._running:
             batch = self._take()
             if batch:
+                self._eager = len(batch) == 1
                 self._start(batch)
         if not self._running:
             self._wake_idle_waiters()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -140,7 +141,6 @@ class _StreamCall:
         "metrics",
         "ok",
         "outstanding",
-        "posting",
         "reading",
         "replies",
         "room",
@@ -159,28 +159,6 @@ class _StreamCall:
         self.unsent = 0
         self.limit = limit
         self.room: asyncio.Future[None] | None = None
-        self.posting: asyncio.Future[None] | None = None
-
-    @property
-    def quiet(self) -> bool:
-        """True when the one chunk just received is all this call has in hand: nothing else
-        unanswered, no reply waiting to be sent. A closed-loop client (one chunk, then its
-        reply) always looks like this; a pipelining one does not once it is busy."""
-        return self.unsent == 1 and self.outstanding == 1
-
-    async def wait_until_posted(self) -> None:
-        """Return once the writer hands the next reply to gRPC (or the call ends)."""
-        self.posting = asyncio.get_running_loop().create_future()
-        try:
-            await self.posting
-        finally:
-            self.posting = None
-
-    def posted(self) -> None:
-        """The writer is about to hand a reply to gRPC: wake a reader waiting for that."""
-        posting = self.posting
-        if posting is not None and not posting.done():
-            posting.set_result(None)
 
     async def wait_for_room(self) -> None:
         """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
@@ -246,14 +224,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.metrics = metrics
         self.max_stream_inflight = max_stream_inflight
         self._readers: set[asyncio.Task[None]] = set()
+        #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
+        self._lockstep: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     def begin_shutdown(self) -> None:
         """Stop reading from open streams; each ends with UNAVAILABLE once its in-flight chunks
         are answered."""
         self._closing = True
-        for reader in list(self._readers):
-            reader.cancel()
+        for task in [*self._readers, *self._lockstep]:
+            task.cancel()
 
     @unary("ListModels")
     async def ListModels(
@@ -310,49 +290,93 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResponse]:
+        """Two ways to serve a stream, picked by what it carries.
+
+        Lockstep, while the stream names one session (what the SDK's Session does): read a
+        chunk, run it, send its reply, read the next. One task and no hand-offs, the shape of
+        the echo floor; a chunk still joins a batch with other streams' chunks of its loop
+        tick. The session has at most one chunk in a batch anyway, so a client that sends its
+        next chunk early loses no batching: it waits in gRPC's buffers.
+
+        Read-ahead, from the first message naming a second session (a multiplexer): a reader
+        task takes messages as they come, up to ``max_stream_inflight`` unsent, so chunks of
+        many sessions batch together, and this generator sends replies as they are ready.
+        """
         call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight)
-
-        async def read() -> None:
-            accept = call.accept
-            try:
-                async for req in request_iterator:
-                    accept(req)
-                    if call.unsent >= call.limit:
-                        await call.wait_for_room()
-                    elif call.quiet:
-                        # Read on only once this chunk's reply is on its way: posting the next
-                        # read costs gRPC tens of µs, which would sit between this chunk and
-                        # its run (the batch runs on the next loop tick). A closed-loop client
-                        # sends nothing before it has the reply, so this loses nothing; a
-                        # client with more in flight is read eagerly.
-                        await call.wait_until_posted()
-            finally:
-                call.end_of_input()
-
+        requests = request_iterator.__aiter__()
         replies = call.replies
-        reader = asyncio.get_running_loop().create_task(read())
-        self._readers.add(reader)
+        handler = asyncio.current_task()
+        reader: asyncio.Task[None] | None = None
+        sole = None  # the one session the stream has named so far
         try:
+            while True:
+                if self._closing:
+                    break
+                if handler is not None:
+                    self._lockstep.add(handler)
+                try:
+                    req = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    # begin_shutdown interrupts a lockstep read; nothing is in flight here.
+                    if not self._closing or handler is None:
+                        raise
+                    if sys.version_info >= (3, 11):
+                        handler.uncancel()  # this cancel is handled; nothing else was asked
+                    break
+                finally:
+                    if handler is not None:
+                        self._lockstep.discard(handler)
+                sid = req.step.session_id
+                if sole is None:
+                    sole = sid
+                call.accept(req)
+                if sid != sole:
+                    loop = asyncio.get_running_loop()
+                    reader = loop.create_task(self._read_ahead(call, requests))
+                    self._readers.add(reader)
+                    break
+                while call.outstanding or replies.items:
+                    for reply in await replies.take():
+                        if reply is not None:
+                            yield reply
+                            call.sent(1)
+            if reader is None:
+                call.end_of_input()
             while True:
                 batch = await replies.take()
                 for reply in batch:
                     if reply is not None:
-                        call.posted()
                         yield reply
                         call.sent(1)
                 if replies.ended and not replies.items:
                     break
         finally:
-            reader.cancel()
-            self._readers.discard(reader)
+            if reader is not None:
+                reader.cancel()
+                self._readers.discard(reader)
         if self._closing:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server is shutting down; reconnect and resume each session from its next_seq",
             )
-        if not reader.cancelled() and reader.exception() is not None:
+        if reader is not None and not reader.cancelled() and reader.exception() is not None:
             err = as_serving_error(reader.exception(), "Stream")  # type: ignore[arg-type]
             await context.abort(err.code, err.message)
+
+    async def _read_ahead(
+        self, call: _StreamCall, requests: AsyncIterator[pb.StreamRequest]
+    ) -> None:
+        """A multiplexed Stream's reader: accept messages as they come, with backpressure."""
+        accept = call.accept
+        try:
+            async for req in requests:
+                accept(req)
+                if call.unsent >= call.limit:
+                    await call.wait_for_room()
+        finally:
+            call.end_of_input()
 
     @unary("CloseSession")
     async def CloseSession(
