@@ -4,14 +4,16 @@ Starts two server processes on free 127.0.0.1 ports, the echo (bench/echo_server
 same gRPC stack, no sessions, no model) and ``rnnserve serve``, once on asyncio's default loop
 and once on uvloop (client and both servers alike). At each concurrency (1, 16, 64, 256
 sessions, one Stream call per session, closed loop; then 256 sessions on one shared Stream) it
-measures both servers back to back, twice in ABBA order, with the load generator of
+measures both servers back to back, four times in ABBA order, with the load generator of
 ``rnnserve bench``: round trip p50/p99, steps/s, and the server
 process's CPU time per step (utime + stime of /proc/<pid>/stat over the measured window,
-divided by the steps applied in it). Then it writes the results into docs/benchmarks.md
-between the ``step_latency`` markers, leaving the rest of the file as it is.
+divided by the steps applied in it). Before the servers start it also times the model run
+alone (rnnserve's Engine at batch 1, in this process), the part of rnnserve's round trip that
+the echo floor does not pay. Then it writes the results into docs/benchmarks.md between the
+``step_latency`` markers, leaving the rest of the file as it is.
 
 Usage: ``python bench/step_latency.py [--quick] [--out docs/benchmarks.md] [--models DIR]``.
-A full run takes about 4 minutes; ``--quick`` about 30 seconds (asyncio only, one short run
+A full run takes about 7 minutes; ``--quick`` about 30 seconds (asyncio only, one short run
 each).
 """
 
@@ -26,13 +28,22 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from report import Measurement, RunInfo, render, write_section  # bench/, the script's folder
+import numpy as np
+from report import (  # bench/, the script's folder
+    EngineTiming,
+    Measurement,
+    RunInfo,
+    render,
+    write_section,
+)
 from rnnserve.client.commands.bench import BenchError, LoadConfig, run_event_loop, run_load
 from rnnserve.manifest import ManifestError, load_manifest
+from rnnserve.server.engine import CPU, Engine
 from servers import ServerProcess, echo_command, rnnserve_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,9 +142,37 @@ def measure(
     )
 
 
+def time_engine(version_dir: Path, runs: int = 1000) -> EngineTiming:
+    """Median wall time of one engine run (batch 1, one step, zeros), with the CPU idle for
+    0.5 ms before each run (as between one session's steps) and back to back."""
+    manifest = load_manifest(version_dir)
+    engine = Engine(version_dir, manifest, [CPU])
+    x = np.zeros((1, 1) if manifest.input_kind == "tokens" else (1, 1, manifest.input_size))
+    x = x.astype(np.int64 if manifest.input_kind == "tokens" else np.float32)
+    states = {}
+    for spec in manifest.states:
+        shape = list(spec.shape)
+        shape.insert(spec.batch_axis, 1)
+        states[spec.input] = np.zeros(shape, np.float32)
+    lengths = np.ones(1, np.int32)
+
+    def timed(pause: float) -> float:
+        took = []
+        for _ in range(runs):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter_ns()
+            engine.run(x, states, lengths)
+            took.append(time.perf_counter_ns() - start)
+        return float(statistics.median(took)) / 1000
+
+    timed(0.0)  # warm up
+    return EngineTiming(idle_us=timed(0.0005), busy_us=timed(0.0))
+
+
 def combine(runs: list[Measurement]) -> Measurement:
     """One figure per server from repeated runs: rates and CPU over all steps, percentiles
-    averaged."""
+    the median of the runs' (one run disturbed by a neighbour moves it least)."""
     if len(runs) == 1:
         return runs[0]
     steps = sum(m.steps for m in runs)
@@ -144,8 +183,8 @@ def combine(runs: list[Measurement]) -> Measurement:
 
     return dataclasses.replace(
         runs[0],
-        p50_us=statistics.fmean(m.p50_us for m in runs),
-        p99_us=statistics.fmean(m.p99_us for m in runs),
+        p50_us=statistics.median(m.p50_us for m in runs),
+        p99_us=statistics.median(m.p99_us for m in runs),
         steps=steps,
         steps_per_s=steps / window if window > 0 else 0.0,
         server_cpu_us_per_step=per_step(lambda m: m.server_cpu_us_per_step),
@@ -206,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="1,16,64,256", help="comma-separated")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
     parser.add_argument(
-        "--repeat", type=int, default=2, help="runs per server and setting, in ABBA order"
+        "--repeat", type=int, default=4, help="runs per server and setting, in ABBA order"
     )
     parser.add_argument("--warmup", type=float, default=1.5, help="unmeasured seconds per run")
     parser.add_argument("--chunk", type=int, default=1, help="steps per message")
@@ -249,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
             picked = (copy, picked[1], picked[2])
         repo, model, description = picked
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-logs-")))
+        version_dir = max(
+            (v for v in (repo / model).iterdir() if (v / "manifest.json").is_file()),
+            key=lambda v: (len(v.name), v.name),
+        )
+        engine = time_engine(version_dir, 200 if args.quick else 1000)
+        print(
+            f"model run alone: {engine.idle_us:.1f} µs after an idle spell, "
+            f"{engine.busy_us:.1f} µs back to back",
+            flush=True,
+        )
         try:
             results = run_all(args, repo, model, log_dir)
         except (BenchError, RuntimeError) as exc:
@@ -263,9 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         load_before=before,
     )
-    write_section(args.out, render(results, info))
+    write_section(args.out, render(results, info, engine))
     if args.json:
-        data: dict[str, Any] = {"run": info.__dict__, "results": [m.__dict__ for m in results]}
+        data: dict[str, Any] = {
+            "run": info.__dict__,
+            "engine": engine.__dict__,
+            "results": [m.__dict__ for m in results],
+        }
         args.json.write_text(json.dumps(data, indent=2))
     print(f"wrote {args.out}")
     return 0

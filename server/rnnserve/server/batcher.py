@@ -48,6 +48,7 @@ class Work:
         want_state: bool,
         done: Reply,
         digest: bytes | pb.Tensor = b"",
+        enqueued: float = 0.0,
     ) -> None:
         self.session = session
         self.seq = seq
@@ -55,7 +56,8 @@ class Work:
         self.want_state = want_state
         self.done = done
         self.digest = digest
-        self.enqueued = time.perf_counter()
+        #: perf_counter() when the chunk was received (now, unless the caller read the clock).
+        self.enqueued = enqueued or time.perf_counter()
 
     def new_reply(self) -> pb.StepResponse:
         """An empty reply for the batcher to fill; a subclass may hand out one that is part of
@@ -89,6 +91,7 @@ class Batcher:
         self._eager = True
         self._ran_this_tick = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._lengths: dict[int, npt.NDArray[np.int32]] = {}
 
     def submit(self, work: Work) -> None:
         """Queue a chunk; its ``answer`` is called from the event loop when it is answered
@@ -179,7 +182,7 @@ class Batcher:
     def _assemble(self, batch: list[Work]) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int32]]:
         if len(batch) == 1:
             x = batch[0].inputs[:, None]
-            return x, np.array([x.shape[0]], dtype=np.int32)
+            return x, self._one_length(x.shape[0])
         chunks = [w.inputs for w in batch]
         counts = [c.shape[0] for c in chunks]
         steps = max(counts)
@@ -197,6 +200,16 @@ class Batcher:
         for i, c in enumerate(chunks):
             x[: c.shape[0], i] = c
         return x, lengths
+
+    def _one_length(self, steps: int) -> npt.NDArray[np.int32]:
+        """``[steps]`` as the sequence_lens of a batch of one; shared and read-only."""
+        lengths = self._lengths.get(steps)
+        if lengths is None:
+            lengths = np.array([steps], dtype=np.int32)
+            lengths.flags.writeable = False
+            if len(self._lengths) < 1024:
+                self._lengths[steps] = lengths
+        return lengths
 
     def _start(self, batch: list[Work]) -> None:
         """Run a batch inline, or start it on the worker thread and return."""

@@ -104,7 +104,9 @@ class _StreamWork(Work):
         step: pb.StepRequest,
         inputs: npt.NDArray[np.generic],
     ) -> None:
-        super().__init__(session, step.seq, inputs, step.want_state, _no_callback, step.inputs)
+        super().__init__(
+            session, step.seq, inputs, step.want_state, _no_callback, step.inputs, started
+        )
         self.call = call
         self.rid = rid
         self.started = started
