@@ -118,6 +118,31 @@ async def test_health_and_reflection(server):
     await channel.close()
 
 
+async def test_shutdown_ends_a_multiplexed_stream_with_unavailable(start_server):
+    # A stream that named two sessions reads ahead on its own task; a shutdown stops that
+    # reader and the idle stream ends at once with UNAVAILABLE, not after the grace period.
+    running = await start_server(shutdown_grace_s=30.0)
+    channel = grpc.aio.insecure_channel(running.address)
+    stub = pb_grpc.InferenceServiceStub(channel)
+    a, b = await open_session(stub, "tiny-gru"), await open_session(stub, "tiny-gru")
+    stream = stub.Stream()
+    await stream.write(stream_step(a, 0, X, 1))
+    await stream.write(stream_step(b, 0, X, 2))
+    assert {(await stream.read()).request_id for _ in range(2)} == {1, 2}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await running.server.stop(30.0)
+    assert loop.time() - started < 10.0
+    try:
+        msg = await stream.read()
+        assert msg is grpc.aio.EOF
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    else:
+        assert await stream.code() == grpc.StatusCode.UNAVAILABLE
+    await channel.close()
+
+
 async def test_graceful_shutdown(start_server):
     running = await start_server(shutdown_grace_s=5.0)
     channel = grpc.aio.insecure_channel(running.address)

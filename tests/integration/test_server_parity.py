@@ -231,3 +231,35 @@ async def test_list_and_get_model(server):
     assert [(s.name, list(s.shape)) for s in lstm.states] == [("h", [2, 8]), ("c", [2, 8])]
     assert lstm.max_chunk_length == server.settings.max_chunk_length
     assert "lstm0=CPUExecutionProvider" in lstm.metadata["rnn_nodes"]
+
+
+async def test_a_stream_goes_from_lockstep_to_read_ahead_when_it_names_a_second_session(
+    server, model_repo
+):
+    # A stream starts in lockstep (one session, each chunk answered before the next is read);
+    # the first message naming another session switches it to reading ahead. Outputs of both
+    # sessions equal one straight run either way.
+    stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
+    x = _inputs(model_repo, "tiny-gru", 12, seed=11)
+    y = _inputs(model_repo, "tiny-gru", 12, seed=12)
+    a, b = await open_session(stub, "tiny-gru"), await open_session(stub, "tiny-gru")
+    call = stub.Stream()
+    got: dict[str, list[np.ndarray]] = {a: [], b: []}
+    for t in range(4):  # closed loop on one session
+        await call.write(stream_step(a, t, x[t : t + 1], t))
+        reply = await call.read()
+        assert reply.request_id == t and reply.step.next_seq == t + 1
+        got[a].append(outputs(reply.step))
+    for t in range(4, 12):  # then both sessions, pipelined, without reading in between
+        await call.write(stream_step(a, t, x[t : t + 1], 100 + t))
+        await call.write(stream_step(b, t - 4, y[t - 4 : t - 3], 200 + t))
+    await call.done_writing()
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        assert reply.WhichOneof("result") == "step", reply.error.message
+        got[reply.session_id].append(outputs(reply.step))
+    assert len(got[a]) == 12 and len(got[b]) == 8
+    want_a, _ = reference_run(model_repo / "tiny-gru" / "1", x)
+    want_b, _ = reference_run(model_repo / "tiny-gru" / "1", y[:8])
+    assert np.max(np.abs(np.concatenate(got[a]) - want_a)) <= TOL
+    assert np.max(np.abs(np.concatenate(got[b]) - want_b)) <= TOL
+    assert await call.code() == grpc.StatusCode.OK
