@@ -119,3 +119,24 @@ def test_a_graph_whose_outputs_differ_from_the_manifest_runs_unbound(tmp_path: P
     states = {s.input: np.zeros((2, 1, 8), np.float32) for s in engine.manifest.states}
     y, _ = engine.run(x, states, np.array([2], np.int32))
     assert y.shape == (2, 1, 3)
+
+
+@pytest.mark.parametrize("bind", [True, False], ids=["bound", "plain"])
+def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path, bind: bool):
+    folder = write_model(tmp_path, "m", cell="lstm", layers=2)
+    engine = Engine(folder, load_manifest(folder), [CPU])
+    engine._bind = bind
+    m = engine.manifest
+    rng = np.random.default_rng(3)
+    slot = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in m.states}
+    for steps in (3, 1, 3):  # a new shape, then bound shapes again (lengths kept right)
+        x = rng.standard_normal((steps, 3)).astype(np.float32)
+        batched = {s.input: np.expand_dims(slot[s.name], s.batch_axis) for s in m.states}
+        y_ref, new_ref = _plain_run(engine, x[:, None], batched, np.array([steps], np.int32))
+        # A general run of the same shape with a shorter sequence_lens in between must not
+        # leave its lengths behind in the bound buffer.
+        engine.run(x[:, None], batched, np.array([1], np.int32))
+        y = engine.run_one(x, slot)
+        np.testing.assert_array_equal(y, y_ref[:, 0])
+        for s in m.states:
+            np.testing.assert_array_equal(slot[s.name], np.take(new_ref[s.output], 0, s.batch_axis))

@@ -214,6 +214,9 @@ class Batcher:
     def _start(self, batch: list[Work]) -> None:
         """Run a batch inline, or start it on the worker thread and return."""
         model = self.model
+        if len(batch) == 1 and batch[0].inputs.shape[0] <= self.inline_max_steps:
+            self._run_one(batch[0])
+            return
         slots = np.array([w.session.slot for w in batch], dtype=np.intp)
         x, lengths = self._assemble(batch)
         states = model.pool.gather(slots)
@@ -244,6 +247,29 @@ class Batcher:
             self._dispatch()
 
         fut.add_done_callback(finished)
+
+    def _run_one(self, w: Work) -> None:
+        """A batch of one chunk, on the event loop: the engine reads the session's slot and
+        writes the new state straight back (nothing else runs meanwhile, so the session cannot
+        end and hand its slot on during the run)."""
+        model = self.model
+        metrics = model.metrics
+        started = time.perf_counter()
+        metrics.queue_wait.observe(started - w.enqueued)
+        state = model.pool.views(w.session.slot)
+        try:
+            y = model.engine.run_one(w.inputs, state)
+        except Exception as exc:
+            self._failed([w], exc)
+            return
+        metrics.compute.observe(time.perf_counter() - started)
+        metrics.batch_size.observe(1)
+        n = w.inputs.shape[0]
+        metrics.chunk_length.observe(n)
+        if y.dtype != LE_FLOAT32:
+            y = y.astype(LE_FLOAT32)
+        self._reply(w, n, y.shape[1], y.tobytes(), state if w.want_state else None)
+        metrics.steps.inc(n)
 
     def _failed(self, batch: list[Work], exc: BaseException) -> None:
         err = as_serving_error(exc, f"engine run of {self.model.label}")
@@ -280,11 +306,10 @@ class Batcher:
         flat = (y if steps_max == 1 else np.ascontiguousarray(y.swapaxes(0, 1))).tobytes()
         row = width * LE_FLOAT32.itemsize
         chunk_length = metrics.chunk_length
-        float32 = pb.DTYPE_FLOAT32
+        specs = model.manifest.states
         steps = 0
         uniform = -1  # the chunk length shared by the whole batch, or 0 when they differ
         for i, w in enumerate(batch):
-            session = w.session
             n = w.inputs.shape[0]
             steps += n
             if uniform != n:
@@ -296,25 +321,39 @@ class Batcher:
                     uniform = 0
             if not uniform:
                 chunk_length.observe(n)
-            reply = w.new_reply()
-            reply.session_id = session.id
-            reply.seq = w.seq
-            reply.next_seq = w.seq + n
-            out = reply.outputs
-            out.dtype = float32
-            out.shape[:] = (n, width)
             start = i * steps_max * row
-            out.raw_data = flat[start : start + n * row]
+            state = None
             if w.want_state:
-                for spec in model.manifest.states:
-                    to_tensor(
-                        np.take(new[spec.output], i, axis=spec.batch_axis), reply.state[spec.name]
-                    )
-            session.next_seq = w.seq + n
-            session.last_reply = reply
-            session.applied(w.digest)
-            session.busy = False
-            w.answer(reply)
+                state = {s.name: np.take(new[s.output], i, axis=s.batch_axis) for s in specs}
+            self._reply(w, n, width, flat[start : start + n * row], state)
         if uniform > 0:
             chunk_length.observe(uniform, len(batch))
         metrics.steps.inc(steps)
+
+    def _reply(
+        self,
+        w: Work,
+        n: int,
+        width: int,
+        raw: bytes,
+        state: dict[str, npt.NDArray[np.float32]] | None,
+    ) -> None:
+        """Build, cache and send the reply of chunk ``w`` (``n`` steps): its outputs ``raw``
+        (float32 ``[n, width]``) and, when asked for, its new state by state name."""
+        session = w.session
+        reply = w.new_reply()
+        reply.session_id = session.id
+        reply.seq = w.seq
+        reply.next_seq = w.seq + n
+        out = reply.outputs
+        out.dtype = pb.DTYPE_FLOAT32
+        out.shape[:] = (n, width)
+        out.raw_data = raw
+        if state is not None:
+            for name, value in state.items():
+                to_tensor(value, reply.state[name])
+        session.next_seq = w.seq + n
+        session.last_reply = reply
+        session.applied(w.digest)
+        session.busy = False
+        w.answer(reply)

@@ -103,6 +103,10 @@ class SlotPool:
             values = new[s.output].transpose(self._to_pool[s.name])
             self._arrays[s.name][index] = values if rows is None else values[rows]
 
+    def views(self, slot: int) -> dict[str, Array]:
+        """One slot's state by state name, as views into the pool (valid until it grows)."""
+        return {name: a[slot] for name, a in self._arrays.items()}
+
     def read(self, slot: int) -> dict[str, Array]:
         """Copies of one slot's state, by state name, each of its per-session shape."""
         return {name: a[slot].copy() for name, a in self._arrays.items()}
