@@ -70,9 +70,9 @@ class Settings(BaseSettings):
     inline_max_steps: int = Field(default=256, ge=0)
     """Engine runs of at most this many steps (sessions x chunk length) run on the event loop
     itself; larger ones go to the model's worker thread. Handing a run to a thread and back
-    costs more CPU than a small run (measured on 2 vCPUs: 256 one-step sessions served 0.79x
-    the echo floor's steps/s with 64 here, 0.91x with 1024); a run of 256 char-gru steps holds
-    the loop for about a millisecond. 0 sends every run to the worker thread."""
+    costs more CPU than a small run (measured on 2 vCPUs, one run each: 256 one-step sessions
+    got 0.79x the echo floor's steps/s with 64 here, 0.91x with 1024); a run of 256 char-gru
+    steps holds the loop for about a millisecond. 0 sends every run to the worker thread."""
     self_check: bool = True
     """Run each model's stored golden sequence at load and refuse a model that disagrees."""
     self_check_tolerance: float = Field(default=1e-4, gt=0)
