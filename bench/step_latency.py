@@ -37,6 +37,7 @@ import numpy as np
 from report import (  # bench/, the script's folder
     EngineTiming,
     Measurement,
+    Ratios,
     RunInfo,
     render,
     write_section,
@@ -194,13 +195,17 @@ def combine(runs: list[Measurement]) -> Measurement:
     )
 
 
-def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> list[Measurement]:
-    """Every (loop, concurrency, server) measurement, echo and rnnserve back to back."""
+def run_all(
+    args: argparse.Namespace, repo: Path, model: str, log_dir: Path
+) -> tuple[list[Measurement], list[Ratios]]:
+    """Every (loop, concurrency, server) measurement, echo and rnnserve back to back, and the
+    ratios of each setting's paired runs."""
     version_dir = max(
         (v for v in (repo / model).iterdir() if (v / "manifest.json").is_file()),
         key=lambda v: (len(v.name), v.name),
     )
     results: list[Measurement] = []
+    ratios: list[Ratios] = []
     for uvloop in args.loops:
         loop_name = "uvloop" if uvloop else "asyncio"
         with (
@@ -221,6 +226,7 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
                     for server in pair:
                         m = measure(server, model, sessions, streams, args, uvloop)
                         done[server.label].append(m)
+                ratios.append(Ratios.of(done["rnnserve"], done["echo"]))
                 for label in ("echo", "rnnserve"):
                     m = combine(done[label])
                     layout = "1 stream " if streams else "streams  "
@@ -233,7 +239,7 @@ def run_all(args: argparse.Namespace, repo: Path, model: str, log_dir: Path) -> 
                         flush=True,
                     )
                     results.append(m)
-    return results
+    return results, ratios
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         try:
-            results = run_all(args, repo, model, log_dir)
+            results, ratios = run_all(args, repo, model, log_dir)
         except (BenchError, RuntimeError) as exc:
             print(f"step_latency: {exc}", file=sys.stderr)
             return 1
@@ -312,12 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         ),
         load_before=before,
     )
-    write_section(args.out, render(results, info, engine))
+    write_section(args.out, render(results, ratios, info, engine))
     if args.json:
         data: dict[str, Any] = {
             "run": info.__dict__,
             "engine": engine.__dict__,
             "results": [m.__dict__ for m in results],
+            "ratios": [r.__dict__ for r in ratios],
         }
         args.json.write_text(json.dumps(data, indent=2))
     print(f"wrote {args.out}")
