@@ -242,3 +242,26 @@ async def test_client_that_disconnects_mid_chunk(server, stub, witness):
     assert (await step(stub, sid, info.next_seq, X)).next_seq == info.next_seq + 2
     # No leaked slots: only the witnesses and this session hold state.
     assert len(server.server.sessions) == 4
+
+
+@pytest.mark.parametrize("after", [0, 1, 2], ids=["first", "lockstep", "read-ahead"])
+async def test_a_stream_message_that_is_not_a_stream_request(server, stub, witness, after):
+    # Bytes that do not decode as a StreamRequest end the call with INVALID_ARGUMENT, whether
+    # they come first, after a chunk of one session, or once the stream reads ahead.
+    sids = [await open_session(stub, "tiny-gru") for _ in range(2)]
+    good = [stream_step(sids[i], 0, X, i).SerializeToString() for i in range(after)]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        raw = channel.stream_stream("/rnnserve.v1.InferenceService/Stream")
+        call = raw(iter([*good, b"\x0a\xff\xff\xff"]))  # field 1, length-delimited, truncated
+        replies = [r async for r in _tolerant(call)]
+        assert await call.code() == Code.INVALID_ARGUMENT
+        assert "not a valid rnnserve.v1.StreamRequest" in await call.details()
+    assert len(replies) <= after  # each good chunk answered (or dropped with the call)
+
+
+async def _tolerant(call):
+    try:
+        async for reply in call:
+            yield reply
+    except grpc.aio.AioRpcError:
+        return

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.message import DecodeError
 from rnnserve.server.batcher import Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.metrics import Metrics
@@ -128,6 +129,13 @@ class _StreamWork(Work):
             built = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
             built.step.CopyFrom(result)
         self.call.answer(built, self.started, None)
+
+
+def _read_error(exc: BaseException) -> ServingError:
+    """The status a Stream ends with when reading from it fails."""
+    if isinstance(exc, DecodeError):
+        return invalid(f"a Stream message is not a valid rnnserve.v1.StreamRequest: {exc}")
+    return as_serving_error(exc, "Stream")
 
 
 def _no_callback(result: pb.StepResponse | ServingError) -> None:
@@ -310,6 +318,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         handler = asyncio.current_task()
         reader: asyncio.Task[None] | None = None
         sole = None  # the one session the stream has named so far
+        failed: BaseException | None = None  # why reading stopped, if not the end of input
         try:
             while True:
                 if self._closing:
@@ -326,6 +335,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         raise
                     if sys.version_info >= (3, 11):
                         handler.uncancel()  # this cancel is handled; nothing else was asked
+                    break
+                except Exception as exc:  # a message that does not decode, a broken call
+                    failed = exc
                     break
                 finally:
                     if handler is not None:
@@ -363,8 +375,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 "server is shutting down; reconnect and resume each session from its next_seq",
             )
-        if reader is not None and not reader.cancelled() and reader.exception() is not None:
-            err = as_serving_error(reader.exception(), "Stream")  # type: ignore[arg-type]
+        if reader is not None and not reader.cancelled():
+            failed = reader.exception()
+        if failed is not None:
+            err = _read_error(failed)
             await context.abort(err.code, err.message)
 
     async def _read_ahead(
