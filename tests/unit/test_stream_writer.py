@@ -37,19 +37,12 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-def _writer_with(replies: int) -> tuple[FakeContext, list[int], _Writer]:
-    """A writer over a FakeContext, ``replies`` replies handed to it; ``sent`` grows by one
-    per reply written."""
+async def test_replies_are_written_in_order_one_at_a_time():
     context = FakeContext()
     sent: list[int] = []
     writer = _Writer(context, lambda: sent.append(1))  # type: ignore[arg-type]
-    for rid in range(replies):
+    for rid in range(5):
         writer.send(pb.StreamResponse(request_id=rid))
-    return context, sent, writer
-
-
-async def test_replies_are_written_in_order_one_at_a_time():
-    context, sent, writer = _writer_with(5)
     assert writer.busy
     idle = asyncio.ensure_future(writer.wait_idle())
     for rid in range(5):
@@ -63,7 +56,11 @@ async def test_replies_are_written_in_order_one_at_a_time():
 
 
 async def test_a_failed_write_stops_the_writer_and_drops_the_rest():
-    context, sent, writer = _writer_with(3)
+    context = FakeContext()
+    sent: list[int] = []
+    writer = _Writer(context, lambda: sent.append(1))  # type: ignore[arg-type]
+    for rid in range(3):
+        writer.send(pb.StreamResponse(request_id=rid))
     await _settle()
     _, fut = context.pending.pop(0)
     fut.set_exception(ConnectionResetError("peer went away"))
@@ -77,7 +74,9 @@ async def test_a_failed_write_stops_the_writer_and_drops_the_rest():
 
 
 async def test_a_cancelled_write_counts_as_failed():
-    context, _, writer = _writer_with(1)
+    context = FakeContext()
+    writer = _Writer(context, lambda: None)  # type: ignore[arg-type]
+    writer.send(pb.StreamResponse(request_id=1))
     await _settle()
     _, fut = context.pending.pop(0)
     fut.cancel()
