@@ -244,10 +244,10 @@ async def test_client_that_disconnects_mid_chunk(server, stub, witness):
     assert len(server.server.sessions) == 4
 
 
-@pytest.mark.parametrize("after", [0, 1, 2], ids=["first", "after-one", "after-two"])
+@pytest.mark.parametrize("after", [0, 1, 2], ids=["first", "lockstep", "read-ahead"])
 async def test_a_stream_message_that_is_not_a_stream_request(server, stub, witness, after):
     # Bytes that do not decode as a StreamRequest end the call with INVALID_ARGUMENT, whether
-    # they come first or after good chunks of one or two sessions.
+    # they come first, after a chunk of one session, or once the stream reads ahead.
     sids = [await open_session(stub, "tiny-gru") for _ in range(2)]
     good = [stream_step(sids[i], 0, X, i).SerializeToString() for i in range(after)]
     async with grpc.aio.insecure_channel(server.address) as channel:

@@ -118,9 +118,9 @@ async def test_health_and_reflection(server):
     await channel.close()
 
 
-async def test_shutdown_ends_an_idle_stream_of_two_sessions_with_unavailable(start_server):
-    # An idle stream that carries two sessions: a shutdown interrupts its read and it ends at
-    # once with UNAVAILABLE, not after the grace period.
+async def test_shutdown_ends_a_multiplexed_stream_with_unavailable(start_server):
+    # A stream that named two sessions reads ahead on its own task; a shutdown stops that
+    # reader and the idle stream ends at once with UNAVAILABLE, not after the grace period.
     running = await start_server(shutdown_grace_s=30.0)
     channel = grpc.aio.insecure_channel(running.address)
     stub = pb_grpc.InferenceServiceStub(channel)

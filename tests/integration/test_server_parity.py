@@ -233,12 +233,12 @@ async def test_list_and_get_model(server):
     assert "lstm0=CPUExecutionProvider" in lstm.metadata["rnn_nodes"]
 
 
-async def test_a_stream_serves_closed_loop_then_pipelined_chunks_of_two_sessions(
+async def test_a_stream_goes_from_lockstep_to_read_ahead_when_it_names_a_second_session(
     server, model_repo
 ):
-    # One session in closed loop (each chunk answered before the next is sent), then two
-    # sessions pipelined without reading in between: outputs of both sessions equal one
-    # straight run either way.
+    # A stream starts in lockstep (one session, each chunk answered before the next is read);
+    # the first message naming another session switches it to reading ahead. Outputs of both
+    # sessions equal one straight run either way.
     stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(server.address))
     x = _inputs(model_repo, "tiny-gru", 12, seed=11)
     y = _inputs(model_repo, "tiny-gru", 12, seed=12)

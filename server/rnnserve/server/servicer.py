@@ -13,8 +13,7 @@ import functools
 import re
 import sys
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -64,83 +63,32 @@ def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
-class _Writer:
-    """Sends one Stream call's replies in order, one write in flight at a time.
+class _Replies:
+    """The replies a Stream call has ready to send, and a wake-up for its writer. Lighter than
+    an asyncio.Queue on the per-message path."""
 
-    A reply's write starts the moment the reply exists (inside the batch's own callback) and
-    its completion is handled by a callback too, so per message the call's task wakes only
-    to read, as the echo floor's does; with a writer task instead, each reply cost a task
-    wake-up and a loop iteration more. ``context.write`` is a coroutine: it is driven here as a
-    Task would drive it (sent into until it waits on a future, resumed when that future is
-    done), without a Task per reply.
-    """
+    __slots__ = ("ended", "items", "waiter")
 
-    __slots__ = ("_context", "_idle", "_on_sent", "_queue", "busy", "error")
+    def __init__(self) -> None:
+        self.items: list[pb.StreamResponse | None] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.ended = False
 
-    def __init__(
-        self, context: grpc.aio.ServicerContext[Any, Any], on_sent: Callable[[], None]
-    ) -> None:
-        self._context = context
-        self._on_sent = on_sent
-        self._queue: deque[pb.StreamResponse] = deque()
-        self._idle: asyncio.Future[None] | None = None
-        #: A write is in flight.
-        self.busy = False
-        #: Why writing stopped (the call broke); later replies are dropped.
-        self.error: BaseException | None = None
+    def put(self, reply: pb.StreamResponse | None, last: bool = False) -> None:
+        self.items.append(reply)
+        self.ended = self.ended or last
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    def send(self, reply: pb.StreamResponse) -> None:
-        if self.error is not None:
-            return
-        if self.busy:
-            self._queue.append(reply)
-        else:
-            self._start(reply)
-
-    async def wait_idle(self) -> None:
-        """Return once every reply handed to ``send`` is written (or writing failed)."""
-        while self.busy and self.error is None:
-            self._idle = asyncio.get_running_loop().create_future()
-            try:
-                await self._idle
-            finally:
-                self._idle = None
-
-    def _start(self, reply: pb.StreamResponse) -> None:
-        self.busy = True
-        self._step(self._context.write(reply))
-
-    def _step(self, coro: Coroutine[Any, Any, None]) -> None:
-        try:
-            waits_on = coro.send(None)
-        except StopIteration:
-            self._written(None)
-            return
-        except (Exception, asyncio.CancelledError) as exc:  # the call broke or ended
-            self._written(exc)
-            return
-        if waits_on is None:  # a bare yield: go on at the next loop iteration
-            asyncio.get_running_loop().call_soon(self._step, coro)
-        else:
-            waits_on.add_done_callback(functools.partial(self._resume, coro))
-
-    def _resume(self, coro: Coroutine[Any, Any, None], _: asyncio.Future[Any]) -> None:
-        self._step(coro)
-
-    def _written(self, exc: BaseException | None) -> None:
-        if exc is not None:
-            self.error = exc
-            self._queue.clear()
-            self.busy = False
-        else:
-            self._on_sent()
-            if self._queue:
-                self._start(self._queue.popleft())
-                return
-            self.busy = False
-        idle = self._idle
-        if idle is not None and not idle.done():
-            idle.set_result(None)
+    async def take(self) -> list[pb.StreamResponse | None]:
+        """Everything ready, waiting until there is something."""
+        while not self.items and not self.ended:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        items, self.items = self.items, []
+        return items
 
 
 class _StreamWork(Work):
@@ -195,63 +143,46 @@ def _no_callback(result: pb.StepResponse | ServingError) -> None:
 
 
 class _StreamCall:
-    """One Stream call's bookkeeping, shared by every chunk on it: its writer, how many chunks
-    are unanswered and how many replies are not yet written (backpressure)."""
+    """One Stream call's bookkeeping, shared by every chunk on it: the replies ready to send
+    and how many chunks are still unanswered."""
 
     __slots__ = (
         "limit",
         "metrics",
         "ok",
         "outstanding",
+        "reading",
+        "replies",
         "room",
         "sessions",
         "unsent",
-        "writer",
     )
 
-    def __init__(
-        self,
-        sessions: SessionManager,
-        metrics: Metrics,
-        limit: int,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
+    def __init__(self, sessions: SessionManager, metrics: Metrics, limit: int) -> None:
         self.sessions = sessions
         self.metrics = metrics
         self.ok = metrics.request_child("Stream", "OK")
-        self.writer = _Writer(context, self.sent)
+        self.replies = _Replies()
         self.outstanding = 0
-        #: Chunks received whose replies are not yet written, and the most the reader allows.
+        self.reading = True
+        #: Chunks received and not yet handed back to gRPC, and the most the reader allows.
         self.unsent = 0
         self.limit = limit
         self.room: asyncio.Future[None] | None = None
 
     async def wait_for_room(self) -> None:
         """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
-        while self.unsent >= self.limit and self.writer.error is None:
+        while self.unsent >= self.limit:
             self.room = asyncio.get_running_loop().create_future()
-            try:
-                await self.room
-            finally:
-                self.room = None
+            await self.room
+            self.room = None
 
-    def sent(self) -> None:
-        """A reply was written; wake the reader if it waits for room."""
-        self.unsent -= 1
+    def sent(self, count: int) -> None:
+        """``count`` replies went to gRPC; wake the reader if it waits for room."""
+        self.unsent -= count
         room = self.room
         if room is not None and not room.done() and self.unsent < self.limit:
             room.set_result(None)
-
-    async def drain(self) -> None:
-        """Return once every chunk received is answered and its reply written (or the call
-        broke)."""
-        while self.outstanding and self.writer.error is None:
-            self.room = asyncio.get_running_loop().create_future()
-            try:
-                await self.room
-            finally:
-                self.room = None
-        await self.writer.wait_idle()
 
     def accept(self, req: pb.StreamRequest) -> None:
         """Decode one message and queue its chunk; a bad one is answered in-band at once."""
@@ -274,17 +205,18 @@ class _StreamCall:
         )
 
     def answer(self, reply: pb.StreamResponse, started: float, code: str | None) -> None:
-        """Send ``reply``; ``code`` None means OK."""
+        """Queue ``reply``; ``code`` None means OK."""
         if code is None:
             self.ok.observe(time.perf_counter() - started)
         else:
             self.metrics.observe_request("Stream", code, time.perf_counter() - started)
         self.outstanding -= 1
-        self.writer.send(reply)
-        if not self.outstanding:
-            room = self.room  # drain() waits here for the last answer
-            if room is not None and not room.done():
-                room.set_result(None)
+        self.replies.put(reply, last=not self.reading and self.outstanding == 0)
+
+    def end_of_input(self) -> None:
+        self.reading = False
+        if self.outstanding == 0:
+            self.replies.put(None, last=True)
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -301,15 +233,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.sessions = sessions
         self.metrics = metrics
         self.max_stream_inflight = max_stream_inflight
-        #: Stream handlers waiting on a read, which a shutdown interrupts.
-        self._readers: set[asyncio.Task[Any]] = set()
+        self._readers: set[asyncio.Task[None]] = set()
+        #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
+        self._lockstep: set[asyncio.Task[Any]] = set()
         self._closing = False
 
     def begin_shutdown(self) -> None:
         """Stop reading from open streams; each ends with UNAVAILABLE once its in-flight chunks
         are answered."""
         self._closing = True
-        for task in list(self._readers):
+        for task in [*self._readers, *self._lockstep]:
             task.cancel()
 
     @unary("ListModels")
@@ -362,54 +295,104 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise result
         return result
 
-    # A coroutine, not an async generator: grpc.aio's reader/writer form of a streaming
-    # handler (the generated stub types only the generator form).
-    async def Stream(  # type: ignore[override]
+    async def Stream(
         self,
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> None:
-        """Read chunks as they come and hand each to its model's batcher; replies are written
-        from the batch's callbacks by the call's writer, in the order they are answered. The
-        handler's task only reads (read, accept, read the next), up to
-        ``max_stream_inflight`` replies unwritten."""
-        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight, context)
+    ) -> AsyncIterator[pb.StreamResponse]:
+        """Two ways to serve a stream, picked by what it carries.
+
+        Lockstep, while the stream names one session (what the SDK's Session does): read a
+        chunk, run it, send its reply, read the next. One task and no hand-offs, the shape of
+        the echo floor; a chunk still joins a batch with other streams' chunks of its loop
+        tick. The session has at most one chunk in a batch anyway, so a client that sends its
+        next chunk early loses no batching: it waits in gRPC's buffers.
+
+        Read-ahead, from the first message naming a second session (a multiplexer): a reader
+        task takes messages as they come, up to ``max_stream_inflight`` unsent, so chunks of
+        many sessions batch together, and this generator sends replies as they are ready.
+        """
+        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight)
         requests = request_iterator.__aiter__()
+        replies = call.replies
         handler = asyncio.current_task()
-        accept = call.accept
+        reader: asyncio.Task[None] | None = None
+        sole = None  # the one session the stream has named so far
         failed: BaseException | None = None  # why reading stopped, if not the end of input
-        while not self._closing and call.writer.error is None:
-            if handler is not None:
-                self._readers.add(handler)
-            try:
-                req = await requests.__anext__()
-            except StopAsyncIteration:
-                break
-            except asyncio.CancelledError:
-                # begin_shutdown interrupts the read; the chunks in flight are still answered.
-                if not self._closing or handler is None:
-                    raise
-                if sys.version_info >= (3, 11):
-                    handler.uncancel()  # this cancel is handled; nothing else was asked
-                break
-            except Exception as exc:  # a message that does not decode, a broken call
-                failed = exc
-                break
-            finally:
+        try:
+            while True:
+                if self._closing:
+                    break
                 if handler is not None:
-                    self._readers.discard(handler)
-            accept(req)
-            if call.unsent >= call.limit:
-                await call.wait_for_room()
-        await call.drain()
+                    self._lockstep.add(handler)
+                try:
+                    req = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    # begin_shutdown interrupts a lockstep read; nothing is in flight here.
+                    if not self._closing or handler is None:
+                        raise
+                    if sys.version_info >= (3, 11):
+                        handler.uncancel()  # this cancel is handled; nothing else was asked
+                    break
+                except Exception as exc:  # a message that does not decode, a broken call
+                    failed = exc
+                    break
+                finally:
+                    if handler is not None:
+                        self._lockstep.discard(handler)
+                sid = req.step.session_id
+                if sole is None:
+                    sole = sid
+                call.accept(req)
+                if sid != sole:
+                    loop = asyncio.get_running_loop()
+                    reader = loop.create_task(self._read_ahead(call, requests))
+                    self._readers.add(reader)
+                    break
+                while call.outstanding or replies.items:
+                    for reply in await replies.take():
+                        if reply is not None:
+                            yield reply
+                            call.sent(1)
+            if reader is None:
+                call.end_of_input()
+            while True:
+                batch = await replies.take()
+                for reply in batch:
+                    if reply is not None:
+                        yield reply
+                        call.sent(1)
+                if replies.ended and not replies.items:
+                    break
+        finally:
+            if reader is not None:
+                reader.cancel()
+                self._readers.discard(reader)
         if self._closing:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server is shutting down; reconnect and resume each session from its next_seq",
             )
+        if reader is not None and not reader.cancelled():
+            failed = reader.exception()
         if failed is not None:
             err = _read_error(failed)
             await context.abort(err.code, err.message)
+
+    async def _read_ahead(
+        self, call: _StreamCall, requests: AsyncIterator[pb.StreamRequest]
+    ) -> None:
+        """A multiplexed Stream's reader: accept messages as they come, with backpressure."""
+        accept = call.accept
+        try:
+            async for req in requests:
+                accept(req)
+                if call.unsent >= call.limit:
+                    await call.wait_for_room()
+        finally:
+            call.end_of_input()
 
     @unary("CloseSession")
     async def CloseSession(

@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     max_stream_inflight: int = Field(default=1024, ge=1)
     """The most chunks one Stream call may have received but not yet sent back. Past it the
     server stops reading that stream until replies go out, so HTTP/2 flow control holds the
-    client back: a client that pipelines without reading cannot grow the server's memory."""
+    client back: a client that pipelines without reading cannot grow the server's memory. (A
+    stream that names one session is read one chunk at a time anyway; this bounds streams
+    that carry several.)"""
     inline_max_steps: int = Field(default=256, ge=0)
     """Engine runs of at most this many steps (sessions x chunk length) run on the event loop
     itself; larger ones go to the model's worker thread. Handing a run to a thread and back
