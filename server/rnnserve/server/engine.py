@@ -1,9 +1,12 @@
 """One ONNX Runtime session per model version: provider choice, batched runs, self-check.
 
-``Engine.run`` is blocking and meant for a worker thread (ONNX Runtime releases the GIL while
-it computes). The engine knows where each recurrent node runs: it profiles one run at load and
-reads each GRU/LSTM/RNN node's provider from the profile, so a silent CPU fallback on a GPU
-machine shows in the log, in ``ModelInfo.provider`` and in ``rnnserve_model_info``.
+``Engine.run`` is blocking: the batcher calls it on the model's worker thread for large
+batches (ONNX Runtime releases the GIL while it computes) and on the event loop for small
+ones, where handing a run to a thread costs more than the run; small batches run on buffers
+bound once per shape (``_Bound``). The engine knows where each recurrent node runs: it
+profiles one run at load and reads each GRU/LSTM/RNN node's provider from the profile, so a
+silent CPU fallback on a GPU machine shows in the log, in ``ModelInfo.provider`` and in
+``rnnserve_model_info``.
 """
 
 from __future__ import annotations
