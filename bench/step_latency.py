@@ -146,15 +146,8 @@ def measure(
 def time_engine(version_dir: Path, runs: int = 1000) -> EngineTiming:
     """Median wall time of one engine run (batch 1, one step, zeros), with the CPU idle for
     0.5 ms before each run (as between one session's steps) and back to back."""
-    manifest = load_manifest(version_dir)
-    engine = Engine(version_dir, manifest, [CPU])
-    x = np.zeros((1, 1) if manifest.input_kind == "tokens" else (1, 1, manifest.input_size))
-    x = x.astype(np.int64 if manifest.input_kind == "tokens" else np.float32)
-    states = {}
-    for spec in manifest.states:
-        shape = list(spec.shape)
-        shape.insert(spec.batch_axis, 1)
-        states[spec.input] = np.zeros(shape, np.float32)
+    engine = Engine(version_dir, load_manifest(version_dir), [CPU])
+    x, states = engine.zero_batch()
     lengths = np.ones(1, np.int32)
 
     def timed(pause: float) -> float:

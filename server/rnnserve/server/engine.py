@@ -115,7 +115,7 @@ class Engine:
             self.providers: list[str] = list(self.session.get_providers())
             self.provider = self.providers[0]
             try:
-                self.run(*self._zero_batch())
+                self.run(*self.zero_batch())
             except Exception as exc:
                 raise ModelLoadError(
                     f"{folder / MODEL_FILE}: a one-step run fails: {exc}"
@@ -149,7 +149,9 @@ class Engine:
         if extra:
             raise ModelLoadError(f"{self.folder}: graph inputs {extra} are not in the manifest")
 
-    def _zero_batch(self) -> tuple[npt.NDArray[np.generic], dict[str, npt.NDArray[np.float32]]]:
+    def zero_batch(self) -> tuple[npt.NDArray[np.generic], dict[str, npt.NDArray[np.float32]]]:
+        """One session, one step of zeros: the input ``[1, 1, ...]`` and the states by graph
+        input name, as ``run`` takes them."""
         m = self.manifest
         x: npt.NDArray[np.generic]
         if m.input_kind == "tokens":
@@ -199,6 +201,15 @@ class Engine:
             result = self._bind_and_run(x, states, lengths)
             if result is not None:
                 return result
+        return self._run_plain(x, states, lengths)
+
+    def _run_plain(
+        self,
+        x: npt.NDArray[np.generic],
+        states: dict[str, npt.NDArray[np.float32]],
+        lengths: npt.NDArray[np.int32] | None,
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
+        """``InferenceSession.run``: every input converted, every output allocated."""
         feed: dict[str, npt.NDArray[Any]] = dict(states)
         feed[self.manifest.input_name] = x
         if lengths is not None and self.manifest.sequence_lens:
@@ -248,10 +259,7 @@ class Engine:
             bound = _Bound(self, x, states)
             result = bound.run(x, states, lengths)
         except Exception as exc:  # ORT's own exception types
-            feed: dict[str, npt.NDArray[Any]] = {**states, self.manifest.input_name: x}
-            if lengths is not None and self.manifest.sequence_lens:
-                feed[self.manifest.sequence_lens] = lengths
-            self.session.run(self._output_names, feed)  # raises when the run itself is bad
+            self._run_plain(x, states, lengths)  # raises when the run itself is bad
             log.info(
                 "%s/%s: runs without pre-bound buffers (%s)",
                 self.manifest.name, self.manifest.version, exc,

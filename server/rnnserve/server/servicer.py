@@ -394,6 +394,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         finally:
             call.end_of_input()
 
+    async def _settled(self, sid: str) -> Session:
+        """The open session ``sid`` once none of its chunks is in an engine run; NOT_FOUND
+        when it does not exist or ended while waiting."""
+        session = self.sessions.get(sid)
+        await session.model.batcher.wait_idle(session)
+        return self.sessions.get(sid)
+
     @unary("CloseSession")
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Any
@@ -405,9 +412,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ResetSession(
         self, request: pb.ResetSessionRequest, context: Any
     ) -> pb.ResetSessionResponse:
-        session = self.sessions.get(request.session_id)
-        await session.model.batcher.wait_idle(session)
-        session = self.sessions.get(request.session_id)
+        session = await self._settled(request.session_id)
         session.model.pool.zero(session.slot)
         return pb.ResetSessionResponse(session=self.sessions.info(session))
 
@@ -415,16 +420,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ForkSession(
         self, request: pb.ForkSessionRequest, context: Any
     ) -> pb.ForkSessionResponse:
-        session = self.sessions.get(request.session_id)
-        await session.model.batcher.wait_idle(session)
-        child = self.sessions.fork(self.sessions.get(request.session_id))
+        child = self.sessions.fork(await self._settled(request.session_id))
         return pb.ForkSessionResponse(session=self.sessions.info(child))
 
     @unary("GetState")
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.GetStateResponse:
-        session = self.sessions.get(request.session_id)
-        await session.model.batcher.wait_idle(session)
-        session = self.sessions.get(request.session_id)
+        session = await self._settled(request.session_id)
         m = session.model.manifest
         snap = pb.SessionSnapshot(
             model=m.name,
