@@ -89,7 +89,15 @@ def test_bound_runs_equal_plain_runs_for_every_shape(tmp_path: Path):
             np.testing.assert_array_equal(new[name], ref)
         for name, before in kept.items():  # the caller's arrays are read, never written
             np.testing.assert_array_equal(states[name], before)
-    assert engine._bind and len(engine._bindings) == 3  # one binding per shape, reused
+    # The largest shape grew the flat buffers (dropping older bindings); smaller shapes now
+    # bind views of the same memory: one binding per shape, nothing allocated.
+    flat = {name: buf for name, buf in engine._flat.items()}
+    for steps, batch in [(1, 1), (3, 2), (5, 4)]:
+        x = np.zeros((steps, batch, 3), np.float32)
+        states = {s.input: np.zeros((2, batch, 8), np.float32) for s in engine.manifest.states}
+        engine.run(x, states, np.full(batch, steps, np.int32))
+    assert engine._bind and len(engine._bindings) == 3
+    assert all(engine._flat[name] is buf for name, buf in flat.items())
 
 
 def test_binding_cache_keeps_the_newest_shapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -128,7 +136,10 @@ def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path,
     engine._bind = bind
     m = engine.manifest
     rng = np.random.default_rng(3)
-    slot = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in m.states}
+    # A pool of three slots; the session is in slot 1 and the others must stay untouched.
+    pool = {s.name: rng.standard_normal((3, *s.shape)).astype(np.float32) for s in m.states}
+    others = {name: a[[0, 2]].copy() for name, a in pool.items()}
+    slot = {name: a[1] for name, a in pool.items()}
     for steps in (3, 1, 3):  # a new shape, then bound shapes again (lengths kept right)
         x = rng.standard_normal((steps, 3)).astype(np.float32)
         batched = {s.input: np.expand_dims(slot[s.name], s.batch_axis) for s in m.states}
@@ -136,7 +147,9 @@ def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path,
         # A general run of the same shape with a shorter sequence_lens in between must not
         # leave its lengths behind in the bound buffer.
         engine.run(x[:, None], batched, np.array([1], np.int32))
-        y = engine.run_one(x, slot)
+        y = engine.run_one(x, pool, 1)
         np.testing.assert_array_equal(y, y_ref[:, 0])
         for s in m.states:
             np.testing.assert_array_equal(slot[s.name], np.take(new_ref[s.output], 0, s.batch_axis))
+    for name, before in others.items():
+        np.testing.assert_array_equal(pool[name][[0, 2]], before)

@@ -36,8 +36,7 @@ def test_server_metrics_expose_every_family():
     metrics = Metrics(registry)
     model = metrics.for_model("m/1")
     model.queue_wait.observe(60e-6)
-    model.chunk_length.observe(3)
-    model.steps.inc(3)
+    model.chunk_length.observe(3)  # a chunk of 3 steps applied: rnnserve_steps_total too
     metrics.observe_request("Step", "OK", 1e-4)
     metrics.observe_request("Step", "NOT_FOUND", 1e-4)
     metrics.session_ended("m/1", "idle")
@@ -45,6 +44,14 @@ def test_server_metrics_expose_every_family():
     assert got[("rnnserve_queue_wait_seconds_bucket", (("le", "7.5e-05"), ("model", "m/1")))] == 1
     assert got[("rnnserve_chunk_length_sum", (("model", "m/1"),))] == 3
     assert got[("rnnserve_steps_total", (("model", "m/1"),))] == 3
+    model.run_of_one(70e-6, 20e-6, 2)
+    got = _samples(registry)
+    assert got[("rnnserve_steps_total", (("model", "m/1"),))] == 5
+    assert got[("rnnserve_queue_wait_seconds_count", (("model", "m/1"),))] == 2
+    assert got[("rnnserve_compute_seconds_bucket", (("le", "2e-05"), ("model", "m/1")))] == 1
+    assert got[("rnnserve_batch_size_bucket", (("le", "1.0"), ("model", "m/1")))] == 1
+    assert got[("rnnserve_chunk_length_bucket", (("le", "2.0"), ("model", "m/1")))] == 1
+    assert got[("rnnserve_chunk_length_bucket", (("le", "4.0"), ("model", "m/1")))] == 2
     assert got[("rnnserve_errors_total", (("code", "NOT_FOUND"), ("method", "Step")))] == 1
     assert ("rnnserve_errors_total", (("code", "OK"), ("method", "Step"))) not in got
     assert got[("rnnserve_sessions_ended_total", (("model", "m/1"), ("reason", "idle")))] == 1

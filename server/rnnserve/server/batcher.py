@@ -92,26 +92,49 @@ class Batcher:
         self._ran_this_tick = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._lengths: dict[int, npt.NDArray[np.int32]] = {}
+        #: The event loop it serves, from the first submit (asyncio.get_running_loop makes a
+        #: system call on Python 3.11, once per call).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, work: Work) -> None:
         """Queue a chunk; its ``answer`` is called from the event loop when it is answered
         (possibly before ``submit`` returns)."""
-        self._pending.append(work)
         if self._scheduled or self._running:
+            self._pending.append(work)
             return
-        loop = asyncio.get_running_loop()
-        if self._eager and not self._ran_this_tick:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        if self._eager and not self._ran_this_tick and not self._pending:
             # Low load: nothing else is waiting, so run now rather than a loop tick later.
             self._ran_this_tick = True
             loop.call_soon(self._tick_over)
-            self._dispatch()
+            self._run_alone(work)
             return
+        self._pending.append(work)
         if self._ran_this_tick:
             self._eager = False  # a second chunk in one tick: batch from now on
         # Dispatch on the next loop tick, after the callbacks already ready in this one:
         # every chunk that arrives in the same tick joins the batch.
         self._scheduled = True
         loop.call_soon(self._dispatch)
+
+    def _run_alone(self, work: Work) -> None:
+        """An eager chunk with nothing else pending: what ``_dispatch`` would do with a batch of
+        it, without building one (the per-step path of a lone session)."""
+        session = work.session
+        if (
+            session.ended is None
+            and work.seq == session.next_seq
+            and work.inputs.shape[0] <= self.inline_max_steps
+        ):
+            session.busy = True
+            self._run_one(work)
+            if self._idle_waiters:
+                self._wake_idle_waiters()
+            return
+        self._pending.append(work)  # an ended session, a retry, a seq error, a long chunk
+        self._dispatch()
 
     def _tick_over(self) -> None:
         self._ran_this_tick = False
@@ -234,7 +257,8 @@ class Batcher:
                 self._finish(batch, slots, y, new, started)
             return
         self._running = True
-        fut = asyncio.get_running_loop().run_in_executor(model.executor, run, x, states, lengths)
+        loop = self._loop or asyncio.get_running_loop()
+        fut = loop.run_in_executor(model.executor, run, x, states, lengths)
 
         def finished(f: asyncio.Future[Any]) -> None:
             self._running = False
@@ -253,23 +277,20 @@ class Batcher:
         writes the new state straight back (nothing else runs meanwhile, so the session cannot
         end and hand its slot on during the run)."""
         model = self.model
-        metrics = model.metrics
         started = time.perf_counter()
-        metrics.queue_wait.observe(started - w.enqueued)
-        state = model.pool.views(w.session.slot)
+        pool = model.pool.arrays
+        slot = w.session.slot
         try:
-            y = model.engine.run_one(w.inputs, state)
+            y = model.engine.run_one(w.inputs, pool, slot)
         except Exception as exc:
             self._failed([w], exc)
             return
-        metrics.compute.observe(time.perf_counter() - started)
-        metrics.batch_size.observe(1)
         n = w.inputs.shape[0]
-        metrics.chunk_length.observe(n)
+        model.metrics.run_of_one(started - w.enqueued, time.perf_counter() - started, n)
         if y.dtype != LE_FLOAT32:
             y = y.astype(LE_FLOAT32)
-        self._reply(w, n, y.shape[1], y.tobytes(), state if w.want_state else None)
-        metrics.steps.inc(n)
+        state = {name: a[slot] for name, a in pool.items()} if w.want_state else None
+        self._reply(w, n, y.shape[1], y.tobytes(), state)
 
     def _failed(self, batch: list[Work], exc: BaseException) -> None:
         err = as_serving_error(exc, f"engine run of {self.model.label}")
@@ -307,11 +328,9 @@ class Batcher:
         row = width * LE_FLOAT32.itemsize
         chunk_length = metrics.chunk_length
         specs = model.manifest.states
-        steps = 0
         uniform = -1  # the chunk length shared by the whole batch, or 0 when they differ
         for i, w in enumerate(batch):
             n = w.inputs.shape[0]
-            steps += n
             if uniform != n:
                 if uniform == -1:
                     uniform = n
@@ -328,7 +347,6 @@ class Batcher:
             self._reply(w, n, width, flat[start : start + n * row], state)
         if uniform > 0:
             chunk_length.observe(uniform, len(batch))
-        metrics.steps.inc(steps)
 
     def _reply(
         self,

@@ -28,10 +28,12 @@ from rnnserve.manifest import GOLDEN_FILE, MODEL_FILE, Manifest
 log = logging.getLogger("rnnserve.server.engine")
 
 RNN_OPS = frozenset({"GRU", "LSTM", "RNN"})
-#: Batches of at most this many input values run on pre-bound buffers (see _Bound); the
-#: buffers of the last BIND_CACHE_SIZE shapes are kept.
-BIND_MAX_INPUT_VALUES = 1 << 16
-BIND_CACHE_SIZE = 64
+#: Batches whose buffers (inputs, states in and out, outputs) take at most this many bytes run
+#: on pre-bound buffers (see _Bound); the bindings of the last BIND_CACHE_SIZE shapes are kept.
+#: Every shape binds views of one set of flat buffers per engine (``Engine._flat``), so a
+#: cached shape costs an IOBinding, not buffers of its own.
+BIND_MAX_BYTES = 64 << 20
+BIND_CACHE_SIZE = 1024
 _NUMPY_TYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -112,6 +114,9 @@ class Engine:
             self._output_names = [manifest.output_name, *(s.output for s in manifest.states)]
             self._bind = True
             self._bindings: dict[tuple[tuple[int, ...], str], _Bound] = {}
+            #: The flat buffers every binding views, by graph name (grown by doubling).
+            self._flat: dict[str, npt.NDArray[Any]] = {}
+            self._row_bytes, self._step_bytes = self._bound_bytes()
             self.providers: list[str] = list(self.session.get_providers())
             self.provider = self.providers[0]
             try:
@@ -194,7 +199,7 @@ class Engine:
         """
         if self.manifest.sequence_lens and lengths is None:
             lengths = np.full(x.shape[1], x.shape[0], dtype=np.int32)
-        if self._bind and x.size <= BIND_MAX_INPUT_VALUES:
+        if self._bind and self._fits(x):
             bound = self._bindings.get((x.shape, x.dtype.char))
             if bound is not None:
                 return bound.run(x, states, lengths)
@@ -202,6 +207,41 @@ class Engine:
             if result is not None:
                 return result
         return self._run_plain(x, states, lengths)
+
+    def _bound_bytes(self) -> tuple[int, int]:
+        """Bytes a bound shape ``[T, B]`` takes per batch row (states in and out, lengths) and
+        per step of a row (input and output), for ``_fits``; 8 bytes a value, the widest."""
+        m = self.manifest
+        state_values = sum(int(np.prod(s.shape)) for s in m.states)
+        features = 1 if m.input_kind == "tokens" else m.input_size
+        return 8 * state_values + 4, 8 * features + 8 * m.output_size
+
+    def _fits(self, x: npt.NDArray[np.generic]) -> bool:
+        """Whether a batch ``x`` ``[T, B, ...]`` is small enough to run on bound buffers."""
+        steps, batch = int(x.shape[0]), int(x.shape[1])
+        return batch * (self._row_bytes + steps * self._step_bytes) <= BIND_MAX_BYTES
+
+    def buffers(
+        self, shapes: dict[str, tuple[tuple[int, ...], np.dtype[Any]]]
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Arrays of the given shapes and dtypes by graph name, each a view of the start of
+        the engine's flat buffer of that name: the same memory for every shape, so binding a
+        new shape allocates nothing once the buffers have grown to fit the largest. A buffer
+        that must grow is replaced (doubling), and every binding to the old one is dropped."""
+        grown = False
+        for name, (shape, dtype) in shapes.items():
+            need = int(np.prod(shape))
+            flat = self._flat.get(name)
+            if flat is None or flat.dtype != dtype or flat.size < need:
+                size = need if flat is None or flat.dtype != dtype else max(need, 2 * flat.size)
+                self._flat[name] = np.zeros(size, dtype)
+                grown = True
+        if grown:
+            self._bindings.clear()
+        return {
+            name: self._flat[name][: int(np.prod(shape))].reshape(shape)
+            for name, (shape, _) in shapes.items()
+        }
 
     def _run_plain(
         self,
@@ -219,29 +259,29 @@ class Engine:
         return results[0], outs
 
     def run_one(
-        self, x: npt.NDArray[np.generic], states: dict[str, npt.NDArray[np.float32]]
+        self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
     ) -> npt.NDArray[np.float32]:
-        """Run one session's chunk: ``x`` ``[T, ...]`` without a batch axis and its states by
-        state name in their per-session shape (the slot pool's views). The new states are
-        written back into ``states`` after the run; returns the outputs ``[T, outputs]``
-        (valid until the next run).
+        """Run one session's chunk: ``x`` ``[T, ...]`` without a batch axis, its state in row
+        ``slot`` of the arrays ``pool`` (by state name, slot-major: the slot pool's arrays). The
+        new state is written back into that row after the run; returns the outputs
+        ``[T, outputs]`` (valid until the next run).
 
-        The same as ``run`` at batch 1, in fewer numpy calls: the chunk and the states are
+        The same as ``run`` at batch 1, in fewer numpy calls: the chunk and the state are
         copied straight into the bound buffers and back (a lone session's step spends more
         on each numpy call than on the arithmetic).
         """
         if self._bind:
             bound = self._bindings.get(((x.shape[0], 1, *x.shape[1:]), x.dtype.char))
             if bound is not None and bound.single is not None:
-                return bound.run_one(x, states)
+                return bound.run_one(x, pool, slot)
         m = self.manifest
         batched = {}
         for spec in m.states:
-            batched[spec.input] = np.expand_dims(states[spec.name], spec.batch_axis)
+            batched[spec.input] = np.expand_dims(pool[spec.name][slot], spec.batch_axis)
         lengths = np.array([x.shape[0]], dtype=np.int32) if m.sequence_lens else None
         y, new = self.run(x[:, None], batched, lengths)
         for spec in m.states:
-            states[spec.name][...] = np.take(new[spec.output], 0, axis=spec.batch_axis)
+            pool[spec.name][slot] = np.take(new[spec.output], 0, axis=spec.batch_axis)
         return y[:, 0]
 
     def _bind_and_run(
@@ -344,21 +384,25 @@ class Engine:
 
 
 class _Bound:
-    """Numpy buffers for one input shape, bound once to an ONNX Runtime IOBinding.
+    """An ONNX Runtime IOBinding of one batch shape, bound once to views of the engine's flat
+    buffers (``Engine.buffers``).
 
     A plain ``InferenceSession.run`` converts every input and allocates every output on each
     call; with the buffers bound, a run is a few copies into them and one call. Measured on
     char-gru at batch 1 with the CPU idling between steps (as it does between a client's
-    steps): 60 against 92 µs a run; 17 against 28 µs back to back. Inputs are copied into the
-    bound buffers, so the caller's arrays are never aliased by ONNX Runtime.
+    steps): 60 against 92 µs a run; 17 against 28 µs back to back. Binding a shape costs about
+    50 µs (and before the shapes shared one set of buffers, fresh pages too), so a server whose
+    batch sizes wander keeps a binding per shape. Inputs are copied into the bound buffers, so
+    the caller's arrays are never aliased by ONNX Runtime.
     """
 
     __slots__ = (
         "binding",
         "lengths",
-        "lengths_set",
         "names",
+        "native",
         "outputs",
+        "run_native",
         "session",
         "single",
         "states",
@@ -372,43 +416,55 @@ class _Bound:
         steps, batch = x.shape[0], x.shape[1]
         self.session = engine.session
         self.binding = engine.session.io_binding()
-        self.x = np.empty_like(x, order="C")
-        self.states = {name: np.empty_like(v, order="C") for name, v in states.items()}
-        self.lengths = np.empty(batch, np.int32) if m.sequence_lens else None
         types = {o.name: _NUMPY_TYPES.get(o.type) for o in engine.session.get_outputs()}
-        shapes: dict[str, tuple[int, ...]] = {m.output_name: (steps, batch, m.output_size)}
+        shapes: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {
+            m.input_name: (x.shape, x.dtype)
+        }
+        for name, value in states.items():
+            shapes[name] = (value.shape, value.dtype)
+        if m.sequence_lens:
+            shapes[m.sequence_lens] = ((batch,), np.dtype(np.int32))
+        outputs: dict[str, tuple[int, ...]] = {m.output_name: (steps, batch, m.output_size)}
         for s in m.states:
             dims = list(s.shape)
             dims.insert(s.batch_axis, batch)
-            shapes[s.output] = tuple(dims)
-        self.outputs: dict[str, npt.NDArray[Any]] = {}
-        for name, shape in shapes.items():
+            outputs[s.output] = tuple(dims)
+        for name, shape in outputs.items():
             dtype = types.get(name)
             if dtype is None:
                 raise ModelLoadError(f"output {name} has a type the engine does not bind")
-            self.outputs[name] = np.empty(shape, dtype)
+            shapes[name] = (shape, np.dtype(dtype))
+        views = engine.buffers(shapes)
+        self.x = views[m.input_name]
+        self.states = {name: views[name] for name in states}
+        self.lengths = views[m.sequence_lens] if m.sequence_lens else None
+        self.outputs = {name: views[name] for name in outputs}
         bind = self.binding
-        bind.bind_input(m.input_name, "cpu", 0, self.x.dtype, self.x.shape, self.x.ctypes.data)
-        for name, buf in self.states.items():
-            bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-        if self.lengths is not None:
-            buf = self.lengths
-            bind.bind_input(m.sequence_lens, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-        for name, buf in self.outputs.items():
-            bind.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        for name, buf in views.items():
+            if name in outputs:
+                bind.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+            else:
+                bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
         self.names = (m.output_name, [s.output for s in m.states])
+        # onnxruntime's InferenceSession.run_with_iobinding is a Python method that calls its
+        # native session's method with the native binding; a lone session's step calls that
+        # directly (a Python frame fewer), where this onnxruntime has the two attributes.
+        native = getattr(self.binding, "_iobinding", None)
+        run_native = getattr(getattr(self.session, "_sess", None), "run_with_iobinding", None)
+        if native is None or run_native is None:
+            native, run_native = self.binding, self.session.run_with_iobinding
+        self.native: Any = native
+        self.run_native: Any = run_native
         #: For a batch of one (see run_one): views of the buffers without the batch axis: the
         #: chunk, then (state name, input buffer, output buffer) per state, then the outputs.
         self.single: tuple[npt.NDArray[Any], list[tuple[str, Any, Any]], npt.NDArray[Any]] | None
         self.single = None
-        #: True when ``run`` wrote the lengths buffer (run_one keeps it at [T]).
-        self.lengths_set = True
         if batch == 1:
-            views = []
+            one = []
             for s in m.states:
                 at = (slice(None),) * s.batch_axis + (0,)
-                views.append((s.name, self.states[s.input][at], self.outputs[s.output][at]))
-            self.single = (self.x[:, 0], views, self.outputs[m.output_name][:, 0])
+                one.append((s.name, self.states[s.input][at], self.outputs[s.output][at]))
+            self.single = (self.x[:, 0], one, self.outputs[m.output_name][:, 0])
 
     def run(
         self,
@@ -421,7 +477,6 @@ class _Bound:
             np.copyto(buf, states[name])
         if self.lengths is not None and lengths is not None:
             np.copyto(self.lengths, lengths)
-            self.lengths_set = True
         # No RunOptions: with one, onnxruntime looks up an unset config entry on every run and
         # that lookup raises and catches a C++ exception (40 µs, measured with onnxruntime 1.31).
         self.session.run_with_iobinding(self.binding, None)
@@ -430,18 +485,18 @@ class _Bound:
         return out[y_name], {name: out[name] for name in state_names}
 
     def run_one(
-        self, x: npt.NDArray[np.generic], states: dict[str, npt.NDArray[np.float32]]
+        self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
     ) -> npt.NDArray[np.float32]:
-        """A batch of one, on the per-session views (see Engine.run_one)."""
+        """A batch of one, on row ``slot`` of the pool's arrays (see Engine.run_one)."""
         assert self.single is not None
         x1, views, y1 = self.single
-        if self.lengths_set and self.lengths is not None:
+        if self.lengths is not None:
+            # Written every time: the buffer is shared with every other shape's binding.
             self.lengths[0] = x1.shape[0]
-            self.lengths_set = False
         x1[...] = x
         for name, into, _ in views:
-            into[...] = states[name]
-        self.session.run_with_iobinding(self.binding, None)
+            into[...] = pool[name][slot]
+        self.run_native(self.native, None)
         for name, _, out in views:
-            states[name][...] = out
+            pool[name][slot] = out
         return y1

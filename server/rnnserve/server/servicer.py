@@ -67,12 +67,13 @@ class _Replies:
     """The replies a Stream call has ready to send, and a wake-up for its writer. Lighter than
     an asyncio.Queue on the per-message path."""
 
-    __slots__ = ("ended", "items", "waiter")
+    __slots__ = ("ended", "items", "loop", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.items: list[pb.StreamResponse | None] = []
         self.waiter: asyncio.Future[None] | None = None
         self.ended = False
+        self.loop = loop
 
     def put(self, reply: pb.StreamResponse | None, last: bool = False) -> None:
         self.items.append(reply)
@@ -84,7 +85,7 @@ class _Replies:
     async def take(self) -> list[pb.StreamResponse | None]:
         """Everything ready, waiting until there is something."""
         while not self.items and not self.ended:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             await self.waiter
             self.waiter = None
         items, self.items = self.items, []
@@ -105,9 +106,14 @@ class _StreamWork(Work):
         step: pb.StepRequest,
         inputs: npt.NDArray[np.generic],
     ) -> None:
-        super().__init__(
-            session, step.seq, inputs, step.want_state, _no_callback, step.inputs, started
-        )
+        # Work.__init__'s fields, set here: a call fewer on the per-message path.
+        self.session = session
+        self.seq = step.seq
+        self.inputs = inputs
+        self.want_state = step.want_state
+        self.done = _no_callback
+        self.digest = step.inputs
+        self.enqueued = started
         self.call = call
         self.rid = rid
         self.started = started
@@ -158,11 +164,17 @@ class _StreamCall:
         "unsent",
     )
 
-    def __init__(self, sessions: SessionManager, metrics: Metrics, limit: int) -> None:
+    def __init__(
+        self,
+        sessions: SessionManager,
+        metrics: Metrics,
+        limit: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.sessions = sessions
         self.metrics = metrics
         self.ok = metrics.request_child("Stream", "OK")
-        self.replies = _Replies()
+        self.replies = _Replies(loop)
         self.outstanding = 0
         self.reading = True
         #: Chunks received and not yet handed back to gRPC, and the most the reader allows.
@@ -173,7 +185,7 @@ class _StreamCall:
     async def wait_for_room(self) -> None:
         """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
         while self.unsent >= self.limit:
-            self.room = asyncio.get_running_loop().create_future()
+            self.room = self.replies.loop.create_future()
             await self.room
             self.room = None
 
@@ -312,7 +324,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         task takes messages as they come, up to ``max_stream_inflight`` unsent, so chunks of
         many sessions batch together, and this generator sends replies as they are ready.
         """
-        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight)
+        loop = asyncio.get_running_loop()
+        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight, loop)
         requests = request_iterator.__aiter__()
         replies = call.replies
         handler = asyncio.current_task()
@@ -347,12 +360,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     sole = sid
                 call.accept(req)
                 if sid != sole:
-                    loop = asyncio.get_running_loop()
                     reader = loop.create_task(self._read_ahead(call, requests))
                     self._readers.add(reader)
                     break
                 while call.outstanding or replies.items:
-                    for reply in await replies.take():
+                    ready = replies.items
+                    if ready:  # answered already (an eager run): no wait, no coroutine
+                        replies.items = []
+                    else:
+                        ready = await replies.take()
+                    for reply in ready:
                         if reply is not None:
                             yield reply
                             call.sent(1)

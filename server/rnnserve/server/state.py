@@ -103,9 +103,11 @@ class SlotPool:
             values = new[s.output].transpose(self._to_pool[s.name])
             self._arrays[s.name][index] = values if rows is None else values[rows]
 
-    def views(self, slot: int) -> dict[str, Array]:
-        """One slot's state by state name, as views into the pool (valid until it grows)."""
-        return {name: a[slot] for name, a in self._arrays.items()}
+    @property
+    def arrays(self) -> dict[str, Array]:
+        """The pool by state name: ``[capacity, *per-session shape]`` arrays, slot-major. The
+        dict stays the same object; growing replaces its arrays, so index it afresh each time."""
+        return self._arrays
 
     def read(self, slot: int) -> dict[str, Array]:
         """Copies of one slot's state, by state name, each of its per-session shape."""
