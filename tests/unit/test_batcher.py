@@ -173,3 +173,32 @@ async def test_low_load_runs_at_once_and_a_busy_tick_batches(tmp_path: Path, inl
     assert later.done() == inline
     await later
     assert _runs(model) == 6
+
+
+async def test_a_lone_chunk_that_cannot_run_at_once_is_answered_as_in_a_batch(tmp_path: Path):
+    """At low load a chunk runs as it arrives; a retry, a seq gap, an ended session and a
+    chunk too long to run on the loop take the batch path and get its answers."""
+    from rnnserve.server.sessions import CLOSED
+
+    folder, model, sessions = await _served(tmp_path, 4)
+    s, gone = sessions.open(model), sessions.open(model)
+    x = np.ones((2, 3), np.float32)
+    applied = await _submit(model, s, 0, x)
+    await asyncio.sleep(0)
+    retry = _submit(model, s, 0, x)
+    assert retry.done() and retry.result() is applied and _runs(model) == 1
+    await asyncio.sleep(0)
+    gap = _submit(model, s, 5, x)
+    assert gap.done() and isinstance(gap.result(), ServingError)
+    assert gap.result().next_seq == 2
+    await asyncio.sleep(0)
+    sessions.end(gone, CLOSED)
+    ended = await _submit(model, gone, 0, x)
+    assert isinstance(ended, ServingError) and "closed" in str(ended)
+    await asyncio.sleep(0)
+    long = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32)  # > 4: the worker
+    reply = await _submit(model, s, 2, long)
+    assert _runs(model) == 2 and reply.seq == 2 and reply.next_seq == 11
+    want, _ = reference_run(folder, np.concatenate([x, long]))
+    assert np.max(np.abs(_out(reply) - want[2:])) <= 1e-5
+    assert not s.busy and s.next_seq == 11
