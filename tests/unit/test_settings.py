@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,19 @@ def test_use_loop_installs_the_policy_asked_for(monkeypatch: pytest.MonkeyPatch)
             cli.use_loop("uvloop")
     finally:
         asyncio.set_event_loop_policy(None)
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold():
+    # Process-wide, so in a child interpreter: this test process keeps its own collector.
+    code = (
+        "import gc\n"
+        "from rnnserve.server.cli import tune_gc\n"
+        "before = gc.get_threshold()\n"
+        "tune_gc(12345)\n"
+        "after = gc.get_threshold()\n"
+        "assert after == (12345, *before[1:]), after\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

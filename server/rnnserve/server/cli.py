@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -107,6 +108,8 @@ async def _serve(settings: Settings, uvloop: bool) -> int:
         print(f"rnnserve serve: {exc}", file=sys.stderr)
         await server.stop(0)
         return 1
+    if settings.gc_threshold:
+        tune_gc(settings.gc_threshold)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,6 +139,17 @@ async def _serve(settings: Settings, uvloop: bool) -> int:
     print("rnnserve: shutting down", flush=True)
     await server.stop(settings.shutdown_grace_s)
     return 0
+
+
+def tune_gc(threshold: int) -> None:
+    """Collect, freeze what is alive (modules, models: never collected again, so the oldest
+    generation's collections stop walking them), then collect the youngest generation only
+    once ``threshold`` more objects are allocated than freed. Process-wide: the ``serve``
+    command calls it, an embedding application decides for itself."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(threshold, older, oldest)
 
 
 def _own_command() -> str:
