@@ -7,9 +7,14 @@ a StreamResponse of the same size the real server sends: outputs float32 ``[T, o
 input is decoded and no model runs, so what it costs per message is what the gRPC stack and
 protobuf cost: the floor under any Python server on the same stack.
 
-Usage: ``python bench/echo_server.py --model-dir models/<name>/<version> [--port 0] [--uvloop]``
-(the version folder holds the manifest.json whose shapes the echo imitates). Prints
-``listening on HOST:PORT`` once it serves; SIGTERM or SIGINT stops it gracefully.
+With ``--busy-us N`` it spins for N µs on each message before answering: a stand-in for a
+model run of that length that keeps the CPU busy as a run does, but touches no memory. Set to
+the model run's own time, it is the floor of any server that runs that model in-process on
+this stack.
+
+Usage: ``python bench/echo_server.py --model-dir models/<name>/<version> [--port 0] [--uvloop]
+[--busy-us N]`` (the version folder holds the manifest.json whose shapes the echo imitates).
+Prints ``listening on HOST:PORT`` once it serves; SIGTERM or SIGINT stops it gracefully.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import secrets
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -62,11 +68,19 @@ def model_info(manifest: Manifest) -> pb.ModelInfo:
     return info
 
 
+def _spin(seconds: float) -> None:
+    """Keep the CPU busy for ``seconds`` (a model run's stand-in; a sleep would idle it)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 class EchoServicer(pb_grpc.InferenceServiceServicer):
     """Answers like rnnserve without state or compute; everything else is UNIMPLEMENTED."""
 
-    def __init__(self, info: pb.ModelInfo) -> None:
+    def __init__(self, info: pb.ModelInfo, busy_s: float = 0.0) -> None:
         self._info = info
+        self._busy_s = busy_s
         self._output_size = int(info.output.shape[-1])
         # Zero outputs per chunk length, built once: encoding is the real server's cost, not
         # the transport's, and the bytes on the wire are the same size either way.
@@ -117,6 +131,8 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
             step = request.step
             # A chunk is [T, F] or [T] (tokens): T is the first dimension either way.
             steps = int(step.inputs.shape[0]) if step.inputs.shape else 1
+            if self._busy_s:
+                _spin(self._busy_s)
             yield pb.StreamResponse(
                 request_id=request.request_id,
                 session_id=step.session_id,
@@ -133,10 +149,11 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
             )
 
 
-async def serve(manifest: Manifest, host: str, port: int) -> None:
+async def serve(manifest: Manifest, host: str, port: int, busy_us: float = 0.0) -> None:
     """Serve until SIGTERM or SIGINT; prints ``listening on HOST:PORT`` once bound."""
     server = grpc.aio.server()
-    pb_grpc.add_InferenceServiceServicer_to_server(EchoServicer(model_info(manifest)), server)
+    servicer = EchoServicer(model_info(manifest), busy_us / 1e6)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"echo_server: cannot bind {host}:{port}")
@@ -159,7 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
+    parser.add_argument(
+        "--busy-us",
+        type=float,
+        default=0.0,
+        help="spin this many µs per message before answering, as a model run of that length",
+    )
     args = parser.parse_args(argv)
+    if not args.busy_us >= 0:
+        print(f"echo_server: --busy-us must be 0 or more, not {args.busy_us:g}", file=sys.stderr)
+        return 2
     try:
         manifest = load_manifest(args.model_dir)
     except ManifestError as exc:
@@ -169,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(manifest, args.host, args.port))
+            runner.run(serve(manifest, args.host, args.port, args.busy_us))
     else:
-        asyncio.run(serve(manifest, args.host, args.port))
+        asyncio.run(serve(manifest, args.host, args.port, args.busy_us))
     return 0
 
 

@@ -23,6 +23,8 @@ END = "<!-- step_latency:end -->"
 #: measured earlier on this machine kind (not in this run).
 TRITON_CPU_US = 37.0
 P50_TARGET = 1.15
+#: The server label of the echo that spins for the model run's time (step_latency.SPIN).
+SPIN_LABEL = "echo+run"
 THROUGHPUT_TARGET = 0.9
 
 
@@ -92,6 +94,18 @@ class EngineTiming:
     idle_us: float
     #: Back to back.
     busy_us: float
+
+
+@dataclass(frozen=True)
+class Floor:
+    """At one session: the echo spinning ``busy_us`` per message (the model run's time alone)
+    against the plain echo, and rnnserve against that spinning echo, from runs made one after
+    another (echo, spinning echo, rnnserve)."""
+
+    loop: str
+    busy_us: float
+    spin_vs_echo: Ratios
+    real_vs_spin: Ratios
 
 
 @dataclass(frozen=True)
@@ -198,7 +212,11 @@ def _verdict(ok: bool) -> str:
 
 
 def render(
-    results: list[Measurement], ratios: list[Ratios], info: RunInfo, engine: EngineTiming
+    results: list[Measurement],
+    ratios: list[Ratios],
+    info: RunInfo,
+    engine: EngineTiming,
+    floors: list[Floor] | None = None,
 ) -> str:
     """The generated section, markers included."""
     lines = [
@@ -255,6 +273,13 @@ def render(
                 f"model run alone takes {engine.idle_us:.0f} µs (echo plus the model run: "
                 f"{floor:.2f}x)."
             )
+            for f in (f for f in floors or [] if f.loop == loop):
+                lines.append(
+                    f"- {loop}, one session, the floor of running the model in-process: the "
+                    f"echo spinning {f.busy_us:.0f} µs per message (`{SPIN_LABEL}`) answers at "
+                    f"p50 {_ratio(f.spin_vs_echo.p50)} of the plain echo's; rnnserve at "
+                    f"{_ratio(f.real_vs_spin.p50)} of that spinning echo's."
+                )
         top = max(mine) if mine else None
         if top is not None and top > 1:
             ratio = mine[top].steps_per_s[0]

@@ -45,12 +45,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo_command(version_dir: Path, uvloop: bool) -> Launch:
-    """The echo server imitating the model version in ``version_dir``."""
+def echo_command(version_dir: Path, uvloop: bool, busy_us: float = 0.0) -> Launch:
+    """The echo server imitating the model version in ``version_dir``; with ``busy_us``, one
+    that spins that long per message in place of a model run."""
 
     def launch(port: int) -> tuple[list[str], dict[str, str]]:
         argv = [sys.executable, str(HERE / "echo_server.py"), "--model-dir", str(version_dir)]
         argv += ["--port", str(port)] + (["--uvloop"] if uvloop else [])
+        if busy_us:
+            argv += ["--busy-us", f"{busy_us:.1f}"]
         return argv, {}
 
     return launch

@@ -1,19 +1,20 @@
 """Step round trip, throughput and server CPU per step: rnnserve beside a bare echo, one run.
 
-Starts two server processes on free 127.0.0.1 ports, the echo (bench/echo_server.py: the
-same gRPC stack, no sessions, no model) and ``rnnserve serve``, once on asyncio's default loop
-and once on uvloop (client and both servers alike). At each concurrency (1, 16, 64, 256
-sessions, one Stream call per session, closed loop; then 256 sessions on one shared Stream) it
-measures both servers back to back, four times in ABBA order, with the load generator of
-``rnnserve bench``: round trip p50/p99, steps/s, and the server
-process's CPU time per step (utime + stime of /proc/<pid>/stat over the measured window,
+Starts server processes on free 127.0.0.1 ports, the echo (bench/echo_server.py: the same
+gRPC stack, no sessions, no model) and ``rnnserve serve``, once on asyncio's default loop and
+once on uvloop (client and servers alike), and for one session a third: the echo spinning for
+the model run's time per message, the floor of any server that runs the model in-process. At
+each concurrency (1, 16, 64, 256 sessions, one Stream call per session, closed loop; then 256
+sessions on one shared Stream) it measures the servers back to back, four times in ABBA
+order, with the load generator of ``rnnserve bench``: round trip p50/p99, steps/s, and the
+server process's CPU time per step (utime + stime of /proc/<pid>/stat over the measured window,
 divided by the steps applied in it). Before the servers start it also times the model run
 alone (rnnserve's Engine at batch 1, in this process), the part of rnnserve's round trip that
 the echo floor does not pay. Then it writes the results into docs/benchmarks.md between the
 ``step_latency`` markers, leaving the rest of the file as it is.
 
 Usage: ``python bench/step_latency.py [--quick] [--out docs/benchmarks.md] [--models DIR]``.
-A full run takes about 7 minutes; ``--quick`` about 30 seconds (asyncio only, one short run
+A full run takes about 10 minutes; ``--quick`` about 30 seconds (asyncio only, one short run
 each).
 """
 
@@ -35,7 +36,9 @@ from typing import Any
 
 import numpy as np
 from report import (  # bench/, the script's folder
+    SPIN_LABEL,
     EngineTiming,
+    Floor,
     Measurement,
     Ratios,
     RunInfo,
@@ -188,39 +191,63 @@ def combine(runs: list[Measurement]) -> Measurement:
     )
 
 
+#: Label of the echo that spins for the model run's time per message (one session only).
+SPIN = SPIN_LABEL
+
+
 def run_all(
-    args: argparse.Namespace, repo: Path, model: str, log_dir: Path
-) -> tuple[list[Measurement], list[Ratios]]:
-    """Every (loop, concurrency, server) measurement, echo and rnnserve back to back, and the
-    ratios of each setting's paired runs."""
+    args: argparse.Namespace, repo: Path, model: str, log_dir: Path, engine: EngineTiming
+) -> tuple[list[Measurement], list[Ratios], list[Floor]]:
+    """Every (loop, concurrency, server) measurement, echo and rnnserve back to back, the
+    ratios of each setting's paired runs, and at one session the floor an in-process model run
+    sets: a third server, the echo spinning for the model run's time per message, measured
+    between the two."""
     version_dir = max(
         (v for v in (repo / model).iterdir() if (v / "manifest.json").is_file()),
         key=lambda v: (len(v.name), v.name),
     )
     results: list[Measurement] = []
     ratios: list[Ratios] = []
+    floors: list[Floor] = []
     for uvloop in args.loops:
         loop_name = "uvloop" if uvloop else "asyncio"
         with (
             ServerProcess("echo", echo_command(version_dir, uvloop), log_dir) as echo,
             ServerProcess("rnnserve", rnnserve_command(repo, uvloop), log_dir) as real,
+            ServerProcess(SPIN, echo_command(version_dir, uvloop, engine.idle_us), log_dir) as spin,
         ):
-            for server in (echo, real):
+            for server in (echo, real, spin):
                 server.wait_ready(model)
             # rnnserve chooses its loop itself and says so; make sure it is the one asked for.
             if real.log_contains("with uvloop") != uvloop:
                 raise RuntimeError(f"rnnserve did not start on {loop_name}:\n{real.log_tail()}")
             runs = [(n, 0) for n in args.sessions] + [(n, 1) for n in args.shared]
             for sessions, streams in runs:
-                # ABBA order over the repeats: drift of a shared machine hits both alike.
-                order = [(echo, real) if r % 2 == 0 else (real, echo) for r in range(args.repeat)]
-                done: dict[str, list[Measurement]] = {"echo": [], "rnnserve": []}
-                for pair in order:
-                    for server in pair:
+                # ABBA order over the repeats: drift of a shared machine hits both alike. At one
+                # session the spinning echo runs between them.
+                middle = [spin] if (sessions, streams) == (1, 0) else []
+                order = [
+                    [echo, *middle, real] if r % 2 == 0 else [real, *middle, echo]
+                    for r in range(args.repeat)
+                ]
+                done: dict[str, list[Measurement]] = {"echo": [], "rnnserve": [], SPIN: []}
+                for servers in order:
+                    for server in servers:
                         m = measure(server, model, sessions, streams, args, uvloop)
                         done[server.label].append(m)
                 ratios.append(Ratios.of(done["rnnserve"], done["echo"]))
-                for label in ("echo", "rnnserve"):
+                if middle:
+                    floors.append(
+                        Floor(
+                            loop=loop_name,
+                            busy_us=engine.idle_us,
+                            spin_vs_echo=Ratios.of(done[SPIN], done["echo"]),
+                            real_vs_spin=Ratios.of(done["rnnserve"], done[SPIN]),
+                        )
+                    )
+                for label in ("echo", SPIN, "rnnserve"):
+                    if not done[label]:
+                        continue
                     m = combine(done[label])
                     layout = "1 stream " if streams else "streams  "
                     print(
@@ -232,7 +259,7 @@ def run_all(
                         flush=True,
                     )
                     results.append(m)
-    return results, ratios
+    return results, ratios, floors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -298,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         try:
-            results, ratios = run_all(args, repo, model, log_dir)
+            results, ratios, floors = run_all(args, repo, model, log_dir, engine)
         except (BenchError, RuntimeError) as exc:
             print(f"step_latency: {exc}", file=sys.stderr)
             return 1
@@ -311,13 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         load_before=before,
     )
-    write_section(args.out, render(results, ratios, info, engine))
+    write_section(args.out, render(results, ratios, info, engine, floors))
     if args.json:
         data: dict[str, Any] = {
             "run": info.__dict__,
             "engine": engine.__dict__,
             "results": [m.__dict__ for m in results],
             "ratios": [r.__dict__ for r in ratios],
+            "floors": [dataclasses.asdict(f) for f in floors],
         }
         args.json.write_text(json.dumps(data, indent=2))
     print(f"wrote {args.out}")

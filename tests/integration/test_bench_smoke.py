@@ -1,7 +1,8 @@
 """The load generator of ``rnnserve bench`` against a real server and against the echo floor.
 
 Smoke tests only: they prove the generator drives real sessions without seq errors and reports
-consistent counts and ordered percentiles. Speed is the benchmark's business, never asserted.
+consistent counts and ordered percentiles. Speed is the benchmark's business, never asserted
+(the one latency bound below is a floor a spinning echo cannot go under, not a speed target).
 """
 
 from __future__ import annotations
@@ -79,14 +80,14 @@ def test_cli_bad_input_is_one_line_and_non_zero(
     assert err.count("\n") == 1 and "NOT_FOUND" in err
 
 
-@pytest.fixture
-def echo_address(model_repo: Path) -> Iterator[str]:
-    """bench/echo_server.py imitating tiny-char, as its own process on a free port."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ECHO_SERVER), "--model-dir", str(model_repo / "tiny-char" / "1")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture(params=[0.0], ids=["plain"])
+def echo_address(model_repo: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """bench/echo_server.py imitating tiny-char, as its own process on a free port (spinning
+    ``request.param`` µs per message)."""
+    argv = [sys.executable, str(ECHO_SERVER), "--model-dir", str(model_repo / "tiny-char" / "1")]
+    if request.param:
+        argv += ["--busy-us", str(request.param)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -100,3 +101,19 @@ def echo_address(model_repo: Path) -> Iterator[str]:
 async def test_the_echo_floor_runs_the_same_client(echo_address: str) -> None:
     config = LoadConfig(target=echo_address, model="tiny-char", sessions=3, chunk=2, seconds=0.5)
     _check(await run_load(config), chunk=2)
+
+
+@pytest.mark.parametrize("echo_address", [5000.0], ids=["busy-5ms"], indirect=True)
+async def test_a_busy_echo_spins_before_each_reply(echo_address: str) -> None:
+    # The stand-in for a model run: no reply can come back sooner than the spin.
+    config = LoadConfig(target=echo_address, model="tiny-char", sessions=1, chunk=1, seconds=0.3)
+    result = await run_load(config)
+    _check(result, chunk=1)
+    assert result.p50_us >= 5000
+
+
+def test_a_negative_busy_time_is_one_line_on_stderr(model_repo: Path) -> None:
+    argv = [sys.executable, str(ECHO_SERVER), "--model-dir", str(model_repo / "tiny-char" / "1")]
+    done = subprocess.run([*argv, "--busy-us", "-1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "echo_server: --busy-us must be 0 or more, not -1"
