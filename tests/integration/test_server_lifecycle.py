@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
+import weakref
 
 import grpc
 import numpy as np
@@ -87,6 +89,7 @@ async def test_hot_reload_new_version_and_broken_version(start_server, model_rep
     assert opened.session.version == "1"
 
     # Version 1 leaves the repository: no new sessions on it, the old one still works.
+    v1 = weakref.ref(running.server.repository.resolve("tiny-gru", "1"))
     shutil.rmtree(model_repo / "tiny-gru" / "1")
 
     async def v1_gone() -> bool:
@@ -95,6 +98,11 @@ async def test_hot_reload_new_version_and_broken_version(start_server, model_rep
 
     await _until(v1_gone)
     assert (await step(stub, old, 2, X)).next_seq == 3
+
+    # Once its last session ends, the retired version (engine, state pool) is freed.
+    await stub.CloseSession(pb.CloseSessionRequest(session_id=old))
+    gc.collect()
+    assert v1() is None
 
 
 async def test_health_and_reflection(server):

@@ -131,7 +131,7 @@ def test_use_loop_installs_the_policy_asked_for(monkeypatch: pytest.MonkeyPatch)
         asyncio.set_event_loop_policy(None)
 
 
-def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold():
+def test_tune_gc_raises_the_young_threshold_and_freezes_nothing():
     # Process-wide, so in a child interpreter: this test process keeps its own collector.
     code = (
         "import gc\n"
@@ -140,7 +140,7 @@ def test_tune_gc_freezes_startup_objects_and_raises_the_young_threshold():
         "tune_gc(12345)\n"
         "after = gc.get_threshold()\n"
         "assert after == (12345, *before[1:]), after\n"
-        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "assert gc.get_freeze_count() == 0, gc.get_freeze_count()\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

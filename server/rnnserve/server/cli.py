@@ -142,12 +142,10 @@ async def _serve(settings: Settings, uvloop: bool) -> int:
 
 
 def tune_gc(threshold: int) -> None:
-    """Collect, freeze what is alive (modules, models: never collected again, so the oldest
-    generation's collections stop walking them), then collect the youngest generation only
-    once ``threshold`` more objects are allocated than freed. Process-wide: the ``serve``
-    command calls it, an embedding application decides for itself."""
-    gc.collect()
-    gc.freeze()
+    """Collect the youngest generation only once ``threshold`` more objects are allocated than
+    freed. Process-wide: the ``serve`` command calls it, an embedding application decides for
+    itself. (Nothing is ``gc.freeze``-d: a model version loaded at startup and later retired
+    from the repository must stay collectable.)"""
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(threshold, older, oldest)
 

@@ -85,11 +85,10 @@ class Settings(BaseSettings):
     installed, asyncio otherwise)."""
     gc_threshold: int = Field(default=10_000, ge=0)
     """``rnnserve serve`` only: Python's garbage collector collects its youngest generation
-    once this many more objects have been allocated than freed (Python's default: 700), and
-    what is alive once the models are loaded is frozen out of collections. With 256 sessions
-    in flight, each message's objects outlive 700 allocations: the default collected about 40
-    times a second, 0.5 s of every 9 s measured here, and 10,000 twice in 9 s. Cyclic garbage
-    is still collected. 0 keeps Python's defaults."""
+    once this many more objects have been allocated than freed (Python's default: 700). With
+    256 sessions in flight, each message's objects outlive 700 allocations: the default
+    collected about 40 times a second, 0.5 s of every 9 s measured here, and 10,000 a few
+    times in 9 s. Cyclic garbage is still collected. 0 keeps Python's defaults."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server's own loggers."""
 
