@@ -153,3 +153,25 @@ def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path,
             np.testing.assert_array_equal(slot[s.name], np.take(new_ref[s.output], 0, s.batch_axis))
     for name, before in others.items():
         np.testing.assert_array_equal(pool[name][[0, 2]], before)
+
+
+def test_a_batch_too_large_to_bind_runs_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import rnnserve.server.engine as engine_module
+
+    folder = write_model(tmp_path, "m")
+    engine = Engine(folder, load_manifest(folder), [CPU])
+    small = engine._fits(np.zeros((1, 2, 3), np.float32))
+    monkeypatch.setattr(engine_module, "BIND_MAX_BYTES", 1)  # nothing fits now
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    states = {
+        s.input: rng.standard_normal((2, 3, 8)).astype(np.float32) for s in engine.manifest.states
+    }
+    lengths = np.array([4, 2, 3], np.int32)
+    before = dict(engine._bindings)
+    y, new = engine.run(x, states, lengths)
+    y_ref, new_ref = _plain_run(engine, x, states, lengths)
+    assert small and engine._bindings == before  # no binding made for it
+    np.testing.assert_array_equal(y, y_ref)
+    for name, ref in new_ref.items():
+        np.testing.assert_array_equal(new[name], ref)
