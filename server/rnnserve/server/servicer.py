@@ -321,8 +321,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         next chunk early loses no batching: it waits in gRPC's buffers.
 
         Read-ahead, from the first message naming a second session (a multiplexer): a reader
-        task takes messages as they come, up to ``max_stream_inflight`` unsent, so chunks of
-        many sessions batch together, and this generator sends replies as they are ready.
+        task takes messages as they come, up to ``max_stream_inflight`` unsent, so a chunk
+        waiting in a batch does not hold up the next message, and this generator sends replies
+        as they are ready. (gRPC hands a stream's messages over one per loop tick, so on its
+        own one stream's chunks mostly run one by one: docs/server.md, Batcher.)
         """
         loop = asyncio.get_running_loop()
         call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight, loop)
