@@ -228,9 +228,10 @@ class Engine:
         the engine's flat buffer of that name: the same memory for every shape, so binding a
         new shape allocates nothing once the buffers have grown to fit the largest. A buffer
         that must grow is replaced (doubling), and every binding to the old one is dropped."""
+        sizes = {name: int(np.prod(shape)) for name, (shape, _) in shapes.items()}
         grown = False
-        for name, (shape, dtype) in shapes.items():
-            need = int(np.prod(shape))
+        for name, (_, dtype) in shapes.items():
+            need = sizes[name]
             flat = self._flat.get(name)
             if flat is None or flat.dtype != dtype or flat.size < need:
                 size = need if flat is None or flat.dtype != dtype else max(need, 2 * flat.size)
@@ -239,7 +240,7 @@ class Engine:
         if grown:
             self._bindings.clear()
         return {
-            name: self._flat[name][: int(np.prod(shape))].reshape(shape)
+            name: self._flat[name][: sizes[name]].reshape(shape)
             for name, (shape, _) in shapes.items()
         }
 
@@ -400,9 +401,7 @@ class _Bound:
         "binding",
         "lengths",
         "names",
-        "native",
         "outputs",
-        "run_native",
         "session",
         "single",
         "states",
@@ -446,15 +445,6 @@ class _Bound:
             else:
                 bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
         self.names = (m.output_name, [s.output for s in m.states])
-        # onnxruntime's InferenceSession.run_with_iobinding is a Python method that calls its
-        # native session's method with the native binding; a lone session's step calls that
-        # directly (a Python frame fewer), where this onnxruntime has the two attributes.
-        native = getattr(self.binding, "_iobinding", None)
-        run_native = getattr(getattr(self.session, "_sess", None), "run_with_iobinding", None)
-        if native is None or run_native is None:
-            native, run_native = self.binding, self.session.run_with_iobinding
-        self.native: Any = native
-        self.run_native: Any = run_native
         #: For a batch of one (see run_one): views of the buffers without the batch axis: the
         #: chunk, then (state name, input buffer, output buffer) per state, then the outputs.
         self.single: tuple[npt.NDArray[Any], list[tuple[str, Any, Any]], npt.NDArray[Any]] | None
@@ -496,7 +486,7 @@ class _Bound:
         x1[...] = x
         for name, into, _ in views:
             into[...] = pool[name][slot]
-        self.run_native(self.native, None)
+        self.session.run_with_iobinding(self.binding, None)  # no RunOptions: see run
         for name, _, out in views:
             pool[name][slot] = out
         return y1

@@ -106,14 +106,9 @@ class _StreamWork(Work):
         step: pb.StepRequest,
         inputs: npt.NDArray[np.generic],
     ) -> None:
-        # Work.__init__'s fields, set here: a call fewer on the per-message path.
-        self.session = session
-        self.seq = step.seq
-        self.inputs = inputs
-        self.want_state = step.want_state
-        self.done = _no_callback
-        self.digest = step.inputs
-        self.enqueued = started
+        super().__init__(
+            session, step.seq, inputs, step.want_state, _no_callback, step.inputs, started
+        )
         self.call = call
         self.rid = rid
         self.started = started
