@@ -12,6 +12,17 @@ repeats the last applied chunk (same seq, same inputs) is answered from the cach
 not applied again; any other seq that is not the session's next_seq, or a repeated seq with
 other inputs, is refused with FAILED_PRECONDITION (unary: trailing metadata
 `rnnserve-next-seq`; stream: StepError.next_seq).
+
+Routing (several replicas behind a proxy such as Envoy): every call that belongs to a session
+carries the metadata `x-rnnserve-route: <route key>`, and the proxy hashes on it, so all of a
+session's calls reach one replica. A session id is `<route key>.<secret>`: its route key is
+the part before the first `.`. OpenSession (and PutState without a session_id) takes the key
+from that header (a random one when it is absent), so a client picks a key, sends it from the
+first call on, and the new session is born where its later calls will go. Sessions opened
+with one key live on one replica: a multiplexed Stream uses one key for itself and for every
+session it carries. When a replica holds a store (Redis), a call for a session it does not
+hold loads the session's last checkpoint; the session then expects the seq of that
+checkpoint and the client replays its newer chunks (see SessionInfo.checkpoint_every).
 """
 
 from collections import abc as _abc
@@ -351,12 +362,21 @@ class SessionInfo(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_EVERY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """Server-generated, URL-safe, at least 128 random bits."""
+    """Server-generated: `<route key>.<secret>`, URL-safe characters and one `.`; the secret
+    holds 128 random bits.
+    """
     model: _builtins.str
     version: _builtins.str
     next_seq: _builtins.int
     """The seq the session's next chunk must carry."""
+    checkpoint_every: _builtins.int
+    """Steps between two checkpoints of the session to the server's durable store; 0 when the
+    server keeps sessions in memory only. After a replica is lost the session continues from
+    its last checkpoint, so a client keeps at least 2 * checkpoint_every steps of answered
+    chunks (plus the chunk in flight) to replay.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the session expires if it stays idle; every call on it moves this forward."""
@@ -372,10 +392,11 @@ class SessionInfo(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         states: _abc.Iterable[Global___TensorSpec] | None = ...,
         next_seq: _builtins.int = ...,
+        checkpoint_every: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "model", b"model", "next_seq", b"next_seq", "session_id", b"session_id", "states", b"states", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_every", b"checkpoint_every", "expires_at", b"expires_at", "model", b"model", "next_seq", b"next_seq", "session_id", b"session_id", "states", b"states", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

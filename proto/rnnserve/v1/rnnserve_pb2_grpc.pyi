@@ -12,6 +12,17 @@ repeats the last applied chunk (same seq, same inputs) is answered from the cach
 not applied again; any other seq that is not the session's next_seq, or a repeated seq with
 other inputs, is refused with FAILED_PRECONDITION (unary: trailing metadata
 `rnnserve-next-seq`; stream: StepError.next_seq).
+
+Routing (several replicas behind a proxy such as Envoy): every call that belongs to a session
+carries the metadata `x-rnnserve-route: <route key>`, and the proxy hashes on it, so all of a
+session's calls reach one replica. A session id is `<route key>.<secret>`: its route key is
+the part before the first `.`. OpenSession (and PutState without a session_id) takes the key
+from that header (a random one when it is absent), so a client picks a key, sends it from the
+first call on, and the new session is born where its later calls will go. Sessions opened
+with one key live on one replica: a multiplexed Stream uses one key for itself and for every
+session it carries. When a replica holds a store (Redis), a call for a session it does not
+hold loads the session's last checkpoint; the session then expects the seq of that
+checkpoint and the client replays its newer chunks (see SessionInfo.checkpoint_every).
 """
 
 from collections import abc as _abc
