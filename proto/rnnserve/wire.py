@@ -16,6 +16,8 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 
 #: Trailing-metadata key of a unary error that tells the seq the session expects next.
 NEXT_SEQ_KEY = "rnnserve-next-seq"
+#: The most dimensions a Tensor may have (rnnserve's tensors have 1 to 3; numpy stops at 64).
+MAX_RANK = 8
 
 _TO_NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -50,16 +52,18 @@ def dtype_from_proto(code: int) -> np.dtype[np.generic]:
     try:
         return _TO_NUMPY[code]
     except KeyError:
-        raise TensorError(
-            f"tensor dtype {dtype_name(code)} is not supported; "
-            "send float32, float64, float16, int32 or int64"
-        ) from None
+        # No list of dtypes here: each model takes one, and its TensorSpec (GetModel) says which.
+        raise TensorError(f"tensor dtype {dtype_name(code)} is not supported") from None
 
 
 def dtype_name(code: int) -> str:
     """A readable name of a ``Dtype`` value, for messages: ``float32``, ``int64``…"""
     dt = _TO_NUMPY.get(code)
-    return dt.name if dt is not None else f"Dtype {code} (unspecified or unknown)"
+    if dt is not None:
+        return dt.name
+    return (
+        "DTYPE_UNSPECIFIED (not set)" if code == pb.DTYPE_UNSPECIFIED else f"unknown Dtype {code}"
+    )
 
 
 def to_tensor(array: npt.ArrayLike, out: pb.Tensor | None = None) -> pb.Tensor:
@@ -83,6 +87,8 @@ def from_tensor(msg: pb.Tensor) -> npt.NDArray[np.generic]:
     if dtype is None:
         dtype = dtype_from_proto(msg.dtype)  # raises TensorError
     shape = tuple(msg.shape)
+    if len(shape) > MAX_RANK:
+        raise TensorError(f"tensor has {len(shape)} dimensions; at most {MAX_RANK} are supported")
     if shape and min(shape) < 0:
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
     count = math.prod(shape)
@@ -92,7 +98,10 @@ def from_tensor(msg: pb.Tensor) -> npt.NDArray[np.generic]:
             f"tensor of shape {list(shape)} and dtype {dtype.name} needs "
             f"{count * dtype.itemsize} bytes of raw_data, got {len(raw)}"
         )
-    arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+    try:
+        arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+    except ValueError:  # a zero-size shape whose other dimensions numpy cannot address
+        raise TensorError(f"tensor shape {list(shape)} is too large to hold") from None
     return arr if _NATIVE_LE else arr.astype(dtype.newbyteorder("="))
 
 

@@ -265,3 +265,118 @@ async def _tolerant(call):
             yield reply
     except grpc.aio.AioRpcError:
         return
+
+
+# -- findings of the black-box test (issue 10): each failed before its fix --------------------
+
+HUGE_SHAPES = [[2**62, 0], [2**40, 2**40, 0], [0, 2**62], [1] * 70]
+
+
+async def _snapshot(stub, sid: str) -> pb.SessionSnapshot:
+    return (await stub.GetState(pb.GetStateRequest(session_id=sid))).snapshot
+
+
+async def test_seq_near_the_limit_is_refused_and_loses_nothing(stub, witness):
+    sid = await open_session(stub, "tiny-gru")
+    snap = await _snapshot(stub, sid)
+    for too_far in (2**64 - 1, 2**63):
+        snap.next_seq = too_far
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PutState(pb.PutStateRequest(session_id=sid, snapshot=snap))
+        assert info.value.code() == Code.INVALID_ARGUMENT
+        assert "largest seq" in info.value.details()
+    last = 2**63 - 1
+    snap.next_seq = last - 1  # room for one step, not two
+    await stub.PutState(pb.PutStateRequest(session_id=sid, snapshot=snap))
+    bystanders = [await open_session(stub, "tiny-gru") for _ in range(20)]
+    # The bad chunk and twenty good ones in one go: only the bad one is refused.
+    requests = [stream_step(sid, last - 1, X, 0)]
+    requests += [stream_step(b, 0, X, i + 1) for i, b in enumerate(bystanders)]
+    replies = {r.request_id: r for r in await stream_all(stub, requests)}
+    assert replies[0].error.code == Code.OUT_OF_RANGE.value[0]
+    assert "largest seq" in replies[0].error.message
+    for i in range(1, 21):
+        assert replies[i].WhichOneof("result") == "step" and replies[i].step.next_seq == 2
+    err = await step_error(stub, _req(sid, to_tensor(X), last - 1))
+    assert err.code() == Code.OUT_OF_RANGE
+    # Not left busy: the session still answers and takes the one step it has room for.
+    assert (await _snapshot(stub, sid)).next_seq == last - 1
+    reply = await step(stub, sid, last - 1, X[:1])
+    assert reply.next_seq == last
+    await stub.ResetSession(pb.ResetSessionRequest(session_id=sid))
+
+
+@pytest.mark.parametrize("shape", HUGE_SHAPES, ids=["2^62x0", "2^40x2^40x0", "0x2^62", "rank70"])
+async def test_shapes_numpy_cannot_hold_are_invalid_everywhere(stub, witness, shape):
+    bad = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=shape)
+    sid = await open_session(stub, "tiny-gru")
+    err = await step_error(stub, _req(sid, bad))
+    assert err.code() == Code.INVALID_ARGUMENT, err.details()
+    [r] = await stream_all(stub, [pb.StreamRequest(step=_req(sid, bad), request_id=1)])
+    assert r.error.code == Code.INVALID_ARGUMENT.value[0]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.OpenSession(pb.OpenSessionRequest(model="tiny-gru", initial_state={"h": bad}))
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    snap = await _snapshot(stub, witness["tiny-gru"])
+    with_bad_state = pb.SessionSnapshot()
+    with_bad_state.CopyFrom(snap)
+    with_bad_state.state["h"].CopyFrom(bad)
+    with_bad_outputs = pb.SessionSnapshot()
+    with_bad_outputs.CopyFrom(snap)
+    with_bad_outputs.last_outputs.CopyFrom(bad)
+    for broken in (with_bad_state, with_bad_outputs):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PutState(pb.PutStateRequest(snapshot=broken))
+        assert info.value.code() == Code.INVALID_ARGUMENT, info.value.details()
+
+
+async def test_undecodable_unary_request_is_invalid_without_a_traceback(server, witness, caplog):
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        for method in ("Step", "OpenSession", "PutState", "GetSession"):
+            call = channel.unary_unary(f"/rnnserve.v1.InferenceService/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(bytes.fromhex("0affffffff0f"))
+            assert info.value.code() == Code.INVALID_ARGUMENT
+            assert "is not a valid rnnserve.v1." in info.value.details()
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_long_ids_and_names_are_not_echoed_whole(stub, witness):
+    long_id = "a" * 10_000
+    err = await step_error(stub, _req(long_id, to_tensor(X)))
+    assert err.code() == Code.NOT_FOUND and "(10000 characters)" in err.details()
+    assert len(err.details()) < 1100
+    for request in (
+        pb.OpenSessionRequest(model="m" * 10_000),
+        pb.OpenSessionRequest(model="tiny-gru", version="v" * 10_000),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.OpenSession(request)
+        assert info.value.code() == Code.NOT_FOUND and len(info.value.details()) < 1100
+    [r] = await stream_all(stub, [stream_step(long_id, 0, X, 1)])
+    assert r.error.code == Code.NOT_FOUND.value[0]
+
+
+async def test_putstate_checks_last_outputs_against_the_model(stub, witness):
+    snap = await _snapshot(stub, witness["tiny-gru"])  # last chunk: 2 steps, 2 outputs each
+    assert list(snap.last_outputs.shape) == [2, 2]
+    cases = [
+        (to_tensor(np.ones((2, 2), np.float64)), "float64 [2, 2]"),
+        (to_tensor(np.ones((2, 3), np.float32)), "float32 [2, 3]"),
+        (to_tensor(np.ones((2, 2, 1), np.float32)), "float32 [2, 2, 1]"),
+        (to_tensor(np.ones(2, np.float32)), "float32 [2]"),
+    ]
+    for tensor, words in cases:
+        bad = pb.SessionSnapshot()
+        bad.CopyFrom(snap)
+        bad.last_outputs.CopyFrom(tensor)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.PutState(pb.PutStateRequest(snapshot=bad))
+        assert info.value.code() == Code.INVALID_ARGUMENT
+        assert words in info.value.details() and "makes float32 [T, 2]" in info.value.details()
+    bad = pb.SessionSnapshot()
+    bad.CopyFrom(snap)
+    bad.last_inputs_digest = b"short"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.PutState(pb.PutStateRequest(snapshot=bad))
+    assert info.value.code() == Code.INVALID_ARGUMENT and "16 bytes" in info.value.details()

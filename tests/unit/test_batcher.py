@@ -202,3 +202,46 @@ async def test_a_lone_chunk_that_cannot_run_at_once_is_answered_as_in_a_batch(tm
     want, _ = reference_run(folder, np.concatenate([x, long]))
     assert np.max(np.abs(_out(reply) - want[2:])) <= 1e-5
     assert not s.busy and s.next_seq == 11
+
+
+def _state(model, session) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in model.pool.read(session.slot).items()}
+
+
+@pytest.mark.parametrize("inline_max_steps", [1000, 0], ids=["inline", "worker-thread"])
+@pytest.mark.parametrize("where", ["engine", "reply"])
+@pytest.mark.parametrize("count", [1, 5], ids=["alone", "batch"])
+async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline_max_steps: int, where: str, count: int
+):
+    # The engine raising, or building a reply raising after the run: every chunk of that run
+    # gets an error, no session's state or seq moves, none stays busy; the next run works.
+    from rnnserve.server.batcher import Batcher
+
+    _, model, sessions = await _served(tmp_path, inline_max_steps)
+    opened = [sessions.open(model) for _ in range(count)]
+    x = np.ones((2, 3), np.float32)
+    await asyncio.gather(*[_submit(model, s, 0, x) for s in opened])
+    before = [_state(model, s) for s in opened]
+    calls = {"n": 0}
+
+    def boom(*args, **kwargs):
+        calls["n"] += 1
+        raise RuntimeError("injected")
+
+    if where == "engine":
+        monkeypatch.setattr(model.engine, "run", boom)
+        monkeypatch.setattr(model.engine, "run_one", boom)
+    else:
+        monkeypatch.setattr(Batcher, "_build", staticmethod(boom))
+    futs = [_submit(model, s, 2, x) for s in opened]
+    results = await asyncio.wait_for(asyncio.gather(*futs), 10)
+    assert calls["n"] >= 1
+    for s, result, old in zip(opened, results, before, strict=True):
+        assert isinstance(result, ServingError) and result.code.name == "INTERNAL"
+        assert not s.busy and s.next_seq == 2
+        for name, value in _state(model, s).items():
+            np.testing.assert_array_equal(value, old[name])
+    monkeypatch.undo()
+    replies = await asyncio.wait_for(asyncio.gather(*[_submit(model, s, 2, x) for s in opened]), 10)
+    assert all(r.next_seq == 4 for r in replies)

@@ -147,10 +147,15 @@ def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path,
         # A general run of the same shape with a shorter sequence_lens in between must not
         # leave its lengths behind in the bound buffer.
         engine.run(x[:, None], batched, np.array([1], np.int32))
-        y = engine.run_one(x, pool, 1)
+        before = {name: a.copy() for name, a in pool.items()}
+        y, new = engine.run_one(x, pool, 1)
         np.testing.assert_array_equal(y, y_ref[:, 0])
+        for name, a in pool.items():  # run_one only reads the pool: the caller commits
+            np.testing.assert_array_equal(a, before[name])
         for s in m.states:
-            np.testing.assert_array_equal(slot[s.name], np.take(new_ref[s.output], 0, s.batch_axis))
+            expected = np.take(new_ref[s.output], 0, s.batch_axis)
+            np.testing.assert_array_equal(new[s.name], expected)
+            pool[s.name][1] = new[s.name]
     for name, before in others.items():
         np.testing.assert_array_equal(pool[name][[0, 2]], before)
 

@@ -12,6 +12,7 @@ to the longest); without one, a batch holds one length only.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from rnnserve.server.sessions import Session
 
 LE_FLOAT32 = np.dtype("<f4")
+log = logging.getLogger("rnnserve.server")
 
 #: Called once with the chunk's reply or its error; runs on the event loop.
 Reply = Callable[[pb.StepResponse | ServingError], None]
@@ -178,17 +180,18 @@ class Batcher:
                 deferred.append(work)
                 continue
             if session.ended is not None:
-                work.answer(
-                    not_found(f"session {session.id} ended ({session.ended}) before its chunk ran")
+                self._answer(
+                    work,
+                    not_found(f"session {session.id} ended ({session.ended}) before its chunk ran"),
                 )
                 continue
             try:
                 cached = session.check_seq(work.seq, work.digest)
             except ServingError as exc:
-                work.answer(exc)
+                self._answer(work, exc)
                 continue
             if cached is not None:
-                work.answer(cached)
+                self._answer(work, cached)
                 continue
             if fixed_length:
                 if length is None:
@@ -262,42 +265,48 @@ class Batcher:
 
         def finished(f: asyncio.Future[Any]) -> None:
             self._running = False
-            exc = None if f.cancelled() else f.exception()
-            if f.cancelled() or exc is not None:
-                self._failed(batch, exc or RuntimeError("engine run cancelled"))
-            else:
-                y, new = f.result()
-                self._finish(batch, slots, y, new, started)
-            self._dispatch()
+            try:
+                exc = None if f.cancelled() else f.exception()
+                if f.cancelled() or exc is not None:
+                    self._failed(batch, exc or RuntimeError("engine run cancelled"))
+                else:
+                    y, new = f.result()
+                    self._finish(batch, slots, y, new, started)
+            finally:
+                self._dispatch()  # the next batch runs whatever happened to this one
 
         fut.add_done_callback(finished)
 
     def _run_one(self, w: Work) -> None:
-        """A batch of one chunk, on the event loop: the engine reads the session's slot and
-        writes the new state straight back (nothing else runs meanwhile, so the session cannot
-        end and hand its slot on during the run)."""
+        """A batch of one chunk, on the event loop: the engine reads the session's slot, and
+        the new state is stored once the reply is built (nothing else runs meanwhile, so the
+        session cannot end and hand its slot on during the run)."""
         model = self.model
         started = time.perf_counter()
         pool = model.pool.arrays
         slot = w.session.slot
         try:
-            y = model.engine.run_one(w.inputs, pool, slot)
+            y, new = model.engine.run_one(w.inputs, pool, slot)
+            n = w.inputs.shape[0]
+            model.metrics.run_of_one(started - w.enqueued, time.perf_counter() - started, n)
+            if y.dtype != LE_FLOAT32:
+                y = y.astype(LE_FLOAT32)
+            reply = self._build(w, n, y.shape[1], y.tobytes(), new if w.want_state else None)
         except Exception as exc:
             self._failed([w], exc)
             return
-        n = w.inputs.shape[0]
-        model.metrics.run_of_one(started - w.enqueued, time.perf_counter() - started, n)
-        if y.dtype != LE_FLOAT32:
-            y = y.astype(LE_FLOAT32)
-        state = {name: a[slot] for name, a in pool.items()} if w.want_state else None
-        self._reply(w, n, y.shape[1], y.tobytes(), state)
+        for name, a in new.items():
+            pool[name][slot] = a
+        self._commit(w, reply)
 
     def _failed(self, batch: list[Work], exc: BaseException) -> None:
+        """The run of ``batch`` failed: every chunk gets the error, no session's state or seq
+        moved, and none stays busy."""
         err = as_serving_error(exc, f"engine run of {self.model.label}")
         for w in batch:
             w.session.busy = False
         for w in batch:
-            w.answer(err)
+            self._answer(w, err)
 
     def _finish(
         self,
@@ -307,11 +316,18 @@ class Batcher:
         new: dict[str, npt.NDArray[np.float32]],
         started: float,
     ) -> None:
-        """Store the new states, cache and send each chunk's reply."""
+        """Build every chunk's reply, then store the new states and commit and send each.
+        Nothing is stored until every reply is built, so a failure leaves every session of the
+        batch where it was."""
         model = self.model
         metrics = model.metrics
         metrics.compute.observe(time.perf_counter() - started)
         metrics.batch_size.observe(len(batch))
+        try:
+            replies = self._build_all(batch, y, new)
+        except Exception as exc:
+            self._failed(batch, exc)
+            return
         # A session closed or evicted while its chunk ran may have handed its slot to another.
         alive = [i for i, w in enumerate(batch) if w.session.ended is None]
         if len(alive) == len(batch):
@@ -319,6 +335,13 @@ class Batcher:
         elif alive:
             rows = np.array(alive, dtype=np.intp)
             model.pool.scatter(slots[rows], new, rows)
+        for w, reply in zip(batch, replies, strict=True):
+            self._commit(w, reply)
+
+    def _build_all(
+        self, batch: list[Work], y: npt.NDArray[np.float32], new: dict[str, npt.NDArray[np.float32]]
+    ) -> list[pb.StepResponse]:
+        """The replies of a batch's chunks, in batch order."""
         # One copy of the whole output, session-major ([B, T, O] C order: a no-op view when
         # T == 1), then each reply's bytes are a slice of it: no numpy call per reply.
         if y.dtype != LE_FLOAT32:
@@ -326,8 +349,9 @@ class Batcher:
         steps_max, width = y.shape[0], y.shape[2]
         flat = (y if steps_max == 1 else np.ascontiguousarray(y.swapaxes(0, 1))).tobytes()
         row = width * LE_FLOAT32.itemsize
-        chunk_length = metrics.chunk_length
-        specs = model.manifest.states
+        chunk_length = self.model.metrics.chunk_length
+        specs = self.model.manifest.states
+        replies = []
         uniform = -1  # the chunk length shared by the whole batch, or 0 when they differ
         for i, w in enumerate(batch):
             n = w.inputs.shape[0]
@@ -344,23 +368,23 @@ class Batcher:
             state = None
             if w.want_state:
                 state = {s.name: np.take(new[s.output], i, axis=s.batch_axis) for s in specs}
-            self._reply(w, n, width, flat[start : start + n * row], state)
+            replies.append(self._build(w, n, width, flat[start : start + n * row], state))
         if uniform > 0:
             chunk_length.observe(uniform, len(batch))
+        return replies
 
-    def _reply(
-        self,
+    @staticmethod
+    def _build(
         w: Work,
         n: int,
         width: int,
         raw: bytes,
         state: dict[str, npt.NDArray[np.float32]] | None,
-    ) -> None:
-        """Build, cache and send the reply of chunk ``w`` (``n`` steps): its outputs ``raw``
-        (float32 ``[n, width]``) and, when asked for, its new state by state name."""
-        session = w.session
+    ) -> pb.StepResponse:
+        """The reply of chunk ``w`` (``n`` steps): its outputs ``raw`` (float32
+        ``[n, width]``) and, when asked for, its new state by state name. Touches no session."""
         reply = w.new_reply()
-        reply.session_id = session.id
+        reply.session_id = w.session.id
         reply.seq = w.seq
         reply.next_seq = w.seq + n
         out = reply.outputs
@@ -370,8 +394,19 @@ class Batcher:
         if state is not None:
             for name, value in state.items():
                 to_tensor(value, reply.state[name])
-        session.next_seq = w.seq + n
-        session.last_reply = reply
-        session.applied(w.digest)
-        session.busy = False
-        w.answer(reply)
+        return reply
+
+    def _commit(self, w: Work, reply: pb.StepResponse) -> None:
+        """The chunk is applied: the session takes its seq and caches the reply, then the
+        caller gets it."""
+        w.session.commit(reply, w.digest)
+        self._answer(w, reply)
+
+    @staticmethod
+    def _answer(w: Work, result: pb.StepResponse | ServingError) -> None:
+        """Hand ``result`` to the chunk's caller; a failing caller is logged and never stops
+        the other chunks of the batch from being answered."""
+        try:
+            w.answer(result)
+        except Exception:  # a bug in a reply sink: the session itself is consistent
+            log.exception("answering a chunk of session %s failed", w.session.id)

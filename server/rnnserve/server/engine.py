@@ -261,11 +261,12 @@ class Engine:
 
     def run_one(
         self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
-    ) -> npt.NDArray[np.float32]:
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
         """Run one session's chunk: ``x`` ``[T, ...]`` without a batch axis, its state in row
-        ``slot`` of the arrays ``pool`` (by state name, slot-major: the slot pool's arrays). The
-        new state is written back into that row after the run; returns the outputs
-        ``[T, outputs]`` (valid until the next run).
+        ``slot`` of the arrays ``pool`` (by state name, slot-major: the slot pool's arrays).
+        Returns the outputs ``[T, outputs]`` and the new state by state name, each of its
+        per-session shape (both valid until the next run). The pool is only read: the caller
+        stores the new state once the chunk's reply is built, so a failure leaves it as it was.
 
         The same as ``run`` at batch 1, in fewer numpy calls: the chunk and the state are
         copied straight into the bound buffers and back (a lone session's step spends more
@@ -281,9 +282,7 @@ class Engine:
             batched[spec.input] = np.expand_dims(pool[spec.name][slot], spec.batch_axis)
         lengths = np.array([x.shape[0]], dtype=np.int32) if m.sequence_lens else None
         y, new = self.run(x[:, None], batched, lengths)
-        for spec in m.states:
-            pool[spec.name][slot] = np.take(new[spec.output], 0, axis=spec.batch_axis)
-        return y[:, 0]
+        return y[:, 0], {s.name: np.take(new[s.output], 0, axis=s.batch_axis) for s in m.states}
 
     def _bind_and_run(
         self,
@@ -404,6 +403,7 @@ class _Bound:
         "outputs",
         "session",
         "single",
+        "single_state",
         "states",
         "x",
     )
@@ -449,12 +449,15 @@ class _Bound:
         #: chunk, then (state name, input buffer, output buffer) per state, then the outputs.
         self.single: tuple[npt.NDArray[Any], list[tuple[str, Any, Any]], npt.NDArray[Any]] | None
         self.single = None
+        #: For a batch of one: the new state by state name (views of the output buffers).
+        self.single_state: dict[str, npt.NDArray[Any]] = {}
         if batch == 1:
             one = []
             for s in m.states:
                 at = (slice(None),) * s.batch_axis + (0,)
                 one.append((s.name, self.states[s.input][at], self.outputs[s.output][at]))
             self.single = (self.x[:, 0], one, self.outputs[m.output_name][:, 0])
+            self.single_state = {name: out for name, _, out in one}
 
     def run(
         self,
@@ -476,7 +479,7 @@ class _Bound:
 
     def run_one(
         self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
-    ) -> npt.NDArray[np.float32]:
+    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
         """A batch of one, on row ``slot`` of the pool's arrays (see Engine.run_one)."""
         assert self.single is not None
         x1, views, y1 = self.single
@@ -487,6 +490,4 @@ class _Bound:
         for name, into, _ in views:
             into[...] = pool[name][slot]
         self.session.run_with_iobinding(self.binding, None)  # no RunOptions: see run
-        for name, _, out in views:
-            pool[name][slot] = out
-        return y1
+        return y1, self.single_state

@@ -17,12 +17,28 @@ from rnnserve.wire import NEXT_SEQ_KEY
 
 log = logging.getLogger("rnnserve.server")
 
+#: Longest error message sent (status details travel in HTTP/2 headers, whose total size the
+#: client limits to about 8 KB: a longer message would turn the error into RESOURCE_EXHAUSTED).
+MAX_MESSAGE_CHARS = 1024
+#: Longest client-supplied string (an id, a name) an error message quotes whole.
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(text: str) -> str:
+    """``text`` as an error message may quote it: whole when short, else its start and its
+    length, so a client's long id or name never makes the error itself too large."""
+    if len(text) <= MAX_QUOTED_CHARS:
+        return text
+    return f"{text[:MAX_QUOTED_CHARS]}... ({len(text)} characters)"
+
 
 class ServingError(Exception):
     """A request cannot be served: a status code, a message saying what to fix, and for seq
     errors the seq the session expects next."""
 
     def __init__(self, code: grpc.StatusCode, message: str, next_seq: int | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -53,6 +69,10 @@ def seq_error(message: str, next_seq: int) -> ServingError:
 
 def unavailable(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def out_of_range(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.OUT_OF_RANGE, message)
 
 
 def internal(exc: BaseException, what: str) -> ServingError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rnnserve.manifest import MANIFEST_FILE, MODEL_FILE, ManifestError, load_manifest
 from rnnserve.server.engine import Engine, ModelLoadError, choose_providers
-from rnnserve.server.errors import not_found
+from rnnserve.server.errors import not_found, quoted
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.server.settings import Settings
@@ -96,6 +96,27 @@ class Repository:
                     found.append(version_dir)
         return found
 
+    def why_no_models(self, scanned: bool = False) -> str | None:
+        """Why this repository serves nothing (None when it may serve something): the folder
+        is missing, or holds no ``<name>/<version>/`` folder, or (``scanned``) none of those
+        loaded. Says the absolute path: a relative one depends on where the server started."""
+        where = self.root.resolve()
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            return f"model repository {where} {what}"
+        found = self._candidates()
+        if not found:
+            return (
+                f"model repository {where} holds no model "
+                f"(expected {where}/<name>/<version>/{MODEL_FILE} and {MANIFEST_FILE})"
+            )
+        if scanned and not self._models:
+            return (
+                f"none of the {len(found)} model versions in {where} loaded "
+                "(the errors logged above say why)"
+            )
+        return None
+
     async def scan(self) -> list[ServedModel]:
         """Load the version folders that are new (or changed since they failed); forget the
         ones that disappeared. Returns the versions added."""
@@ -152,13 +173,13 @@ class Repository:
         versions = self._models.get(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise not_found(f"model {name!r} is not served here; served models: {known}")
+            raise not_found(f"model {quoted(name)!r} is not served here; served models: {known}")
         if not version:
             return versions[self.versions(name)[-1]]
         model = versions.get(version)
         if model is None:
             raise not_found(
-                f"model {name!r} has no version {version!r}; versions: "
+                f"model {quoted(name)!r} has no version {quoted(version)!r}; versions: "
                 + ", ".join(self.versions(name))
             )
         return model

@@ -19,15 +19,15 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
+from rnnserve.server import snapshots
 from rnnserve.server.batcher import Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import CLOSED, Session, SessionManager
+from rnnserve.server.sessions import CLOSED, Session, SessionManager, check_seq_room
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.wire import TensorError, from_tensor, to_tensor_map
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -35,6 +35,50 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Res
 
 #: What a server-generated session id looks like (URL-safe base64, >= 128 bits).
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
+
+
+class BadRequest:
+    """What a unary request becomes when its bytes do not decode: the handler answers
+    INVALID_ARGUMENT, where gRPC itself would answer UNKNOWN and log a traceback per call."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(kind: type[Message]) -> Callable[[bytes], Message | BadRequest]:
+    def deserialize(data: bytes) -> Message | BadRequest:
+        try:
+            return kind.FromString(data)
+        except DecodeError as exc:
+            return BadRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name}: {exc}")
+
+    return deserialize
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as rnnserve.v1.InferenceService: the generated registration, except
+    that a unary request that does not decode reaches the handler as a ``BadRequest`` (a
+    Stream message that does not decode ends the call in Stream itself)."""
+    service = pb.DESCRIPTOR.services_by_name["InferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behaviour, request.FromString, response.SerializeToString
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behaviour, _tolerant(request), response.SerializeToString
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
@@ -48,6 +92,8 @@ def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
         ) -> Resp:
             started = time.perf_counter()
             try:
+                if isinstance(request, BadRequest):
+                    raise invalid(request.message)
                 reply = await fn(self, request, context)
             except Exception as exc:  # the one place unary errors meet the wire
                 err = as_serving_error(exc, method)
@@ -200,6 +246,7 @@ class _StreamCall:
         try:
             session = self.sessions.get(step.session_id)
             inputs = session.model.decode_chunk(step.inputs)
+            check_seq_room(step.seq, inputs.shape[0])
         except Exception as exc:
             err = as_serving_error(exc, "Stream")
             reply = pb.StreamResponse(
@@ -286,6 +333,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         session = self.sessions.get(request.session_id)
         inputs = session.model.decode_chunk(request.inputs)
+        check_seq_room(request.seq, inputs.shape[0])
         fut: asyncio.Future[pb.StepResponse | ServingError] = (
             asyncio.get_running_loop().create_future()
         )
@@ -440,55 +488,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     @unary("GetState")
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.GetStateResponse:
         session = await self._settled(request.session_id)
-        m = session.model.manifest
-        snap = pb.SessionSnapshot(
-            model=m.name,
-            version=m.version,
-            state=to_tensor_map(session.model.pool.read(session.slot)),
-            next_seq=session.next_seq,
-        )
-        if session.last_reply is not None:
-            snap.last_seq = session.last_reply.seq
-            snap.last_outputs.CopyFrom(session.last_reply.outputs)
-            snap.last_inputs_digest = session.last_digest
-        return pb.GetStateResponse(snapshot=snap)
+        return pb.GetStateResponse(snapshot=snapshots.take(session))
 
     @unary("PutState")
     async def PutState(self, request: pb.PutStateRequest, context: Any) -> pb.PutStateResponse:
-        snap = request.snapshot
         sid = request.session_id
         if sid and not SESSION_ID.fullmatch(sid):
             raise invalid(
                 "session_id must be a server-generated id (URL-safe, 22 to 128 characters); "
                 "leave it empty to get a new one"
             )
-        if not snap.model:
-            raise invalid("snapshot.model is empty; send a snapshot taken with GetState")
-        model = self.repository.resolve(snap.model, snap.version)
-        state = model.decode_state(snap.state)
-        last_reply = None
-        if snap.HasField("last_outputs"):
-            try:
-                outputs = from_tensor(snap.last_outputs)
-            except TensorError as exc:
-                raise invalid(f"snapshot.last_outputs: {exc}") from None
-            if snap.last_seq + (outputs.shape[0] if outputs.ndim else 0) != snap.next_seq:
-                raise invalid(
-                    f"snapshot.last_outputs covers seq {snap.last_seq} to "
-                    f"{snap.last_seq + (outputs.shape[0] if outputs.ndim else 0)}, "
-                    f"but next_seq is {snap.next_seq}"
-                )
-            last_reply = pb.StepResponse(seq=snap.last_seq, next_seq=snap.next_seq)
-            last_reply.outputs.CopyFrom(snap.last_outputs)
+        restored = snapshots.check(request.snapshot, self.repository)
         existing = self.sessions.peek(sid) if sid else None
         if existing is not None:
             await existing.model.batcher.wait_idle(existing)
             if existing.ended is None:
                 self.sessions.end(existing, CLOSED)
-        session = self.sessions.open(model, state, sid or None)
-        session.next_seq = snap.next_seq
-        if last_reply is not None:
-            last_reply.session_id = session.id
-            session.last_reply = last_reply
-            session.last_digest = snap.last_inputs_digest
+        session = self.sessions.open(restored.model, restored.state, sid or None)
+        snapshots.resume(session, restored)
         return pb.PutStateResponse(session=self.sessions.info(session))

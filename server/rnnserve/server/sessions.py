@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
-from rnnserve.server.errors import not_found, seq_error
+from rnnserve.server.errors import not_found, out_of_range, quoted, seq_error
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -31,6 +31,17 @@ MAX_KEPT_INPUT_BYTES = 1024
 Digest = bytes | pb.Tensor
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
+#: The largest seq a session reaches: int64's largest, which every client language holds.
+MAX_SEQ = 2**63 - 1
+
+
+def check_seq_room(seq: int, steps: int) -> None:
+    """OUT_OF_RANGE when a chunk of ``steps`` steps at ``seq`` would end past ``MAX_SEQ``."""
+    if seq > MAX_SEQ - steps:
+        raise out_of_range(
+            f"chunk seq {seq} with {steps} steps would end past the largest seq {MAX_SEQ}; "
+            "open a new session"
+        )
 
 
 class Session:
@@ -87,6 +98,14 @@ class Session:
             self._last_inputs = inputs
         else:
             self.last_digest = chunk_digest(inputs)
+
+    def commit(self, reply: pb.StepResponse, inputs: Digest) -> None:
+        """The chunk answered by ``reply`` was applied (its new state is stored): move to its
+        next_seq, keep the reply for a retry, and leave the engine."""
+        self.next_seq = reply.next_seq
+        self.last_reply = reply
+        self.applied(inputs)
+        self.busy = False
 
     def check_seq(self, seq: int, digest: Digest = b"") -> pb.StepResponse | None:
         """The cached reply when ``seq`` and the inputs' ``digest`` repeat the last applied
@@ -175,6 +194,7 @@ class SessionManager:
 
     def _why_missing(self, sid: str) -> str:
         reason = self._ended.get(sid)
+        sid = quoted(sid)
         if reason == CLOSED:
             return f"session {sid} was closed; open a new session"
         if reason == IDLE:

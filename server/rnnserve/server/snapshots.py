@@ -1,0 +1,110 @@
+"""A session as a portable ``SessionSnapshot``, and a snapshot checked whole against its model
+before it becomes a session again.
+
+The one way a session leaves a replica (GetState, a checkpoint to the store) and the one way it
+enters one (PutState, a takeover from the store): both directions live here, so what one writes
+the other reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from rnnserve.server.errors import invalid
+from rnnserve.server.model import ServedModel
+from rnnserve.server.repository import Repository
+from rnnserve.server.sessions import MAX_SEQ, Session
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import TensorError, from_tensor, to_tensor
+
+#: Length of rnnserve.wire.chunk_digest.
+DIGEST_BYTES = 16
+
+
+def take(session: Session) -> pb.SessionSnapshot:
+    """The snapshot of ``session`` as it is now (call it while no chunk of it is running)."""
+    model = session.model
+    m = model.manifest
+    snap = pb.SessionSnapshot(model=m.name, version=m.version, next_seq=session.next_seq)
+    for name, value in model.pool.read(session.slot).items():
+        to_tensor(value, snap.state[name])
+    if session.last_reply is not None:
+        snap.last_seq = session.last_reply.seq
+        snap.last_outputs.CopyFrom(session.last_reply.outputs)
+        snap.last_inputs_digest = session.last_digest
+    return snap
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A snapshot that fits its model: what a session needs to continue exactly."""
+
+    model: ServedModel
+    state: dict[str, npt.NDArray[np.float32]]
+    next_seq: int
+    #: The last applied chunk's reply (its session_id still to be set), so a retry of it stays
+    #: idempotent; None when the snapshot has none.
+    last_reply: pb.StepResponse | None
+    last_digest: bytes
+
+
+def check(snap: pb.SessionSnapshot, repository: Repository) -> Restored:
+    """Check every field of ``snap`` against its model; INVALID_ARGUMENT (NOT_FOUND for a model
+    not served here) saying what to fix."""
+    if not snap.model:
+        raise invalid("snapshot.model is empty; send a snapshot taken with GetState")
+    model = repository.resolve(snap.model, snap.version)
+    state = model.decode_state(snap.state)
+    if snap.next_seq > MAX_SEQ:
+        raise invalid(f"snapshot.next_seq {snap.next_seq} is past the largest seq {MAX_SEQ}")
+    last_reply = None
+    if snap.HasField("last_outputs"):
+        outputs = _last_outputs(model, snap.last_outputs)
+        end = snap.last_seq + outputs.shape[0]
+        if end != snap.next_seq:
+            raise invalid(
+                f"snapshot.last_outputs covers seq {snap.last_seq} to {end}, "
+                f"but next_seq is {snap.next_seq}"
+            )
+        if len(snap.last_inputs_digest) not in (0, DIGEST_BYTES):
+            raise invalid(
+                f"snapshot.last_inputs_digest has {len(snap.last_inputs_digest)} bytes; "
+                f"it is {DIGEST_BYTES} bytes (or empty)"
+            )
+        last_reply = pb.StepResponse(seq=snap.last_seq, next_seq=snap.next_seq)
+        last_reply.outputs.CopyFrom(snap.last_outputs)
+    return Restored(model, state, snap.next_seq, last_reply, snap.last_inputs_digest)
+
+
+def _last_outputs(model: ServedModel, tensor: pb.Tensor) -> npt.NDArray[np.generic]:
+    """The last reply's outputs: float32 ``[T, outputs]`` with T >= 1, as the model makes."""
+    try:
+        outputs = from_tensor(tensor)
+    except TensorError as exc:
+        raise invalid(f"snapshot.last_outputs: {exc}") from None
+    width = model.manifest.output_size
+    if (
+        outputs.dtype != np.float32
+        or outputs.ndim != 2
+        or outputs.shape[0] < 1
+        or outputs.shape[1] != width
+    ):
+        raise invalid(
+            f"snapshot.last_outputs is {outputs.dtype.name} {list(outputs.shape)}; "
+            f"{model.label} makes float32 [T, {width}] with T >= 1"
+        )
+    return outputs
+
+
+def resume(session: Session, restored: Restored) -> None:
+    """Give a freshly opened ``session`` (holding ``restored.state``) the snapshot's seq and
+    last reply."""
+    session.next_seq = restored.next_seq
+    if restored.last_reply is not None:
+        reply = pb.StepResponse()
+        reply.CopyFrom(restored.last_reply)
+        reply.session_id = session.id
+        session.last_reply = reply
+        session.last_digest = restored.last_digest
