@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import socketserver
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -21,13 +23,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from rnnserve.server.auth import (
+    SecurityConfigError,
+    TokenAuth,
+    connection_options,
+    exposure_warnings,
+    load_tokens,
+    server_credentials,
+)
+from rnnserve.server.health import HealthService
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.servicer import InferenceServicer
+from rnnserve.server.servicer import InferenceServicer, add_to_server
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rnnserve.server")
 
@@ -38,8 +48,33 @@ class ServerStartError(RuntimeError):
     """The server cannot start (address in use, ...); the message says what to change."""
 
 
+class NoModelError(ServerStartError):
+    """The model repository is missing or holds no servable model (and ``allow_empty`` is off)."""
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _in_use(host: str, port: int) -> bool:
+    """True when something already listens on ``host:port``. Checked before the models load
+    (seconds), so a second server on one machine fails at once; the real bind still decides."""
+    if port <= 0:
+        return False
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # the real bind says what is wrong with the host
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC and the metrics server bind: a port in TIME_WAIT is free, a listener not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -77,7 +112,7 @@ class RnnServer:
         self.servicer = InferenceServicer(
             self.repository, self.sessions, self.metrics, settings.max_stream_inflight
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
@@ -92,28 +127,58 @@ class RnnServer:
     async def start(self) -> int:
         """Load the models, bind, start serving; returns the bound gRPC port.
 
-        Raises ServerStartError when the address cannot be bound.
+        Raises ServerStartError when an address is in use or cannot be bound (checked before
+        any model loads), NoModelError when the repository serves nothing and ``allow_empty``
+        is off.
         """
         s = self.settings
+        empty_hint = "; pass the right folder with --models, or --allow-empty to start with none"
+        missing = self.repository.why_no_models()
+        if missing and not s.allow_empty:
+            raise NoModelError(missing + empty_hint)
+        busy = "address already in use (another rnnserve?); pick another with"
+        if _in_use(s.host, s.port):
+            raise ServerStartError(
+                f"cannot listen on {_hostport(s.host, s.port)}: {busy} --port N "
+                "(0 for any free port)"
+            )
+        if _in_use(s.metrics_host, s.metrics_port):
+            raise ServerStartError(
+                f"cannot serve metrics on {_hostport(s.metrics_host, s.metrics_port)}: {busy} "
+                "--metrics-port N (0 for any free port, -1 for none)"
+            )
         await self.repository.scan()
         if not self.repository.all():
+            if not s.allow_empty:
+                reason = self.repository.why_no_models(scanned=True) or "no servable model"
+                raise NoModelError(reason + empty_hint)
             log.warning("no servable model in %s; serving none until one appears", s.models)
+        try:
+            credentials = server_credentials(s)
+            tokens = load_tokens(s)
+        except SecurityConfigError as exc:
+            raise ServerStartError(str(exc)) from None
         limit = s.max_message_bytes
         server = grpc.aio.server(
+            interceptors=[TokenAuth(tokens, self.metrics)] if tokens else None,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+                *connection_options(s),
+            ],
         )
-        pb_grpc.add_InferenceServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         address = _hostport(s.host, s.port)
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ServerStartError(f"cannot listen on {address}: {exc}") from None
         if self.port == 0:
@@ -128,6 +193,8 @@ class RnnServer:
                 ) from None
         await server.start()
         self._server = server
+        for warning in exposure_warnings(s, bool(tokens), credentials is not None):
+            log.warning("%s", warning)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     """Port of the ``/metrics`` endpoint; 0 picks a free one, -1 turns the endpoint off."""
     models: Path = Path("models")
     """The model repository: ``<models>/<name>/<version>/{model.onnx,manifest.json}``."""
+    allow_empty: bool = False
+    """Start even when the model repository is missing or holds no servable model (one that
+    will be filled later: new versions are picked up every ``reload_interval_s``). Off, the
+    server refuses to start then (exit status 2), since it is usually a wrong ``models`` path."""
     providers: str = "auto"
     """ONNX Runtime execution providers, comma-separated in order of preference, for example
     ``CUDAExecutionProvider,CPUExecutionProvider``; ``auto`` takes CUDA first when
@@ -91,6 +95,44 @@ class Settings(BaseSettings):
     times in 9 s. Cyclic garbage is still collected. 0 keeps Python's defaults."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server's own loggers."""
+    tls_cert: Path | None = None
+    """PEM certificate chain the gRPC port presents. With ``tls_key`` it turns TLS on: the port
+    then takes TLS connections only (docs/security.md)."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+    tls_client_ca: Path | None = None
+    """PEM CA certificates for mutual TLS: when set, a client must present a certificate
+    signed by one of them or its connection is refused."""
+    auth_tokens_file: Path | None = None
+    """File of bearer tokens, one ``principal:token`` per line (``#`` starts a comment; a
+    token is at least 16 characters). When any token is configured (here or in
+    ``auth_tokens``), every call but a health check must send ``authorization: Bearer
+    <token>`` and gets UNAUTHENTICATED otherwise; a session belongs to the principal that
+    opened it. No token configured: every client is the same anonymous principal."""
+    auth_tokens: str = ""
+    """Bearer tokens as comma-separated ``principal:token`` pairs, added to those of
+    ``auth_tokens_file``; meant for the environment (``RNNSERVE_AUTH_TOKENS``), since a flag's
+    value shows in the process list."""
+    snapshot_key_file: Path | None = None
+    """File holding this deployment's snapshot key (at least 32 bytes, the same on every
+    replica). GetState signs each snapshot with HMAC-SHA256 under it and PutState refuses a
+    snapshot whose signature is missing or wrong, so a snapshot cannot be forged or altered.
+    Unset: snapshots are not signed and PutState takes any well-formed one."""
+    principal_max_sessions: int = Field(default=0, ge=0)
+    """The most sessions one principal may have open at once (forks and restores count); one
+    more gets RESOURCE_EXHAUSTED. 0: no limit but ``max_sessions``."""
+    principal_open_rate: float = Field(default=0.0, ge=0)
+    """Sessions one principal may open, fork or restore per second, with bursts of up to this
+    many; faster gets RESOURCE_EXHAUSTED. 0: no limit."""
+    principal_max_streams: int = Field(default=0, ge=0)
+    """The most Stream calls one principal may have open at once; one more gets
+    RESOURCE_EXHAUSTED. 0: no limit."""
+    max_connection_idle_s: float = Field(default=300.0, ge=0)
+    """Seconds a client connection may stay without a call before the server closes it
+    (HTTP/2 GOAWAY; the SDK reconnects on its next call). An open Stream is a call. 0: never."""
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+    """Seconds a new connection has to finish its TLS and HTTP/2 handshake before the server
+    drops it, so connections that never speak do not pile up."""
 
     @field_validator("log_level", mode="before")
     @classmethod
