@@ -59,7 +59,7 @@ def test_commands_say_when_the_server_is_down(capsys: pytest.CaptureFixture[str]
     down = f"127.0.0.1:{_free_port()}"
     for argv in (
         ["models"],
-        ["generate", "--model", "tiny-char", "--length", "3"],
+        ["generate", "--model", "tiny-char", "--prompt", "a", "--length", "3"],
     ):
         code, _, err = _run(capsys, *argv, "--server", down, "--timeout", "0.5")
         _assert_one_line_error(code, err, f"rnnserve {argv[0]}:", "cannot reach", down)
@@ -92,13 +92,18 @@ def test_generate_errors_are_one_line(
     server_thread: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = ["generate", "--server", server_thread.address]
-    code, _, err = _run(capsys, *base, "--model", "no-such-model")
+    code, _, err = _run(capsys, *base, "--model", "no-such-model", "--prompt", "a")
     _assert_one_line_error(code, err, "rnnserve generate:", "no-such-model")
-    code, _, err = _run(capsys, *base, "--model", "tiny-gru")
+    code, _, err = _run(capsys, *base, "--model", "tiny-gru", "--prompt", "a")
     _assert_one_line_error(code, err, "not a text model")
     code, out, err = _run(capsys, *base, "--model", "tiny-char", "--prompt", "XYZ")
     _assert_one_line_error(code, err, "'X' (position 0) is not in its vocabulary")
     assert out == ""
+    # No prompt: refused, rather than a made-up first character and length + 1 of them.
+    for prompt in ([], ["--prompt", ""]):
+        code, out, err = _run(capsys, *base, "--model", "tiny-char", *prompt)
+        _assert_one_line_error(code, err, "rnnserve generate: --prompt is empty")
+        assert out == ""
 
 
 def test_forecast_prints_predictions_against_truth(

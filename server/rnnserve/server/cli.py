@@ -22,6 +22,9 @@ from typing import Any
 
 from rnnserve.server.settings import LoopKind, Settings, SettingsError, load_settings
 
+if typing.TYPE_CHECKING:
+    from rnnserve.server.app import RnnServer
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -73,8 +76,8 @@ def use_loop(kind: LoopKind) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; 0 on a clean shutdown, 2 for bad settings, 1 when the server
-    cannot start."""
+    """Serve until SIGTERM/SIGINT; 0 on a clean shutdown, 2 for bad settings or a repository
+    with no model (unless allow_empty), 1 when the server cannot start (an address in use)."""
     import os
 
     config = args.config or (
@@ -99,46 +102,86 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, uvloop: bool) -> int:
-    from rnnserve.server.app import RnnServer, ServerStartError
+    from rnnserve.server.app import NoModelError, RnnServer, ServerStartError
 
     server = RnnServer(settings)
+    # The banner lists the models once: their load lines go to the log only at DEBUG (a model
+    # that fails to load is still logged as an error).
+    loads = logging.getLogger("rnnserve.server.repository")
+    quiet = _AboveInfo()
+    if settings.log_level != "DEBUG":
+        loads.addFilter(quiet)
     try:
         port = await server.start()
     except ServerStartError as exc:
         print(f"rnnserve serve: {exc}", file=sys.stderr)
+        said = logging.getLogger("rnnserve.server")  # the line above is all there is to say
+        said.addFilter(quiet)
         await server.stop(0)
-        return 1
+        said.removeFilter(quiet)
+        return 2 if isinstance(exc, NoModelError) else 1
+    finally:
+        loads.removeFilter(quiet)
     if settings.gc_threshold:
         tune_gc(settings.gc_threshold)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    target = f"{host}:{port}"
-    models = server.repository.all()
-    print(
-        f"rnnserve: listening on {settings.host}:{port} (gRPC)"
-        + (" with uvloop" if uvloop else ""),
-        flush=True,
-    )
-    if server.metrics_port:
-        print(f"rnnserve: metrics on http://{settings.metrics_host}:{server.metrics_port}/metrics")
-    if models:
-        for m in models:
-            print(
-                f"rnnserve: serving {m.label} ({m.manifest.cell}, {m.manifest.input_kind}) "
-                f"on {m.engine.provider}"
-            )
-    else:
-        print(f"rnnserve: no model found in {settings.models} yet (it is polled for new ones)")
-    print("try it:")
-    print(f"  {_own_command()} models --server {target}")
-    print(f"  grpcurl -plaintext {target} rnnserve.v1.InferenceService/ListModels", flush=True)
+    print(banner(server, port, uvloop), flush=True)
     await stop.wait()
     print("rnnserve: shutting down", flush=True)
     await server.stop(settings.shutdown_grace_s)
     return 0
+
+
+class _AboveInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+
+def banner(server: RnnServer, port: int, uvloop: bool) -> str:
+    """What ``rnnserve serve`` prints once it serves: where it listens, what it serves, and two
+    commands to try it, with absolute paths (it may have been started from anywhere)."""
+    s = server.settings
+    every = " (every interface)" if s.host in ("0.0.0.0", "::", "") else ""
+    host = "127.0.0.1" if every else s.host
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [
+        "rnnserve is serving",
+        f"  gRPC     listening on {s.host}:{port}{every}" + (" (with uvloop)" if uvloop else ""),
+        "  metrics  "
+        + (
+            f"http://{s.metrics_host}:{server.metrics_port}/metrics"
+            if server.metrics_port
+            else "off (metrics_port -1)"
+        ),
+    ]
+    models = server.repository.all()
+    repo = s.models.resolve()
+    if not models:
+        every_s = (
+            f"every {s.reload_interval_s:g} s" if s.reload_interval_s > 0 else "never (reload off)"
+        )
+        lines.append(f"  models   none yet in {repo} (looked for again {every_s})")
+    else:
+        lines.append(f"  models   from {repo}")
+        width = max(len(m.label) for m in models)
+        for m in models:
+            man = m.manifest
+            takes = (
+                f"text, {man.input_size} symbols"
+                if man.input_kind == "tokens"
+                else f"{man.input_size} feature" + ("s" if man.input_size != 1 else "")
+            )
+            lines.append(
+                f"           {m.label:<{width}}  {man.cell:<11} {takes:<17} on {m.engine.provider}"
+            )
+    lines += [
+        f"  try it   {_own_command()} models --server {target}",
+        f"           grpcurl -plaintext {target} rnnserve.v1.InferenceService/ListModels",
+    ]
+    return "\n".join(lines)
 
 
 def tune_gc(threshold: int) -> None:
@@ -152,11 +195,13 @@ def tune_gc(threshold: int) -> None:
 
 def _own_command() -> str:
     """How the user can run this CLI again: ``rnnserve`` when it is on the PATH, else the path
-    it was started by (``.venv/bin/rnnserve`` under ``make serve``)."""
+    it was started by: relative when it lies under the current folder (``.venv/bin/rnnserve``
+    under ``make serve``), absolute otherwise."""
     argv0 = sys.argv[0]
     if os.path.basename(argv0) != "rnnserve":
         return "rnnserve"
     found = shutil.which("rnnserve")
     if found and os.path.realpath(found) == os.path.realpath(argv0):
         return "rnnserve"
-    return os.path.relpath(argv0)
+    relative = os.path.relpath(argv0)
+    return os.path.abspath(argv0) if relative.startswith("..") else relative

@@ -155,7 +155,7 @@ class ServedModel:
         try:
             arr = from_tensor(tensor)
         except TensorError as exc:
-            raise invalid(f"inputs: {exc}") from None
+            raise invalid(f"inputs: {exc}; {self.label} takes {want}") from None
         if arr.dtype != self.input_dtype:
             raise invalid(f"inputs have dtype {arr.dtype.name}; {self.label} takes {want}")
         if arr.ndim != (1 if self.tokens else 2):
@@ -209,7 +209,9 @@ class ServedModel:
             try:
                 arr = from_tensor(tensors[name])
             except TensorError as exc:
-                raise invalid(f"state {name!r}: {exc}") from None
+                raise invalid(
+                    f"state {name!r}: {exc}; {self.label} needs {spec.dtype} {spec.shape}"
+                ) from None
             if arr.dtype != np.dtype(spec.dtype) or list(arr.shape) != spec.shape:
                 raise invalid(
                     f"state {name!r} is {arr.dtype.name} {list(arr.shape)}; "

@@ -21,7 +21,11 @@ from ._common import CommandError, add_server_options, client_options, run_comma
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``rnnserve generate``."""
     parser.add_argument("--model", required=True, help="a text (char) model, e.g. char-gru")
-    parser.add_argument("--prompt", default="", help="text to start from (default: none)")
+    parser.add_argument(
+        "--prompt",
+        default="",
+        help="text the model reads before it writes (at least one character of its vocabulary)",
+    )
     parser.add_argument("--length", type=int, default=300, help="characters to generate")
     parser.add_argument(
         "--temperature",
@@ -45,7 +49,17 @@ def sample(logits: npt.NDArray[np.generic], temperature: float, rng: np.random.G
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate ``--length`` characters after ``--prompt``; 1 with one line on bad input."""
+    """Print ``--prompt`` and then ``--length`` characters generated after it; 1 with one line
+    on bad input (an empty prompt included)."""
+    if not args.prompt:
+        # A model predicts from what it has read: with nothing read there is nothing to sample
+        # from but a made-up start, so ask for one instead of inventing it.
+        print(
+            "rnnserve generate: --prompt is empty; give the text to start from, "
+            "e.g. --prompt 'In the beginning'",
+            file=sys.stderr,
+        )
+        return 1
     if args.length < 1:
         print("rnnserve generate: --length must be at least 1", file=sys.stderr)
         return 1
@@ -62,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
                     f"model {model.name} is not a text model (it takes {model.input.describe()}"
                     "); pick a char model from `rnnserve models`"
                 )
-            # A model needs something to read before it can predict: with no prompt, start
-            # from a random symbol of its vocabulary.
-            prompt = args.prompt or model.vocabulary[int(rng.integers(len(model.vocabulary)))]
+            prompt = args.prompt
             encode_inputs(model, prompt)  # an unknown character fails here, before any output
             fed: list[object] = [prompt]
 

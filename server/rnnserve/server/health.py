@@ -1,0 +1,73 @@
+"""``grpc.health.v1.Health`` whose ``Watch`` calls end as soon as shutdown starts.
+
+grpcio's own ``health.aio.HealthServicer`` sends NOT_SERVING to watchers on
+``enter_graceful_shutdown`` but keeps their calls open, so one watching client (a load
+balancer, ``grpc_health_probe -watch``, Kubernetes' gRPC probe in watch mode) holds a SIGTERM
+shutdown for the whole grace period. Here a watch sends NOT_SERVING and then ends with
+UNAVAILABLE "server is shutting down", which tells the client to look elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, TypeAlias
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+Status: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """Serving status by service name (``""`` is the whole server)."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, Status] = {"": SERVING}
+        self._shutting_down = False
+        # Replaced on every change: a watcher waits on the one current when it last looked.
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def set(self, service: str, status: Status) -> None:
+        """Set one service's status; ignored once shutdown has started (it stays NOT_SERVING)."""
+        if self._shutting_down:
+            return
+        self._status[service] = status
+        self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good; open watches get it and then end."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        for service in self._status:
+            self._status[service] = NOT_SERVING
+        self._notify()
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        last: Status | None = None
+        while True:
+            changed = self._changed  # taken before reading, so no change slips between
+            status = self._status.get(request.service, SERVICE_UNKNOWN)
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._shutting_down:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            await changed.wait()
