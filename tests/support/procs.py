@@ -14,7 +14,10 @@ Helpers (the objects they return):
   ``.stop()`` (SIGTERM: Redis flushes the AOF), ``.restart()`` (same port and data dir, so
   what the AOF holds comes back), ``.pause()``/``.resume()`` (SIGSTOP/SIGCONT).
 - ``start_replica(tmp_path, models, name, store_url=..., extra_args=[...]) -> ReplicaProc``: an
-  ``rnnserve serve`` subprocess. ``.address``, ``.port``, ``.metrics_port``, ``.name``,
+  ``rnnserve serve`` subprocess (``start_replicas(tmp_path, models, [names], ...)`` starts
+  several at once). Flags: ``--replica-name NAME`` (when the server has the setting),
+  ``--store-url`` when given, ``--reload-interval-s 0 --shutdown-grace-s 2 --loop asyncio``, then
+  ``extra_args``. ``.address``, ``.port``, ``.metrics_port``, ``.name``,
   ``.kill()`` (SIGKILL), ``.terminate(timeout)`` (SIGTERM, waits, returns the exit code),
   ``.pause()``/``.resume()``, ``.restart()`` (same ports, name and flags; stops it first if it is
   still running), ``.wait_serving()``, ``.health()`` (the health status name, or
@@ -32,7 +35,7 @@ Helpers (the objects they return):
 
 Fixtures (activate with ``pytest_plugins = ["tests.support.procs"]`` in the test module):
 
-- ``procs``: a ``Procs`` whose methods ``redis()``, ``replica()``, ``envoy()``,
+- ``procs``: a ``Procs`` whose methods ``redis()``, ``replica()``, ``replicas()``, ``envoy()``,
   ``prometheus()`` start processes under the test's tmp_path; all of them are stopped at
   teardown (resumed first if paused, SIGTERM, SIGKILL after 5 s). ``procs.models`` is a small
   model repository made by ``tests.support.modelgen.make_repo`` (tiny-gru/1, tiny-lstm/1,
@@ -145,6 +148,10 @@ class Proc:
         raise NotImplementedError
 
     def _spawn(self, timeout: float) -> None:
+        self._launch()
+        self._wait_ready(timeout)
+
+    def _launch(self) -> None:
         main = threading.current_thread() is threading.main_thread()
         with self.log_path.open("ab") as log:
             log.write(f"--- start: {' '.join(self.command())}\n".encode())
@@ -159,7 +166,6 @@ class Proc:
             )
         with _live_lock:
             _live.add(self.popen)
-        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -234,13 +240,18 @@ class Proc:
         self.terminate(10.0)
 
 
-def _start_with_free_ports(make: Callable[[], Proc], timeout: float, tries: int = 3) -> Any:
+def _start_with_free_ports(
+    make: Callable[[], Proc], timeout: float, tries: int = 3, launched: Proc | None = None
+) -> Any:
     """Start a process on freshly picked ports; pick again when another process took one of
-    them between the pick and the bind (the log says the address is in use)."""
+    them between the pick and the bind (the log says the address is in use). ``launched``: a
+    first attempt already launched, to wait for."""
     for attempt in range(tries):
-        proc = make()
+        proc = launched if attempt == 0 and launched is not None else make()
         try:
-            proc._spawn(timeout)
+            if proc.popen is None:
+                proc._launch()
+            proc._wait_ready(timeout)
             return proc
         except ProcError:
             log = proc.log().lower()
@@ -402,6 +413,38 @@ class ReplicaProc(Proc):
         self._spawn(timeout)
 
 
+def start_replicas(
+    tmp_path: Path,
+    models: Path,
+    names: Sequence[str],
+    store_url: str | None = None,
+    extra_args: Sequence[str] = (),
+    timeout: float = 60.0,
+) -> list[ReplicaProc]:
+    """Start ``rnnserve serve`` once per name, all at the same time, each on free gRPC and
+    metrics ports and logging to ``tmp_path/<name>/<name>.log``; returns once every one's
+    health says SERVING. ``store_url`` is passed as ``--store-url``; ``extra_args`` are
+    appended to each command line (and win)."""
+
+    def maker(name: str) -> Callable[[], ReplicaProc]:
+        return lambda: ReplicaProc(
+            tmp_path / name, models, name, free_port(), free_port(), store_url, extra_args
+        )
+
+    first = [maker(name)() for name in names]
+    for proc in first:
+        proc._launch()
+    started: list[ReplicaProc] = []
+    try:
+        for name, proc in zip(names, first, strict=True):
+            started.append(_start_with_free_ports(maker(name), timeout, launched=proc))
+    except BaseException:
+        for proc in first + started:
+            proc.kill()
+        raise
+    return started
+
+
 def start_replica(
     tmp_path: Path,
     models: Path,
@@ -410,14 +453,8 @@ def start_replica(
     extra_args: Sequence[str] = (),
     timeout: float = 60.0,
 ) -> ReplicaProc:
-    """Start ``rnnserve serve`` named ``name`` on free gRPC and metrics ports, logging to
-    ``tmp_path/<name>/<name>.log``; returns once its health says SERVING. ``store_url`` is
-    passed as ``--store-url``; ``extra_args`` are appended to the command line (and win)."""
-    workdir = tmp_path / name
-    proc: ReplicaProc = _start_with_free_ports(
-        lambda: ReplicaProc(workdir, models, name, free_port(), free_port(), store_url, extra_args),
-        timeout,
-    )
+    """``start_replicas`` for one name."""
+    (proc,) = start_replicas(tmp_path, models, [name], store_url, extra_args, timeout)
     return proc
 
 
@@ -685,6 +722,18 @@ class Procs:
             start_replica(self.tmp_path, models or self.models, name, store_url, extra_args)
         )
         return proc
+
+    def replicas(
+        self,
+        names: Sequence[str],
+        store_url: str | None = None,
+        extra_args: Sequence[str] = (),
+        models: Path | None = None,
+    ) -> list[ReplicaProc]:
+        """``start_replicas``: several replicas started at once (faster than one by one)."""
+        procs = start_replicas(self.tmp_path, models or self.models, names, store_url, extra_args)
+        self.started += procs
+        return procs
 
     def envoy(self, replicas: Sequence[ReplicaProc | tuple[str, int]]) -> EnvoyProc:
         """``start_envoy`` in front of replicas (ReplicaProc objects or (name, port) pairs)."""
