@@ -31,12 +31,16 @@ from rnnserve.server.auth import (
     load_tokens,
     server_credentials,
 )
+from rnnserve.server.durable import Durability
 from rnnserve.server.health import HealthService
 from rnnserve.server.metrics import Metrics
+from rnnserve.server.oip import OipServicer
+from rnnserve.server.oip import add_to_server as add_oip_to_server
 from rnnserve.server.repository import Repository
 from rnnserve.server.servicer import InferenceServicer, add_to_server
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
+from rnnserve.server.store import RedisError, RedisStore
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 log = logging.getLogger("rnnserve.server")
@@ -108,8 +112,28 @@ class RnnServer:
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.repository = Repository(settings, self.metrics)
-        self.sessions = SessionManager(self.metrics, settings.session_ttl_s, settings.max_sessions)
+        #: The durable session store's side, when settings.store_url names one.
+        self.durable: Durability | None = None
+        if settings.store_url:
+            self.durable = Durability(
+                RedisStore(settings.store_url, settings.replica_name),
+                self.repository,
+                self.metrics,
+                settings.checkpoint_every,
+                settings.session_ttl_s,
+            )
+        self.sessions = SessionManager(
+            self.metrics, settings.session_ttl_s, settings.max_sessions, self.durable
+        )
         self.servicer = InferenceServicer(
+            self.repository,
+            self.sessions,
+            self.metrics,
+            settings.max_stream_inflight,
+            self.durable,
+        )
+        # The Open Inference Protocol (KServe v2, Triton's sequences) on the same port.
+        self.oip = OipServicer(
             self.repository, self.sessions, self.metrics, settings.max_stream_inflight
         )
         self.health = HealthService()
@@ -169,6 +193,7 @@ class RnnServer:
             ],
         )
         add_to_server(self.servicer, server)
+        add_oip_to_server(self.oip, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -197,6 +222,15 @@ class RnnServer:
             log.warning("%s", warning)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.durable is not None:
+            self.durable.start(self.sessions)
+            try:
+                await self.durable.store.ping()
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "session store %s does not answer (%s); serving from memory until it does",
+                    s.store_url, exc,
+                )  # fmt: skip
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_sessions()))
         if s.reload_interval_s > 0:
@@ -225,7 +259,10 @@ class RnnServer:
         self._stopped.set()
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self.durable is not None:
+            await self._drain(grace)
         self.servicer.begin_shutdown()
+        self.oip.begin_shutdown()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -237,9 +274,26 @@ class RnnServer:
         if self._server is not None:
             await self._server.stop(grace)
         await closing_metrics
+        if self.durable is not None:
+            await self.durable.stop()
         for model in self.repository.all():
             model.close()
         log.info("rnnserve stopped")
+
+    async def _drain(self, grace: float) -> None:
+        """Hand every session on through the store: refuse new work (clients retry and the
+        proxy sends them to a replica that takes their sessions over), let the chunks in flight
+        finish, then checkpoint every session with unsaved steps."""
+        assert self.durable is not None
+        started = asyncio.get_running_loop().time()
+        self.servicer.begin_drain()
+        for session in self.sessions.all():
+            await session.model.batcher.wait_idle(session)
+        left = max(0.0, grace - (asyncio.get_running_loop().time() - started))
+        if await self.durable.flush(left):
+            log.info("drained: every session is checkpointed")
+        else:
+            log.warning("drain: not every session was checkpointed within %.1f s", grace)
 
     def _close_metrics(self) -> None:
         if self._metrics_http is not None:

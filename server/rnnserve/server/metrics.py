@@ -114,6 +114,8 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 #: Compute time of one engine run, seconds: from 5 µs (a tiny model at batch 1 on a GPU).
 COMPUTE_BUCKETS = (5e-6, 10e-6, 20e-6, 30e-6, *LATENCY_BUCKETS)
+#: The ``protocol`` label of rnnserve's own service (the Open Inference Protocol's is "oip").
+PROTOCOL_V1 = "rnnserve.v1"
 #: Sessions per engine run.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Steps per chunk.
@@ -149,9 +151,10 @@ class Metrics:
         r = registry
         self.request_duration = Histogram(
             "rnnserve_request_duration_seconds",
-            "Time from a request's arrival to its reply, by RPC method and status code "
-            "(Stream: per message).",
-            ["method", "code"],
+            "Time from a request's arrival to its reply, by RPC method, status code and "
+            "protocol: rnnserve.v1 or oip, the Open Inference Protocol (Stream and "
+            "ModelStreamInfer: per message).",
+            ["method", "code", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -201,8 +204,8 @@ class Metrics:
         )
         self.errors = Counter(
             "rnnserve_errors",
-            "Requests answered with an error, by method and status code.",
-            ["method", "code"],
+            "Requests answered with an error, by method, status code and protocol.",
+            ["method", "code", "protocol"],
             registry=r,
         )
         self.active_sessions = Gauge(
@@ -220,7 +223,36 @@ class Metrics:
             ["model", "name", "version", "cell", "provider"],
             registry=r,
         )
-        self._durations: dict[tuple[str, str], HistogramChild] = {}
+        # The durable session store (durable.py); flat at zero when the server has none.
+        self.store_up = Gauge(
+            "rnnserve_store_up",
+            "1 while the session store (Redis) answers, 0 while it does not (sessions are then "
+            "served from memory and checkpoints wait).",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "rnnserve_store_errors", "Session store operations that failed.", registry=r
+        )
+        self.checkpoints = Counter(
+            "rnnserve_checkpoints", "Session checkpoints written to the store.", registry=r
+        )
+        self.checkpoint_lag = Gauge(
+            "rnnserve_checkpoint_lag_steps",
+            "Steps applied in memory but not yet in the store, summed over the sessions queued "
+            "for a checkpoint.",
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "rnnserve_takeovers",
+            "Sessions loaded from the store because a call for them reached this replica.",
+            registry=r,
+        )
+        self.fenced = Counter(
+            "rnnserve_fenced",
+            "Sessions dropped here because another replica took them over.",
+            registry=r,
+        )
+        self._durations: dict[tuple[str, str, str], HistogramChild] = {}
 
     def for_model(self, label: str) -> ModelMetrics:
         """The series of one model version (``label`` = ``<name>/<version>``)."""
@@ -234,20 +266,24 @@ class Metrics:
             state_bytes=self.state_bytes.labels(label),
         )
 
-    def request_child(self, method: str, code: str) -> HistogramChild:
+    def request_child(
+        self, method: str, code: str, protocol: str = PROTOCOL_V1
+    ) -> HistogramChild:
         """The request-duration series of ``method`` and ``code``, to observe directly (OK only:
         an error must also count in ``rnnserve_errors_total``, see observe_request)."""
-        key = (method, code)
+        key = (method, code, protocol)
         child = self._durations.get(key)
         if child is None:
-            child = self._durations[key] = self.request_duration.labels(method, code)
+            child = self._durations[key] = self.request_duration.labels(method, code, protocol)
         return child
 
-    def observe_request(self, method: str, code: str, seconds: float) -> None:
+    def observe_request(
+        self, method: str, code: str, seconds: float, protocol: str = PROTOCOL_V1
+    ) -> None:
         """Record one request's duration; errors also count in ``rnnserve_errors_total``."""
-        self.request_child(method, code).observe(seconds)
+        self.request_child(method, code, protocol).observe(seconds)
         if code != "OK":
-            self.errors.labels(method, code).inc()
+            self.errors.labels(method, code, protocol).inc()
 
     def session_ended(self, label: str, reason: str) -> None:
         self.sessions_ended.labels(label, reason).inc()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,10 +21,19 @@ import numpy.typing as npt
 from google.protobuf.message import DecodeError, Message
 from rnnserve.server import snapshots
 from rnnserve.server.batcher import Work
-from rnnserve.server.errors import ServingError, as_serving_error, invalid
+from rnnserve.server.durable import Durability
+from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import CLOSED, Session, SessionManager, check_seq_room
+from rnnserve.server.sessions import (
+    CLOSED,
+    REPLACED,
+    ROUTE_KEY,
+    SESSION_ID,
+    Session,
+    SessionManager,
+    check_seq_room,
+)
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -33,8 +41,22 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
 
-#: What a server-generated session id looks like (URL-safe base64, >= 128 bits).
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22,128}")
+#: The metadata key that carries a session's route key (see rnnserve.proto, Routing).
+ROUTE_HEADER = "x-rnnserve-route"
+
+
+def _route(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The route key the caller sent for a new session ("" when none); INVALID_ARGUMENT when
+    it is malformed."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_HEADER:
+            route = value if isinstance(value, str) else value.decode(errors="replace")
+            if not ROUTE_KEY.fullmatch(route):
+                raise invalid(
+                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
+                )
+            return route
+    return ""
 
 
 class BadRequest:
@@ -194,6 +216,7 @@ class _StreamCall:
     and how many chunks are still unanswered."""
 
     __slots__ = (
+        "later",
         "limit",
         "metrics",
         "ok",
@@ -201,19 +224,20 @@ class _StreamCall:
         "reading",
         "replies",
         "room",
-        "sessions",
+        "servicer",
         "unsent",
     )
 
     def __init__(
         self,
-        sessions: SessionManager,
-        metrics: Metrics,
+        servicer: InferenceServicer,
         limit: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.sessions = sessions
-        self.metrics = metrics
+        self.servicer = servicer
+        self.metrics = metrics = servicer.metrics
+        #: Chunks waiting for their session to be loaded from the store.
+        self.later: set[asyncio.Task[None]] = set()
         self.ok = metrics.request_child("Stream", "OK")
         self.replies = _Replies(loop)
         self.outstanding = 0
@@ -238,25 +262,43 @@ class _StreamCall:
             room.set_result(None)
 
     def accept(self, req: pb.StreamRequest) -> None:
-        """Decode one message and queue its chunk; a bad one is answered in-band at once."""
+        """Decode one message and queue its chunk; a bad one is answered in-band at once. A
+        chunk whose session must first come from the store waits for it in a task."""
         started = time.perf_counter()
         self.outstanding += 1
         self.unsent += 1
-        step = req.step
         try:
-            session = self.sessions.get(step.session_id)
-            inputs = session.model.decode_chunk(step.inputs)
-            check_seq_room(step.seq, inputs.shape[0])
+            session = self.servicer.local(req.step.session_id)
+            if session is None:
+                task = self.replies.loop.create_task(self._accept_later(req, started))
+                self.later.add(task)
+                task.add_done_callback(self.later.discard)
+                return
+            self._submit(req, session, started)
         except Exception as exc:
-            err = as_serving_error(exc, "Stream")
-            reply = pb.StreamResponse(
-                request_id=req.request_id, session_id=step.session_id, error=err.to_step_error()
-            )
-            self.answer(reply, started, err.code.name)
-            return
+            self._refuse(req, started, exc)
+
+    async def _accept_later(self, req: pb.StreamRequest, started: float) -> None:
+        try:
+            session = await self.servicer.lookup(req.step.session_id)
+            self._submit(req, session, started)
+        except Exception as exc:
+            self._refuse(req, started, exc)
+
+    def _submit(self, req: pb.StreamRequest, session: Session, started: float) -> None:
+        step = req.step
+        inputs = session.model.decode_chunk(step.inputs)
+        check_seq_room(step.seq, inputs.shape[0])
         session.model.batcher.submit(
             _StreamWork(self, req.request_id, started, session, step, inputs)
         )
+
+    def _refuse(self, req: pb.StreamRequest, started: float, exc: Exception) -> None:
+        err = as_serving_error(exc, "Stream")
+        reply = pb.StreamResponse(
+            request_id=req.request_id, session_id=req.step.session_id, error=err.to_step_error()
+        )
+        self.answer(reply, started, err.code.name)
 
     def answer(self, reply: pb.StreamResponse, started: float, code: str | None) -> None:
         """Queue ``reply``; ``code`` None means OK."""
@@ -282,15 +324,52 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         sessions: SessionManager,
         metrics: Metrics,
         max_stream_inflight: int = 1024,
+        durable: Durability | None = None,
     ) -> None:
         self.repository = repository
         self.sessions = sessions
         self.metrics = metrics
         self.max_stream_inflight = max_stream_inflight
+        #: The durable store's side, when the server has a store (see durable.py).
+        self.durable = durable
+        self._draining = False
         self._readers: set[asyncio.Task[None]] = set()
         #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
         self._lockstep: set[asyncio.Task[Any]] = set()
         self._closing = False
+
+    def begin_drain(self) -> None:
+        """From now on every call about a session is answered UNAVAILABLE (the client retries,
+        and the proxy sends it to a replica that takes the session over from the store)."""
+        self._draining = True
+
+    def local(self, sid: str) -> Session | None:
+        """Session ``sid`` when it is here and may be used at once; None when the store must be
+        asked first (it is not here but may be in the store, or its ownership is suspect).
+        NOT_FOUND saying why it does not exist; UNAVAILABLE while draining."""
+        if self._draining:
+            raise unavailable(
+                "this replica is draining; retry (the session continues on another replica)"
+            )
+        try:
+            session = self.sessions.get(sid)
+        except ServingError:
+            if self.durable is not None and self.durable.may_hold(sid):
+                return None
+            raise
+        return None if session.suspect else session
+
+    async def lookup(self, sid: str) -> Session:
+        """Session ``sid``, loaded from the store when it is not here (see ``local``)."""
+        session = self.local(sid)
+        if session is not None:
+            return session
+        assert self.durable is not None
+        held = self.sessions.peek(sid)
+        if held is not None:  # here, but suspect
+            return await self.durable.verify(held)
+        taken = await self.durable.take_over(sid)
+        return taken if taken is not None else self.sessions.get(sid)  # NOT_FOUND: why
 
     def begin_shutdown(self) -> None:
         """Stop reading from open streams; each ends with UNAVAILABLE once its in-flight chunks
@@ -316,9 +395,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: Any
     ) -> pb.OpenSessionResponse:
+        self._refuse_while_draining()
         model = self.repository.resolve(request.model, request.version)
         state = model.decode_state(request.initial_state) if request.initial_state else None
-        session = self.sessions.open(model, state)
+        session = self.sessions.open(model, state, route=_route(context))
         return pb.OpenSessionResponse(session=self.sessions.info(session))
 
     @unary("GetSession")
@@ -326,12 +406,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.GetSessionRequest, context: Any
     ) -> pb.GetSessionResponse:
         return pb.GetSessionResponse(
-            session=self.sessions.info(self.sessions.get(request.session_id))
+            session=self.sessions.info(await self.lookup(request.session_id))
         )
 
     @unary("Step")
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
-        session = self.sessions.get(request.session_id)
+        sid = request.session_id
+        session = self.local(sid) or await self.lookup(sid)
         inputs = session.model.decode_chunk(request.inputs)
         check_seq_room(request.seq, inputs.shape[0])
         fut: asyncio.Future[pb.StepResponse | ServingError] = (
@@ -370,7 +451,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         own one stream's chunks mostly run one by one: docs/server.md, Batcher.)
         """
         loop = asyncio.get_running_loop()
-        call = _StreamCall(self.sessions, self.metrics, self.max_stream_inflight, loop)
+        call = _StreamCall(self, self.max_stream_inflight, loop)
         requests = request_iterator.__aiter__()
         replies = call.replies
         handler = asyncio.current_task()
@@ -443,6 +524,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             err = _read_error(failed)
             await context.abort(err.code, err.message)
 
+    def _refuse_while_draining(self) -> None:
+        if self._draining:
+            raise unavailable("this replica is draining; retry (another replica will serve)")
+
     async def _read_ahead(
         self, call: _StreamCall, requests: AsyncIterator[pb.StreamRequest]
     ) -> None:
@@ -459,15 +544,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def _settled(self, sid: str) -> Session:
         """The open session ``sid`` once none of its chunks is in an engine run; NOT_FOUND
         when it does not exist or ended while waiting."""
-        session = self.sessions.get(sid)
+        session = await self.lookup(sid)
         await session.model.batcher.wait_idle(session)
-        return self.sessions.get(sid)
+        return await self.lookup(sid)
 
     @unary("CloseSession")
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Any
     ) -> pb.CloseSessionResponse:
-        self.sessions.end(self.sessions.get(request.session_id), CLOSED)
+        self.sessions.end(await self.lookup(request.session_id), CLOSED)
         return pb.CloseSessionResponse()
 
     @unary("ResetSession")
@@ -498,12 +583,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 "session_id must be a server-generated id (URL-safe, 22 to 128 characters); "
                 "leave it empty to get a new one"
             )
+        self._refuse_while_draining()
         restored = snapshots.check(request.snapshot, self.repository)
+        route = "" if sid else _route(context)
+        # Restoring over an id owns it from now on, wherever it was (a new id starts at 1).
+        epoch = await self.durable.seize(sid) if sid and self.durable is not None else 1
         existing = self.sessions.peek(sid) if sid else None
         if existing is not None:
             await existing.model.batcher.wait_idle(existing)
             if existing.ended is None:
-                self.sessions.end(existing, CLOSED)
-        session = self.sessions.open(restored.model, restored.state, sid or None)
+                self.sessions.end(existing, REPLACED)
+        session = self.sessions.open(restored.model, restored.state, sid or None, route, epoch)
         snapshots.resume(session, restored)
         return pb.PutStateResponse(session=self.sessions.info(session))

@@ -8,10 +8,12 @@ while, so a late call hears "expired" or "evicted" rather than "unknown".
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +25,10 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import chunk_digest
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
+#: Ended here because another replica took the session over (see durable.py).
+MOVED = "moved"
+#: Ended because a PutState restored another snapshot under its id.
+REPLACED = "replaced"
 #: Tombstones kept for ended sessions (oldest forgotten first).
 MAX_TOMBSTONES = 100_000
 #: Inputs of at most this many bytes are kept undigested after a chunk (``Session.applied``).
@@ -31,6 +37,19 @@ MAX_KEPT_INPUT_BYTES = 1024
 Digest = bytes | pb.Tensor
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
+#: A route key: what a proxy hashes on to send all of a session's calls to one replica.
+ROUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: A session id: ``<route key>.<secret>`` (or, from before route keys, the secret alone).
+SESSION_ID = re.compile(r"(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{22,128}")
+#: Random bytes of a route key the server picks when the client sends none (12 characters).
+ROUTE_BYTES = 9
+
+
+def route_of(sid: str) -> str:
+    """The route key of session id ``sid``: the part before its first ``.``."""
+    return sid.partition(".")[0]
+
+
 #: The largest seq a session reaches: int64's largest, which every client language holds.
 MAX_SEQ = 2**63 - 1
 
@@ -44,6 +63,16 @@ def check_seq_room(seq: int, steps: int) -> None:
         )
 
 
+class Checkpoints(Protocol):
+    """Where a session with unsaved steps is queued for a checkpoint (durable.Durability)."""
+
+    every: int
+
+    def mark(self, session: Session) -> None: ...
+
+    def ended(self, session: Session, reason: str) -> None: ...
+
+
 class Session:
     """One session. ``last_reply`` is the reply of the last applied chunk, kept so a retry of
     that chunk is answered again instead of applied twice."""
@@ -52,13 +81,19 @@ class Session:
         "_last_digest",
         "_last_inputs",
         "busy",
+        "checkpoints",
         "deadline",
         "ended",
+        "epoch",
         "id",
         "last_reply",
         "model",
         "next_seq",
+        "principal",
+        "saved_at",
+        "saved_seq",
         "slot",
+        "suspect",
     )
 
     def __init__(self, sid: str, model: ServedModel, slot: int, deadline: float) -> None:
@@ -73,6 +108,17 @@ class Session:
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
+        #: Who opened the session (authentication's principal; "" when it is off).
+        self.principal = ""
+        #: The durable store's bookkeeping (durable.py), when the server has a store: where a
+        #: commit reports unsaved steps, this replica's ownership epoch of the session, the seq
+        #: of its last checkpoint (-1: none yet) and when it was written (monotonic), and
+        #: whether its ownership must be checked before its next use.
+        self.checkpoints: Checkpoints | None = None
+        self.epoch = 0
+        self.saved_seq = -1
+        self.saved_at = 0.0
+        self.suspect = False
 
     @property
     def last_digest(self) -> bytes:
@@ -106,6 +152,9 @@ class Session:
         self.last_reply = reply
         self.applied(inputs)
         self.busy = False
+        checkpoints = self.checkpoints
+        if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
+            checkpoints.mark(self)
 
     def check_seq(self, seq: int, digest: Digest = b"") -> pb.StepResponse | None:
         """The cached reply when ``seq`` and the inputs' ``digest`` repeat the last applied
@@ -136,10 +185,18 @@ class Session:
 class SessionManager:
     """All open sessions of a server, over every model version."""
 
-    def __init__(self, metrics: Metrics, ttl_s: float, capacity: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ttl_s: float,
+        capacity: int,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         self.metrics = metrics
         self.ttl = ttl_s
         self.capacity = capacity
+        #: The durable store's checkpoint queue, when the server has a store.
+        self.checkpoints = checkpoints
         self._open: OrderedDict[str, Session] = OrderedDict()
         self._ended: OrderedDict[str, str] = OrderedDict()
 
@@ -151,16 +208,31 @@ class SessionManager:
         model: ServedModel,
         state: Mapping[str, npt.NDArray[np.float32]] | None = None,
         sid: str | None = None,
+        route: str = "",
+        epoch: int = 1,
     ) -> Session:
         """A new session on ``model`` (zeros, or ``state`` when given); evicts the least
-        recently used session when the server is at capacity."""
+        recently used session when the server is at capacity.
+
+        Without ``sid`` the id is new: ``<route>.<secret>``, with a random route key when
+        ``route`` is empty. With a store, the session is owned at ``epoch`` and queued for its
+        first checkpoint (a takeover, which loaded it from the store, passes ``epoch`` 0 and
+        sets the store's bookkeeping itself).
+        """
         while len(self._open) >= self.capacity:
             self._evict_one()
         slot = model.pool.allocate()
         if state is not None:
             model.pool.write(slot, dict(state))
-        sid = sid or secrets.token_urlsafe(ID_BYTES)
+        if not sid:
+            sid = f"{route or secrets.token_urlsafe(ROUTE_BYTES)}.{secrets.token_urlsafe(ID_BYTES)}"
         session = Session(sid, model, slot, time.monotonic() + self.ttl)
+        checkpoints = self.checkpoints
+        if checkpoints is not None:
+            session.checkpoints = checkpoints
+            if epoch:
+                session.epoch = epoch
+                checkpoints.mark(session)
         self._open[sid] = session
         self._ended.pop(sid, None)
         model.metrics.opened.inc()
@@ -188,6 +260,10 @@ class SessionManager:
         self._open.move_to_end(sid)
         return session
 
+    def ended_reason(self, sid: str) -> str | None:
+        """Why session ``sid`` ended here, while its tombstone lasts; None if it did not."""
+        return self._ended.get(sid)
+
     def peek(self, sid: str) -> Session | None:
         """The open session ``sid`` without touching it, or None."""
         return self._open.get(sid)
@@ -202,6 +278,8 @@ class SessionManager:
                 f"session {sid} expired after {self.ttl:g} s idle; open a new session "
                 "(or restore a snapshot with PutState)"
             )
+        if reason == MOVED:
+            return f"session {sid} moved to another replica; retry through the proxy"
         if reason == CAPACITY:
             return (
                 f"session {sid} was evicted: the server reached its capacity of "
@@ -217,6 +295,8 @@ class SessionManager:
             return
         session.ended = reason
         self._open.pop(session.id, None)
+        if session.checkpoints is not None:  # before the slot is handed on: it may save it
+            session.checkpoints.ended(session, reason)
         session.model.pool.release(session.slot)
         self._ended[session.id] = reason
         while len(self._ended) > MAX_TOMBSTONES:
@@ -240,7 +320,8 @@ class SessionManager:
     def fork(self, source: Session) -> Session:
         """A new session on the same model version with a copy of ``source``'s state, seq and
         last reply."""
-        child = self.open(source.model)
+        child = self.open(source.model, route=route_of(source.id))
+        child.principal = source.principal
         source.model.pool.copy(source.slot, child.slot)
         child.next_seq = source.next_seq
         if source.last_reply is not None:
@@ -263,6 +344,7 @@ class SessionManager:
             expires_at=expires,
             states=session.model.state_specs(),
             next_seq=session.next_seq,
+            checkpoint_every=self.checkpoints.every if self.checkpoints is not None else 0,
         )
 
     def all(self) -> list[Session]:

@@ -8,6 +8,7 @@ sub-command's flags override both. Parse once in ``main``, then pass the object 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,18 @@ class Settings(BaseSettings):
     times in 9 s. Cyclic garbage is still collected. 0 keeps Python's defaults."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of the server's own loggers."""
+    store_url: str = ""
+    """The durable session store: ``redis://host:port/db`` (``rediss://`` for TLS), or empty
+    (the default) to keep sessions in memory only. With a store, sessions are checkpointed to
+    it and survive the replica: a replica that gets a call for a session it does not hold loads
+    the session's last checkpoint (see docs/deployment.md)."""
+    checkpoint_every: int = Field(default=16, ge=1)
+    """With a store: a session is checkpointed once this many steps are applied since its last
+    checkpoint (and when it is evicted or the server drains). Fewer means less replay after a
+    lost replica and more store writes; clients keep 2x this many steps to replay."""
+    replica_name: str = Field(default_factory=socket.gethostname, min_length=1)
+    """This replica's name in the store (who owns a session) and in its logs; the host name by
+    default. Replicas of one deployment need distinct names."""
     tls_cert: Path | None = None
     """PEM certificate chain the gRPC port presents. With ``tls_key`` it turns TLS on: the port
     then takes TLS connections only (docs/security.md)."""

@@ -1,0 +1,345 @@
+"""Sessions that outlive their replica: write-behind checkpoints to the store, takeover of a
+session this replica does not hold, and fencing of a replica whose sessions moved away.
+
+- **Checkpoints** never wait on the request path. A commit that leaves a session
+  ``checkpoint_every`` or more steps past its last checkpoint queues it (``mark``); one writer
+  task snapshots the queued sessions and writes them in one pipelined round trip, then the next
+  batch. Evicted sessions are snapshotted when they leave (their slot is then reused), closed
+  ones become tombstones, and a drain writes every session with unsaved steps (``flush``).
+- **Takeover**: a call for a session that is not here (the proxy's ring changed: a replica
+  died, drained or was added) claims it in the store, which bumps its epoch, and restores its
+  last checkpoint. The session then expects that checkpoint's seq; the client replays the newer
+  chunks it keeps (SessionInfo.checkpoint_every), so its outputs are those of an uninterrupted
+  run and no step counts twice.
+- **Fencing**: a checkpoint is written only at the epoch this replica holds (store.py). A
+  takeover is announced on a channel and a former owner drops its copy at once. What the
+  channel can miss (this process was paused, or cut off from Redis) is caught here: after an
+  event-loop stall or a lost subscription every session is *suspect* and its epoch is checked
+  in the store before its next use; a session that moved is loaded afresh, never served stale.
+- **Redis down**: serving goes on from memory (health stays SERVING), ``rnnserve_store_up`` is
+  0, the writer retries with backoff, and once Redis answers again every session is queued, so
+  a Redis that lost its data gets it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from rnnserve.server import snapshots
+from rnnserve.server.errors import unavailable
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.repository import Repository
+from rnnserve.server.sessions import CAPACITY, CLOSED, MOVED, SESSION_ID, Session, SessionManager
+from rnnserve.server.store import RedisError, RedisStore, Write
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+log = logging.getLogger("rnnserve.server")
+
+#: Sessions written in one pipelined round trip.
+WRITE_BATCH = 256
+#: Backoff between attempts while the store does not answer, seconds.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0
+#: An event-loop stall this long makes every session suspect. Below the time a proxy takes to
+#: eject an unresponsive replica (Envoy: two failed health checks 1 s apart), so a replica that
+#: was paused long enough for its sessions to move always checks before serving them again.
+STALL_S = 1.0
+#: Period of the stall watch, seconds.
+TICK_S = 0.1
+
+
+class Durability:
+    """The store side of a server's sessions. ``start`` runs its tasks; ``stop`` ends them."""
+
+    def __init__(
+        self, store: RedisStore, repository: Repository, metrics: Metrics, every: int, ttl_s: float
+    ) -> None:
+        self.store = store
+        self.repository = repository
+        self.metrics = metrics
+        #: A session is queued once this many steps past its last checkpoint (Checkpoints).
+        self.every = every
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.sessions: SessionManager | None = None
+        self._queued: dict[str, Session] = {}
+        #: Writes decided when a session left this replica (eviction snapshot, close).
+        self._final: dict[str, Write] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loading: dict[str, asyncio.Future[Session | None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._up = True
+        metrics.store_up.set(1)
+        metrics.checkpoint_lag.set_function(self._lag)
+
+    # -- Checkpoints (called from Session.commit and SessionManager.end) ----------------------
+
+    def mark(self, session: Session) -> None:
+        """Queue ``session`` for a checkpoint."""
+        self._queued[session.id] = session
+        self._idle.clear()
+        self._wake.set()
+
+    def ended(self, session: Session, reason: str) -> None:
+        """``session`` leaves this replica: evicted ones are saved now (their slot is reused),
+        closed ones become tombstones; expired ones simply expire in the store too, and moved
+        ones belong to another replica."""
+        self._queued.pop(session.id, None)
+        if reason == CAPACITY and session.saved_seq < session.next_seq:
+            self._final[session.id] = self._write(session, snapshots.take(session))
+        elif reason == CLOSED:
+            self._final[session.id] = Write(session.id, session.epoch, None, "", self.ttl_ms)
+        else:
+            return
+        self._idle.clear()
+        self._wake.set()
+
+    def _lag(self) -> float:
+        return float(sum(s.next_seq - max(s.saved_seq, 0) for s in list(self._queued.values())))
+
+    def _write(self, session: Session, snap: pb.SessionSnapshot) -> Write:
+        remaining_ms = int((session.deadline - time.monotonic()) * 1000)
+        return Write(
+            session.id,
+            session.epoch,
+            snap.SerializeToString(),
+            session.principal,
+            max(1000, min(self.ttl_ms, remaining_ms)),
+        )
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def start(self, sessions: SessionManager) -> None:
+        """Start the writer, the takeover listener and the stall watch on the running loop."""
+        self.sessions = sessions
+        loop = asyncio.get_running_loop()
+        for job in (self._writer(), self._listen(), self._watch()):
+            self._tasks.append(loop.create_task(job))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Checkpoint every session with unsaved steps (a drain); whether all were written
+        within ``timeout_s``."""
+        if self.sessions is not None:
+            for session in self.sessions.all():
+                if session.saved_seq < session.next_seq:
+                    self.mark(session)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _writer(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            if not self._queued and not self._final:
+                self._idle.set()
+                await self._wake.wait()
+            self._wake.clear()
+            writes, sessions, seqs = self._take_batch()
+            if not writes:
+                await asyncio.sleep(0)  # every queued session is mid-run: after it
+                continue
+            try:
+                written = await self.store.write(writes)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                for w, session in zip(writes, sessions, strict=True):
+                    if session is None:
+                        self._final.setdefault(w.session_id, w)
+                    elif session.ended is None:
+                        self._queued.setdefault(session.id, session)
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                continue
+            backoff = BACKOFF_MIN_S
+            self._answered()
+            now = time.monotonic()
+            self.metrics.checkpoints.inc(sum(written))
+            for w, session, seq, ok in zip(writes, sessions, seqs, written, strict=True):
+                if session is None:
+                    continue
+                if ok:
+                    session.saved_seq = max(session.saved_seq, seq)
+                    session.saved_at = now
+                elif session.ended is None and session.epoch == w.epoch:
+                    self._fence(session)
+
+    def _take_batch(self) -> tuple[list[Write], list[Session | None], list[int]]:
+        """Up to WRITE_BATCH writes, with the session each checkpoints (None for a final
+        write) and the seq it holds: final ones first, then snapshots of queued sessions that
+        are not in an engine run (those stay queued)."""
+        writes: list[Write] = []
+        owners: list[Session | None] = []
+        seqs: list[int] = []
+        while self._final and len(writes) < WRITE_BATCH:
+            _, write = self._final.popitem()
+            writes.append(write)
+            owners.append(None)
+            seqs.append(-1)
+        busy = []
+        while self._queued and len(writes) < WRITE_BATCH:
+            _, session = self._queued.popitem()
+            if session.ended is not None:
+                continue
+            if session.busy:
+                busy.append(session)
+                continue
+            writes.append(self._write(session, snapshots.take(session)))
+            owners.append(session)
+            seqs.append(session.next_seq)
+        for session in busy:
+            self._queued[session.id] = session
+        return writes, owners, seqs
+
+    def _failed(self, exc: BaseException) -> None:
+        self.metrics.store_errors.inc()
+        if self._up:
+            log.warning("session store unreachable (%s); serving from memory, retrying", exc)
+            self._up = False
+            self.metrics.store_up.set(0)
+
+    def _answered(self) -> None:
+        if self._up:
+            return
+        self._up = True
+        self.metrics.store_up.set(1)
+        log.info("session store reachable again; checkpointing every session")
+        if self.sessions is not None:
+            for session in self.sessions.all():
+                self.mark(session)  # it may have lost data while it was away
+                session.suspect = True  # and moves while we could not hear them
+
+    async def _listen(self) -> None:
+        """Drop sessions another replica took over; after a lost subscription, suspect all."""
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                async for epoch, sid in self.store.moves():
+                    backoff = BACKOFF_MIN_S
+                    session = self.sessions.peek(sid) if self.sessions is not None else None
+                    if session is not None and session.epoch < epoch:
+                        self._fence(session)
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            self._suspect_all()
+            await asyncio.sleep(backoff)
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    async def _watch(self) -> None:
+        """Suspect every session after the event loop stalled (a SIGSTOP, a long pause)."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = loop.time()
+            if now - last > STALL_S:
+                log.warning(
+                    "event loop stalled for %.1f s; rechecking session ownership", now - last
+                )
+                self._suspect_all()
+            last = now
+
+    def _suspect_all(self) -> None:
+        if self.sessions is not None:
+            for session in self.sessions.all():
+                session.suspect = True
+
+    def _fence(self, session: Session) -> None:
+        assert self.sessions is not None
+        log.info("session %s moved to another replica; dropped here", session.id)
+        self.metrics.fenced.inc()
+        self.sessions.end(session, MOVED)
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def may_hold(self, sid: str) -> bool:
+        """Whether the store may have session ``sid`` (a well-formed id not closed here)."""
+        assert self.sessions is not None
+        return bool(SESSION_ID.fullmatch(sid)) and self.sessions.ended_reason(sid) != CLOSED
+
+    async def take_over(self, sid: str) -> Session | None:
+        """Load session ``sid`` from the store and own it; None when the store has no
+        checkpoint of it. UNAVAILABLE when the store cannot be reached."""
+        loading = self._loading.get(sid)
+        if loading is None:
+            loading = self._loading[sid] = asyncio.get_running_loop().create_future()
+            try:
+                loading.set_result(await self._load(sid))
+            except BaseException as exc:
+                loading.set_exception(exc)
+                loading.exception()  # retrieved: the awaiting callers re-raise it
+            finally:
+                del self._loading[sid]
+        return await asyncio.shield(loading)
+
+    async def _load(self, sid: str) -> Session | None:
+        assert self.sessions is not None
+        try:
+            claimed = await self.store.claim(sid, self.ttl_ms)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise unavailable(
+                f"session {sid} is not on this replica and the session store cannot be reached; "
+                "retry"
+            ) from None
+        self._answered()
+        if claimed is None:
+            return None
+        restored = snapshots.check(pb.SessionSnapshot.FromString(claimed.snapshot), self.repository)
+        stale = self.sessions.peek(sid)
+        if stale is not None:  # an older copy (a suspect one): the store's is the truth
+            self.sessions.end(stale, MOVED)
+        session = self.sessions.open(restored.model, restored.state, sid, epoch=0)
+        snapshots.resume(session, restored)
+        session.principal = claimed.principal
+        session.epoch = claimed.epoch
+        session.saved_seq = restored.next_seq
+        session.saved_at = time.monotonic()
+        self.metrics.takeovers.inc()
+        log.info("took over session %s at seq %d (epoch %d)", sid, session.next_seq, session.epoch)
+        return session
+
+    async def verify(self, session: Session) -> Session:
+        """A suspect session, checked against the store: itself when this replica still owns
+        it (or the store cannot tell), else the store's copy, taken over."""
+        try:
+            epoch = await self.store.epoch(session.id)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            session.suspect = False  # availability: serve from memory while Redis is away
+            return session
+        self._answered()
+        if epoch is None or epoch == session.epoch:
+            session.suspect = False
+            return session
+        self._fence(session)
+        moved = await self.take_over(session.id)
+        if moved is None:
+            assert self.sessions is not None
+            return self.sessions.get(session.id)  # raises NOT_FOUND saying why
+        return moved
+
+    async def seize(self, sid: str) -> int:
+        """Own ``sid`` whoever holds it (PutState over it); the epoch. UNAVAILABLE without a
+        store to ask."""
+        try:
+            epoch = await self.store.seize(sid, self.ttl_ms)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise unavailable(
+                "the session store cannot be reached to restore a session; retry"
+            ) from None
+        self._answered()
+        return epoch
