@@ -27,6 +27,9 @@ from rnnserve.server.settings import Settings
 
 from tests.support.modelgen import make_repo
 
+# Real Redis / Envoy / Prometheus / replica processes: fixtures `procs`, `redis_proc`.
+pytest_plugins = ["tests.support.procs"]
+
 
 @dataclass
 class RunningServer:

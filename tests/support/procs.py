@@ -33,7 +33,7 @@ Helpers (the objects they return):
   for local targets (``render_prometheus``: 1 s scrapes). ``.url``, ``.query(expr)``,
   ``.targets()`` (``{scrape url: health}``), ``.stop()``.
 
-Fixtures (activate with ``pytest_plugins = ["tests.support.procs"]`` in the test module):
+Fixtures (tests/conftest.py loads this module as a plugin, so every test can use them):
 
 - ``procs``: a ``Procs`` whose methods ``redis()``, ``replica()``, ``replicas()``, ``envoy()``,
   ``prometheus()`` start processes under the test's tmp_path; all of them are stopped at
