@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import socket
-import subprocess
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -18,71 +11,20 @@ import pytest
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
+from tests.support.procs import Procs, PrometheusProc
 from tests.support.raw import open_session, step, step_error, stream_all, stream_step
 
-PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = pytest.mark.prometheus
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Prometheus:
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-
-    def query(self, expr: str) -> list[dict]:
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=5) as r:
-            body = json.load(r)
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-
 @pytest.fixture
-def prometheus_for(tmp_path: Path) -> Iterator:
-    """Factory: start a real Prometheus scraping 127.0.0.1:<metrics_port> every second."""
-    if not Path(PROMETHEUS).exists():
-        pytest.skip(f"{PROMETHEUS} is absent (Debian package 'prometheus')")
-    procs: list[subprocess.Popen] = []
-
-    def start(metrics_port: int) -> Prometheus:
-        port = _free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            "scrape_configs:\n  - job_name: rnnserve\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{metrics_port}']\n"
-        )
-        log = (tmp_path / "prometheus.log").open("w")
-        procs.append(
-            subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-        return Prometheus(port)
-
-    yield start
-    for p in procs:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    shutil.rmtree(tmp_path / "tsdb", ignore_errors=True)
+def prometheus_for(procs: Procs) -> Callable[[int], PrometheusProc]:
+    """Factory: a real Prometheus (the shipped deploy/prometheus.yml rendered for 127.0.0.1)
+    scraping 127.0.0.1:<metrics_port> every second; stopped after the test."""
+    return lambda metrics_port: procs.prometheus([metrics_port])
 
 
-async def _poll(prom: Prometheus, expr: str, timeout: float = 60.0) -> list[dict]:
+async def _poll(prom: PrometheusProc, expr: str, timeout: float = 60.0) -> list[dict]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

@@ -743,15 +743,13 @@ class Procs:
         return proc
 
     def prometheus(
-        self, replicas: Sequence[ReplicaProc] = (), envoy: EnvoyProc | None = None
+        self, replicas: Sequence[ReplicaProc | int] = (), envoy: EnvoyProc | None = None
     ) -> PrometheusProc:
-        """``start_prometheus`` scraping these replicas and Envoy."""
+        """``start_prometheus`` scraping these replicas (ReplicaProc objects or metrics ports
+        on 127.0.0.1) and Envoy."""
+        ports = [r if isinstance(r, int) else r.metrics_port for r in replicas]
         proc: PrometheusProc = self._keep(
-            start_prometheus(
-                self.tmp_path,
-                [r.metrics_port for r in replicas],
-                envoy.admin_port if envoy else None,
-            )
+            start_prometheus(self.tmp_path, ports, envoy.admin_port if envoy else None)
         )
         return proc
 
