@@ -17,6 +17,7 @@ from typing import Protocol, cast
 #: sub-command -> (module that implements it, one-line help, pip extra it needs)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("rnnserve.server.cli", "serve the models of a model repository over gRPC", ""),
+    "probe": ("rnnserve.server.probe", "check that a server's gRPC health is SERVING", ""),
     "models": ("rnnserve.client.commands.models", "list the models a server serves", ""),
     "generate": ("rnnserve.client.commands.generate", "stream text from a char model", ""),
     "forecast": (
