@@ -16,6 +16,17 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 
 #: Trailing-metadata key of a unary error that tells the seq the session expects next.
 NEXT_SEQ_KEY = "rnnserve-next-seq"
+#: The metadata key that carries a session's route key, which a proxy hashes on so that all of
+#: a session's calls reach one replica (rnnserve.proto, Routing).
+ROUTE_HEADER = "x-rnnserve-route"
+
+
+def route_of(session_id: str) -> str:
+    """The route key of a session id (``<route key>.<secret>``): the part before the first
+    ``.``, or the whole id for one without a route key."""
+    return session_id.partition(".")[0]
+
+
 #: The most dimensions a Tensor may have (rnnserve's tensors have 1 to 3; numpy stops at 64).
 MAX_RANK = 8
 

@@ -99,9 +99,11 @@ async def test_many_sessions_multiplexed_on_few_streams(
     xs = np.random.default_rng(22).normal(size=(n, rounds * chunk, size)).astype(np.float32)
     async with AsyncClient(server.address) as client:
         model = await client.model("tiny-lstm")
-        sessions = await asyncio.gather(*(client.session(model) for _ in range(n)))
         outs: list[list[np.ndarray]] = [[] for _ in range(n)]
         async with client.multiplexer(streams=streams) as mux:
+            # Opened through the multiplexer: `streams` route keys, one stream each.
+            sessions = await asyncio.gather(*(mux.session(model) for _ in range(n)))
+            assert len({s.id.partition(".")[0] for s in sessions}) == streams
             for r in range(rounds):
                 part = slice(r * chunk, (r + 1) * chunk)
                 # Two steps of the same session in one gather still apply in order.
@@ -112,9 +114,14 @@ async def test_many_sessions_multiplexed_on_few_streams(
                     outs[k].append(out)
             # 40 sessions over `streams` calls: every lane carried some (white-box: no metric
             # counts calls per client).
-            assert sum(lane.call is not None for lane in mux._lanes) == streams
+            assert sum(lane.call is not None for lane in mux._lanes.values()) == streams
             with pytest.raises(InvalidInput):
                 await mux.step(sessions[0], np.zeros((2, size + 1), np.float32))
+            # A session opened elsewhere has its own route key, so its own stream.
+            other = await client.session(model)
+            await mux.step(other, xs[0, :chunk])
+            assert len(mux._lanes) == streams + 1
+            await other.close()
         for k, s in enumerate(sessions):
             expected, _ = reference_run(model_repo / "tiny-lstm" / "1", xs[k])
             assert np.max(np.abs(np.concatenate(outs[k]) - expected)) <= TOL

@@ -16,6 +16,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from ._convert import encode_state
 from ._retry import Backoff
+from ._routing import check_route_key, new_route_key, routed
 from .aio_session import AsyncSession
 from .errors import RnnserveError, from_rpc_error, rpc_code
 from .models import ModelInfo
@@ -87,14 +88,16 @@ class AsyncClient:
         model: str | ModelInfo,
         version: str = "",
         initial_state: Mapping[str, npt.ArrayLike] | None = None,
+        route_key: str | None = None,
     ) -> AsyncSession:
         """Open a session (see ``Client.session``); ``async with`` closes it."""
         info = model if isinstance(model, ModelInfo) else await self.model(model, version)
+        route = new_route_key() if route_key is None else check_route_key(route_key)
         req = pb.OpenSessionRequest(model=info.name, version=info.version)
         if initial_state is not None:
             for name, tensor in encode_state(info, initial_state).items():
                 req.initial_state[name].CopyFrom(tensor)
-        resp = await self._call(self._stub.OpenSession, req)
+        resp = await self._call(self._stub.OpenSession, req, route=route)
         return await self._session(resp.session)
 
     async def attach(self, session_id: str) -> AsyncSession:
@@ -106,13 +109,16 @@ class AsyncClient:
     async def restore(self, snapshot: Snapshot, session_id: str = "") -> AsyncSession:
         """Restore a snapshot as a session on this server (see ``Client.restore``)."""
         req = pb.PutStateRequest(session_id=session_id, snapshot=snapshot.to_proto())
-        resp = await self._call(self._stub.PutState, req, session_id or None)
+        route = None if session_id else new_route_key()
+        resp = await self._call(self._stub.PutState, req, session_id or None, route)
         return await self._session(resp.session)
 
     def multiplexer(self, streams: int = 4) -> Multiplexer:
-        """A helper that drives many sessions over ``streams`` bidi streams (``async with`` it).
+        """A helper that drives many sessions over a few bidi streams (``async with`` it).
 
-        Each session stays on one of the streams; ``streams=1`` puts every session on one.
+        One stream per route key: sessions opened with ``Multiplexer.session`` share ``streams``
+        route keys (so behind a proxy they live on the replica of their stream); a session
+        opened elsewhere gets a stream of its own route key.
         """
         from .mux import Multiplexer
 
@@ -137,14 +143,15 @@ class AsyncClient:
         method: Callable[..., Awaitable[_Resp]],
         request: object,
         session_id: str | None = None,
+        route: str | None = None,
     ) -> _Resp:
-        """A unary call with deadline and metadata, retried while UNAVAILABLE (idempotent only)."""
+        """A unary call with deadline and metadata (see ``Client._call``), retried while
+        UNAVAILABLE (idempotent only)."""
         backoff = self._backoff()
+        metadata = routed(self.options, session_id, route)
         while True:
             try:
-                return await method(
-                    request, timeout=self.options.deadline_s, metadata=self.options.metadata
-                )
+                return await method(request, timeout=self.options.deadline_s, metadata=metadata)
             except grpc.RpcError as exc:
                 if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
                     delay = backoff.next_delay()

@@ -15,6 +15,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
 from ._driver import STREAM_RETRY_CODES, ChunkDriver
 from ._ledger import SeqLedger
+from ._routing import replay_steps, routed
 from .errors import RnnserveError, rpc_code, rpc_message, rpc_next_seq
 from .models import ModelInfo
 from .snapshot import Snapshot
@@ -93,7 +94,9 @@ class AsyncSession:
         self._client = client
         self.id: str = info.session_id
         self.model: ModelInfo = model
-        self._ledger = SeqLedger(self.id, int(info.next_seq), client.options.retry.replay_steps)
+        self._ledger = SeqLedger(self.id, int(info.next_seq), replay_steps(client.options, info))
+        #: Every call of the session carries its route key (rnnserve.proto, Routing).
+        self._metadata = routed(client.options, self.id)
         self._lock = _TaskLock()
         self._closed = False
 
@@ -170,7 +173,7 @@ class AsyncSession:
         while True:
             try:
                 reply = await stub.Step(
-                    driver.request(), timeout=options.deadline_s, metadata=options.metadata
+                    driver.request(), timeout=options.deadline_s, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
                 try:
@@ -189,7 +192,7 @@ class AsyncSession:
             request = driver.request()
             try:
                 if not holder:
-                    holder.append(self._client._stub.Stream(metadata=self._client.options.metadata))
+                    holder.append(self._client._stub.Stream(metadata=self._metadata))
                 call = holder[0]
                 await call.write(pb.StreamRequest(step=request, request_id=request.seq))
                 reply = await call.read()
@@ -255,7 +258,7 @@ class AsyncSession:
             self._ledger.abandon()
             req = pb.PutStateRequest(session_id=self.id, snapshot=snapshot.to_proto())
             resp = await self._unary(self._client._stub.PutState, req)
-            replay = self._client.options.retry.replay_steps
+            replay = replay_steps(self._client.options, resp.session)
             self._ledger = SeqLedger(self.id, int(resp.session.next_seq), replay)
 
     async def info(self) -> pb.SessionInfo:

@@ -16,6 +16,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from ._convert import encode_state
 from ._retry import Backoff
+from ._routing import check_route_key, new_route_key, routed
 from .errors import RnnserveError, from_rpc_error, rpc_code
 from .models import ModelInfo
 from .options import ClientOptions, as_options
@@ -91,18 +92,22 @@ class Client:
         model: str | ModelInfo,
         version: str = "",
         initial_state: Mapping[str, npt.ArrayLike] | None = None,
+        route_key: str | None = None,
     ) -> Session:
         """Open a session on a model version (the latest when ``version`` is empty).
 
         ``initial_state`` is the memory cell to start from (state name -> array of its
-        per-session shape); zeros when None. The session is a context manager that closes it.
+        per-session shape); zeros when None. ``route_key``: behind a proxy, sessions opened with
+        one key live on one replica (a random key per session when None). The session is a
+        context manager that closes it.
         """
         info = model if isinstance(model, ModelInfo) else self.model(model, version)
+        route = new_route_key() if route_key is None else check_route_key(route_key)
         req = pb.OpenSessionRequest(model=info.name, version=info.version)
         if initial_state is not None:
             for name, tensor in encode_state(info, initial_state).items():
                 req.initial_state[name].CopyFrom(tensor)
-        resp = self._call(self._stub.OpenSession, req)
+        resp = self._call(self._stub.OpenSession, req, route=route)
         return self._session(resp.session)
 
     def attach(self, session_id: str) -> Session:
@@ -119,7 +124,8 @@ class Client:
         overwritten (or created, when the id came from another replica).
         """
         req = pb.PutStateRequest(session_id=session_id, snapshot=snapshot.to_proto())
-        resp = self._call(self._stub.PutState, req, session_id or None)
+        route = None if session_id else new_route_key()
+        resp = self._call(self._stub.PutState, req, session_id or None, route)
         return self._session(resp.session)
 
     # -- internals shared with Session ----------------------------------------------------------
@@ -144,18 +150,19 @@ class Client:
         method: Callable[..., _Resp],
         request: _Req,
         session_id: str | None = None,
+        route: str | None = None,
     ) -> _Resp:
-        """A unary call with the client's deadline and metadata, retried while UNAVAILABLE.
+        """A unary call with the client's deadline and metadata (with the route key of
+        ``route``, else of ``session_id``), retried while UNAVAILABLE.
 
         Only idempotent calls come through here (OpenSession repeated after a lost reply at
         worst leaves an unused session, which expires on the server).
         """
         backoff = self._backoff()
+        metadata = routed(self.options, session_id, route)
         while True:
             try:
-                return method(
-                    request, timeout=self.options.deadline_s, metadata=self.options.metadata
-                )
+                return method(request, timeout=self.options.deadline_s, metadata=metadata)
             except grpc.RpcError as exc:
                 if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
                     delay = backoff.next_delay()

@@ -2,9 +2,13 @@
 
 One stream per session does not scale to thousands of sessions; a few streams carrying every
 session's chunks do. A session always uses the same stream of the multiplexer (its "lane"), so
-its chunks stay in order. Why more than one by default: grpc.aio handles one stream's messages
-one at a time on each side, so a single shared stream is a sequential pipe (docs/benchmarks.md
-measured 0.4-0.6x the throughput of one stream per session; four streams recovered it).
+its chunks stay in order. Lanes follow route keys: behind a proxy a stream is routed once, at
+open, by its ``x-rnnserve-route`` (rnnserve.proto, Routing), so a lane only carries sessions of
+its own route key, which live on the replica the stream reaches. ``Multiplexer.session`` opens
+sessions on ``streams`` route keys, round robin; a session opened elsewhere gets a lane of its
+own key. Why more than one stream by default: grpc.aio handles one stream's messages one at a
+time on each side, so a single shared stream is a sequential pipe (docs/benchmarks.md measured
+0.4-0.6x the throughput of one stream per session; four streams recovered it).
 Replies are matched to requests by ``request_id``; each session still has one chunk in flight,
 so the resume logic is the same as for a single session. When a stream breaks, every step
 waiting on it reconnects (one new stream for the lane) and resends its chunk.
@@ -13,18 +17,23 @@ waiting on it reconnects (one new stream for the lane) and resends its chunk.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 import numpy as np
+import numpy.typing as npt
 from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import route_of
 
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
 from ._driver import STREAM_RETRY_CODES, ChunkDriver
+from ._routing import Metadata, new_route_key, routed
 from .aio_session import AsyncSession
 from .errors import RnnserveError, rpc_code, rpc_message
+from .models import ModelInfo
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -42,11 +51,13 @@ class _StreamBroken(Exception):
 
 
 class _Lane:
-    """One Stream call of a multiplexer, the task reading its replies, and its write lock."""
+    """One Stream call of a multiplexer (for one route key), the task reading its replies, and
+    its write lock."""
 
-    __slots__ = ("call", "reader", "write_lock")
+    __slots__ = ("call", "metadata", "reader", "write_lock")
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
         self.call: _StreamCall | None = None
         self.reader: asyncio.Task[None] | None = None
         self.write_lock = asyncio.Lock()
@@ -67,7 +78,10 @@ class Multiplexer:
         if streams < 1:
             raise ValueError(f"streams must be at least 1, got {streams}")
         self._client = client
-        self._lanes = [_Lane() for _ in range(streams)]
+        #: The route keys of the sessions this multiplexer opens, one stream each.
+        self._keys = [new_route_key() for _ in range(streams)]
+        self._opened = 0
+        self._lanes: dict[str, _Lane] = {}
         self._waiting: dict[int, tuple[_StreamCall, asyncio.Future[pb.StreamResponse]]] = {}
         self._next_id = 0
         self._closed = False
@@ -86,7 +100,7 @@ class Multiplexer:
     async def close(self) -> None:
         """End the streams; steps still waiting fail with CANCELLED. Sessions stay open."""
         self._closed = True
-        for lane in self._lanes:
+        for lane in self._lanes.values():
             call, reader = lane.call, lane.reader
             lane.call = lane.reader = None
             if call is not None:
@@ -95,6 +109,18 @@ class Multiplexer:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
         self._fail_waiting(None, grpc.StatusCode.CANCELLED, "the multiplexer was closed")
+
+    async def session(
+        self,
+        model: str | ModelInfo,
+        version: str = "",
+        initial_state: Mapping[str, npt.ArrayLike] | None = None,
+    ) -> AsyncSession:
+        """Open a session (see ``AsyncClient.session``) on one of this multiplexer's route keys,
+        so that it shares a stream (and, behind a proxy, a replica) with others."""
+        key = self._keys[self._opened % len(self._keys)]
+        self._opened += 1
+        return await self._client.session(model, version, initial_state, route_key=key)
 
     async def step(self, session: AsyncSession, x: object) -> Array:
         """Apply one step or a chunk to ``session`` over the shared stream; its outputs."""
@@ -113,7 +139,10 @@ class Multiplexer:
         driver = ChunkDriver(
             session._ledger, session.model, self._client._backoff(), self._client.options.target
         )
-        lane = self._lanes[hash(session.id) % len(self._lanes)]
+        key = route_of(session.id)
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(routed(self._client.options, route=key))
         while True:
             try:
                 reply = await self._exchange(lane, driver.request())
@@ -151,7 +180,7 @@ class Multiplexer:
             raise RnnserveError(grpc.StatusCode.CANCELLED, "the multiplexer is closed")
         if lane.call is None:
             # No await between the check and the assignment: concurrent steps share one call.
-            call = self._client._stub.Stream(metadata=self._client.options.metadata)
+            call = self._client._stub.Stream(metadata=lane.metadata)
             lane.call = call
             lane.reader = asyncio.create_task(self._read(lane, call))
         return lane.call

@@ -16,6 +16,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
 from ._driver import STREAM_RETRY_CODES, ChunkDriver
 from ._ledger import SeqLedger
+from ._routing import Metadata, replay_steps, routed
 from .errors import RnnserveError, rpc_code, rpc_message, rpc_next_seq
 from .models import ModelInfo
 from .snapshot import Snapshot
@@ -29,12 +30,10 @@ _Resp = TypeVar("_Resp")
 class _BidiCall:
     """One sync Stream call: requests go in through a queue, replies come out in order."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, metadata: Metadata) -> None:
         self._requests: queue.SimpleQueue[pb.StreamRequest | None] = queue.SimpleQueue()
         # gRPC reads the request iterator in its own thread; None ends it (half-close).
-        self._replies = client._stub.Stream(
-            iter(self._requests.get, None), metadata=client.options.metadata
-        )
+        self._replies = client._stub.Stream(iter(self._requests.get, None), metadata=metadata)
 
     def exchange(self, request: pb.StreamRequest) -> pb.StreamResponse:
         """Send one request and wait for its reply; grpc.RpcError when the stream broke."""
@@ -76,7 +75,9 @@ class Session:
         self._client = client
         self.id: str = info.session_id
         self.model: ModelInfo = model
-        self._ledger = SeqLedger(self.id, int(info.next_seq), client.options.retry.replay_steps)
+        self._ledger = SeqLedger(self.id, int(info.next_seq), replay_steps(client.options, info))
+        #: Every call of the session carries its route key (rnnserve.proto, Routing).
+        self._metadata = routed(client.options, self.id)
         self._lock = threading.RLock()
         self._closed = False
 
@@ -162,7 +163,7 @@ class Session:
         while True:
             try:
                 reply = stub.Step(
-                    driver.request(), timeout=options.deadline_s, metadata=options.metadata
+                    driver.request(), timeout=options.deadline_s, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
                 try:
@@ -181,7 +182,7 @@ class Session:
             request = driver.request()
             try:
                 if not holder:
-                    holder.append(_BidiCall(self._client))
+                    holder.append(_BidiCall(self._client, self._metadata))
                 reply = holder[0].exchange(pb.StreamRequest(step=request, request_id=request.seq))
             except (grpc.RpcError, RnnserveError) as exc:
                 holder.pop().close()
@@ -238,7 +239,7 @@ class Session:
             self._ledger.abandon()
             req = pb.PutStateRequest(session_id=self.id, snapshot=snapshot.to_proto())
             resp = self._unary(self._client._stub.PutState, req)
-            replay = self._client.options.retry.replay_steps
+            replay = replay_steps(self._client.options, resp.session)
             self._ledger = SeqLedger(self.id, int(resp.session.next_seq), replay)
 
     def info(self) -> pb.SessionInfo:

@@ -36,13 +36,11 @@ from rnnserve.server.sessions import (
 )
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import ROUTE_HEADER
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-#: The metadata key that carries a session's route key (see rnnserve.proto, Routing).
-ROUTE_HEADER = "x-rnnserve-route"
 
 
 def _route(context: grpc.aio.ServicerContext[Any, Any]) -> str:

@@ -22,7 +22,7 @@ from rnnserve.server.errors import not_found, out_of_range, quoted, seq_error
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import chunk_digest
+from rnnserve.wire import chunk_digest, route_of
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
 #: Ended here because another replica took the session over (see durable.py).
@@ -43,11 +43,6 @@ ROUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SESSION_ID = re.compile(r"(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{22,128}")
 #: Random bytes of a route key the server picks when the client sends none (12 characters).
 ROUTE_BYTES = 9
-
-
-def route_of(sid: str) -> str:
-    """The route key of session id ``sid``: the part before its first ``.``."""
-    return sid.partition(".")[0]
 
 
 #: The largest seq a session reaches: int64's largest, which every client language holds.
