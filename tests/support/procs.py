@@ -42,11 +42,11 @@ Fixtures (tests/conftest.py loads this module as a plugin, so every test can use
   tiny-char/1).
 - ``redis_proc``: one started Redis.
 
-A process is started with ``PR_SET_PDEATHSIG`` when started from the main thread, so it dies
-with the test run even when pytest is killed; from other threads (``asyncio.to_thread``) the
-fixture's teardown and an ``atexit`` hook stop it. The methods block (they wait for
-readiness): from an async test that has calls in flight, use ``await
-asyncio.to_thread(replica.restart)``.
+A process started from the main thread gets ``PR_SET_PDEATHSIG`` (through util-linux's
+``setpriv``, which execs it: same PID), so it dies with the test run even when pytest is
+killed; one started from another thread (``asyncio.to_thread``) is stopped by the fixture's
+teardown and an ``atexit`` hook. The methods block (they wait for readiness): from an async
+test that has calls in flight, use ``await asyncio.to_thread(replica.restart)``.
 
 A binary that is missing skips the test, unless ``REQUIRE_TOOLS=1`` (``.ci/run`` sets it): then
 the test fails, since CI installs them all.
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import atexit
 import copy
-import ctypes
 import json
 import os
 import shutil
@@ -111,9 +110,10 @@ def require_binary(name: str, package: str) -> str:
     pytest.skip(message)
 
 
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL when the thread that forked us exits.
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+#: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the command (no preexec_fn, which is
+#: unsafe in a process with threads, as gRPC's): the kernel then kills the process when the
+#: thread that started it exits.
+SETPRIV = shutil.which("setpriv")
 
 
 _live: set[subprocess.Popen[bytes]] = set()
@@ -152,17 +152,18 @@ class Proc:
         self._wait_ready(timeout)
 
     def _launch(self) -> None:
-        main = threading.current_thread() is threading.main_thread()
+        command = self.command()
+        if SETPRIV and threading.current_thread() is threading.main_thread():
+            command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
         with self.log_path.open("ab") as log:
             log.write(f"--- start: {' '.join(self.command())}\n".encode())
             log.flush()
             self.popen = subprocess.Popen(
-                self.command(),
+                command,
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if main else None,
             )
         with _live_lock:
             _live.add(self.popen)
