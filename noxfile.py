@@ -1,0 +1,66 @@
+"""A second test environment: rnnserve on the oldest protobuf and grpcio it declares.
+
+``make test`` runs the whole suite on the newest releases pip picks; ``make test-compat``
+(``nox -s lowest``) installs rnnserve with protobuf and grpcio pinned to the floors in
+pyproject.toml and runs a representative part of the suite there (the wire codec, the engine
+and batcher, both SDKs, server parity), then adds the unmodified ``tritonclient[grpc]`` from
+PyPI (which needs protobuf < 7) and runs the Open Inference Protocol tests with it.
+"""
+
+from __future__ import annotations
+
+import nox
+
+#: The floors in pyproject.toml; the generated code (make proto) runs on nothing older.
+PROTOBUF_FLOOR = "protobuf==6.30.0"
+GRPCIO_FLOOR = "grpcio==1.72.1"
+#: Triton's client as a Triton user installs it (its newest release at the time of writing).
+TRITONCLIENT = "tritonclient[grpc]==2.73.0"
+TEST_TOOLS = ("pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout>=2.3")
+
+#: Tests that need neither torch nor a training run: what the floors could break.
+SUBSET = (
+    "tests/unit/test_wire.py",
+    "tests/unit/test_manifest.py",
+    "tests/unit/test_state.py",
+    "tests/unit/test_engine.py",
+    "tests/unit/test_batcher.py",
+    "tests/unit/test_metrics.py",
+    "tests/unit/test_client_convert.py",
+    "tests/unit/test_client_errors.py",
+    "tests/unit/test_client_ledger.py",
+    "tests/integration/test_client_sync.py",
+    "tests/integration/test_client_async.py",
+    "tests/integration/test_server_parity.py",
+)
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+#: Under .venv (ignored by git, removed by make clean) rather than a .nox folder of its own.
+nox.options.envdir = ".venv/nox"
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The floors, then tritonclient beside them."""
+    session.install("-e", ".", PROTOBUF_FLOOR, GRPCIO_FLOOR, *TEST_TOOLS)
+    session.run("python", "-c", _SHOW_VERSIONS)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET)
+    # tritonclient needs a newer grpcio than rnnserve's floor; protobuf stays at 6.30.0.
+    session.install(TRITONCLIENT, PROTOBUF_FLOOR)
+    session.run("python", "-c", _SHOW_VERSIONS)
+    oip = _oip_tests()
+    if oip:
+        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *oip)
+
+
+_SHOW_VERSIONS = (
+    "import google.protobuf, grpc; "
+    "print('protobuf', google.protobuf.__version__, 'grpcio', grpc.__version__)"
+)
+
+
+def _oip_tests() -> list[str]:
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path("tests").glob("*/test_oip*.py"))
