@@ -40,7 +40,7 @@ from rnnserve.server.repository import Repository
 from rnnserve.server.servicer import InferenceServicer, add_to_server
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
-from rnnserve.server.store import RedisError, RedisStore
+from rnnserve.server.store import RedisStore
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 log = logging.getLogger("rnnserve.server")
@@ -224,13 +224,7 @@ class RnnServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.durable is not None:
             self.durable.start(self.sessions)
-            try:
-                await self.durable.store.ping()
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "session store %s does not answer (%s); serving from memory until it does",
-                    s.store_url, exc,
-                )  # fmt: skip
+            await self.durable.ping()  # logs and shows in rnnserve_store_up when it fails
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._expire_sessions()))
         if s.reload_interval_s > 0:

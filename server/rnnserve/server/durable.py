@@ -127,6 +127,16 @@ class Durability:
                 await task
         await self.store.close()
 
+    async def ping(self) -> bool:
+        """Whether the store answers now (recorded like any other store operation)."""
+        try:
+            await self.store.ping()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        self._answered()
+        return True
+
     async def flush(self, timeout_s: float) -> bool:
         """Checkpoint every session with unsaved steps (a drain); whether all were written
         within ``timeout_s``."""
