@@ -16,7 +16,7 @@ from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.wire import to_tensor
 
 from tests.support.procs import Procs, PrometheusProc
-from tests.unit.test_deploy import dashboard_queries
+from tests.support.prometheus_proc import dashboard_queries
 
 pytestmark = pytest.mark.prometheus
 

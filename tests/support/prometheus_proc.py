@@ -16,6 +16,13 @@ import yaml
 from tests.support.proc_base import ROOT, Proc, _start_with_free_ports, free_port, require_binary
 
 PROMETHEUS_CONFIG = ROOT / "deploy/prometheus.yml"
+DASHBOARD = ROOT / "deploy/grafana/dashboards/rnnserve.json"
+
+
+def dashboard_queries() -> list[str]:
+    """Every PromQL expression of the shipped Grafana dashboard."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
 
 
 def render_prometheus(

@@ -29,9 +29,9 @@ from tests.support.procs import (
     require_binary,
     validate_envoy,
 )
+from tests.support.prometheus_proc import DASHBOARD, dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD = ROOT / "deploy/grafana/dashboards/rnnserve.json"
 ENVOY = ROOT / "deploy/envoy/envoy.yaml"
 K8S = ROOT / "deploy/k8s"
 K8S_ENVOY = K8S / "envoy-config/envoy.yaml"
@@ -52,12 +52,6 @@ def _exposed_names() -> set[str]:
         }.get(family.type, [""])
         names.update(family.name + s for s in suffixes)
     return names
-
-
-def dashboard_queries() -> list[str]:
-    """Every PromQL expression of the Grafana dashboard."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    return [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
 
 
 def test_dashboard_queries_only_series_the_server_exports() -> None:
