@@ -16,7 +16,8 @@ PROTOBUF_FLOOR = "protobuf==6.30.0"
 GRPCIO_FLOOR = "grpcio==1.72.1"
 #: Triton's client as a Triton user installs it (its newest release at the time of writing).
 TRITONCLIENT = "tritonclient[grpc]==2.73.0"
-TEST_TOOLS = ("pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout>=2.3")
+#: What the tests import besides rnnserve (conftest loads tests.support.procs, which reads YAML).
+TEST_TOOLS = ("pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout>=2.3", "pyyaml>=6")
 
 #: Tests that need neither torch nor a training run: what the floors could break.
 SUBSET = (

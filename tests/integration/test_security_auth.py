@@ -89,7 +89,8 @@ async def test_refusals_are_counted_in_metrics(start_server: Any) -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await pb_grpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest())
     errors = running.server.registry.get_sample_value(
-        "rnnserve_errors_total", {"method": "ListModels", "code": "UNAUTHENTICATED"}
+        "rnnserve_errors_total",
+        {"method": "ListModels", "code": "UNAUTHENTICATED", "protocol": "rnnserve.v1"},
     )
     assert errors == 1
 

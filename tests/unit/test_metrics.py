@@ -52,9 +52,10 @@ def test_server_metrics_expose_every_family():
     assert got[("rnnserve_batch_size_bucket", (("le", "1.0"), ("model", "m/1")))] == 1
     assert got[("rnnserve_chunk_length_bucket", (("le", "2.0"), ("model", "m/1")))] == 1
     assert got[("rnnserve_chunk_length_bucket", (("le", "4.0"), ("model", "m/1")))] == 2
-    assert got[("rnnserve_errors_total", (("code", "NOT_FOUND"), ("method", "Step")))] == 1
-    assert ("rnnserve_errors_total", (("code", "OK"), ("method", "Step"))) not in got
+    step_v1 = ("method", "Step"), ("protocol", "rnnserve.v1")
+    assert got[("rnnserve_errors_total", (("code", "NOT_FOUND"), *step_v1))] == 1
+    assert ("rnnserve_errors_total", (("code", "OK"), *step_v1)) not in got
     assert got[("rnnserve_sessions_ended_total", (("model", "m/1"), ("reason", "idle")))] == 1
     assert (
-        got[("rnnserve_request_duration_seconds_count", (("code", "OK"), ("method", "Step")))] == 1
+        got[("rnnserve_request_duration_seconds_count", (("code", "OK"), *step_v1))] == 1
     )

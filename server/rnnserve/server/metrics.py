@@ -116,6 +116,13 @@ LATENCY_BUCKETS = (
 COMPUTE_BUCKETS = (5e-6, 10e-6, 20e-6, 30e-6, *LATENCY_BUCKETS)
 #: The ``protocol`` label of rnnserve's own service (the Open Inference Protocol's is "oip").
 PROTOCOL_V1 = "rnnserve.v1"
+
+
+def protocol_of(path: str) -> str:
+    """The ``protocol`` label of a gRPC method path (``/inference.GRPCInferenceService/...``)."""
+    return "oip" if path.startswith("/inference.") else PROTOCOL_V1
+
+
 #: Sessions per engine run.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: Steps per chunk.
@@ -266,9 +273,7 @@ class Metrics:
             state_bytes=self.state_bytes.labels(label),
         )
 
-    def request_child(
-        self, method: str, code: str, protocol: str = PROTOCOL_V1
-    ) -> HistogramChild:
+    def request_child(self, method: str, code: str, protocol: str = PROTOCOL_V1) -> HistogramChild:
         """The request-duration series of ``method`` and ``code``, to observe directly (OK only:
         an error must also count in ``rnnserve_errors_total``, see observe_request)."""
         key = (method, code, protocol)

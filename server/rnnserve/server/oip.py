@@ -1,0 +1,347 @@
+"""The Open Inference Protocol (KServe v2) gRPC service with Triton's sequence extension, on
+the same server, sessions, batcher and metrics as rnnserve.v1.
+
+A ModelInferRequest is one chunk of a sequence (see oip_sequences): it is decoded (oip_codec),
+checked by the model like an rnnserve.v1 chunk, and submitted to the model version's batcher as
+a ``Work``, so OIP steps batch with rnnserve.v1 steps. ModelInfer awaits its reply;
+ModelStreamInfer reads requests as they come, each answered when its chunk is applied, and an
+error about one request goes back in-band (``error_message``) while the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import metadata
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+from inference import grpc_service_pb2 as oip
+from inference import grpc_service_pb2_grpc as oip_grpc
+from rnnserve.server.batcher import Work
+from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
+from rnnserve.server.metrics import Metrics
+from rnnserve.server.oip_codec import (
+    Decoded,
+    build_response,
+    decode_request,
+    model_metadata,
+    raw_inputs,
+    sequence_of,
+)
+from rnnserve.server.oip_sequences import Key, OipSequence, SequenceTable, caller_scope
+from rnnserve.server.repository import Repository
+from rnnserve.server.sessions import SessionManager
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+#: The metrics' ``protocol`` label of this service's calls.
+PROTOCOL = "oip"
+SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+#: Called once with a request's response or its error.
+Answer = Callable[[oip.ModelInferResponse | ServingError], None]
+
+
+def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
+    """ServingError (and, logged, anything else) becomes the call's status; the call's
+    duration and code go to the request histogram with protocol="oip"."""
+
+    def wrap(fn: Handler[Req, Resp]) -> Handler[Req, Resp]:
+        @functools.wraps(fn)
+        async def handler(
+            self: OipServicer, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Resp:
+            started = time.perf_counter()
+            try:
+                reply = await fn(self, request, context)
+            except Exception as exc:  # the one place unary errors meet the wire
+                err = as_serving_error(exc, method)
+            else:
+                self.metrics.observe_request(method, "OK", time.perf_counter() - started, PROTOCOL)
+                return reply
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_request(method, err.code.name, elapsed, PROTOCOL)
+            await context.abort(err.code, err.message)
+            raise AssertionError("unreachable: abort raises")
+
+        return handler
+
+    return wrap
+
+
+class _OipWork(Work):
+    """A chunk from an OIP request: it answers with a ModelInferResponse, then any error
+    replies of its sequence that arrived while it was in flight."""
+
+    __slots__ = ("decoded", "followers", "reply_to", "request", "sequence", "table")
+
+    def __init__(
+        self,
+        table: SequenceTable,
+        seq: OipSequence,
+        at: int,
+        request: oip.ModelInferRequest,
+        decoded: Decoded,
+        chunk: Any,
+        reply_to: Answer,
+        started: float,
+    ) -> None:
+        super().__init__(
+            seq.session, at, chunk, bool(decoded.states), _no_callback, decoded.inputs, started
+        )
+        self.table = table
+        #: Its OIP sequence (``seq``, from Work, is the chunk's step number in the session).
+        self.sequence = seq
+        self.request = request
+        self.decoded = decoded
+        self.reply_to = reply_to
+        self.followers: list[Callable[[], None]] = []
+
+    def answer(self, result: pb.StepResponse | ServingError) -> None:
+        failed = isinstance(result, ServingError)
+        self.table.answered(self.sequence, failed)
+        if isinstance(result, ServingError):
+            if result.next_seq is not None:  # a chunk before it failed; this one never ran
+                result = invalid(
+                    "an earlier request of this sequence failed, so this one was not applied; "
+                    "send it again"
+                )
+            self.reply_to(result)
+        else:
+            model = self.session.model
+            self.reply_to(build_response(model, self.request, self.decoded, result))
+        for follow in self.followers:
+            follow()
+
+
+def _no_callback(result: pb.StepResponse | ServingError) -> None:
+    raise AssertionError("an _OipWork answers through reply_to")
+
+
+class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over rnnserve's repository and sessions."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        sessions: SessionManager,
+        metrics: Metrics,
+        max_stream_inflight: int = 1024,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.table = SequenceTable(sessions)
+        self.max_stream_inflight = max_stream_inflight
+        self._readers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        try:
+            self.version = metadata.version("rnnserve")
+        except metadata.PackageNotFoundError:  # run from a source tree without installing
+            self.version = "unknown"
+
+    def begin_shutdown(self) -> None:
+        """Not ready any more; open streams stop reading and end with UNAVAILABLE once their
+        requests in flight are answered."""
+        self._closing = True
+        for task in list(self._readers):
+            task.cancel()
+
+    @unary("ServerLive")
+    async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> Any:
+        return oip.ServerLiveResponse(live=True)
+
+    @unary("ServerReady")
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> Any:
+        return oip.ServerReadyResponse(ready=not self._closing and bool(self.repository.all()))
+
+    @unary("ServerMetadata")
+    async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Any) -> Any:
+        return oip.ServerMetadataResponse(
+            name="rnnserve", version=self.version, extensions=["sequence", "parameters"]
+        )
+
+    @unary("ModelReady")
+    async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> Any:
+        try:
+            self.repository.resolve(request.name, request.version)
+        except ServingError:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=not self._closing)
+
+    @unary("ModelMetadata")
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> Any:
+        model = self.repository.resolve(request.name, request.version)
+        return model_metadata(model, self.repository.versions(model.manifest.name))
+
+    @unary("RepositoryIndex")
+    async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context: Any) -> Any:
+        reply = oip.RepositoryIndexResponse()
+        for model in self.repository.all():
+            m = model.manifest
+            reply.models.add(name=m.name, version=m.version, state="READY")
+        return reply
+
+    @unary("ModelInfer")
+    async def ModelInfer(self, request: oip.ModelInferRequest, context: Any) -> Any:
+        fut: asyncio.Future[oip.ModelInferResponse | ServingError] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def done(result: oip.ModelInferResponse | ServingError) -> None:
+            if not fut.done():  # the caller may have gone away
+                fut.set_result(result)
+
+        self.accept(request, caller_scope(context), done, time.perf_counter())
+        result = await fut
+        if isinstance(result, ServingError):
+            raise result
+        return result
+
+    def accept(
+        self, request: oip.ModelInferRequest, scope: str, answer: Answer, started: float
+    ) -> None:
+        """Check one request and submit its chunk; ``answer`` gets its response or error
+        (possibly before this returns). Raises ServingError for a request that cannot run."""
+        if self._closing:
+            raise unavailable("server is shutting down; start the sequence again elsewhere")
+        sequence = sequence_of(request)
+        name = request.model_name
+        if sequence is None:
+            self.repository.resolve(name, request.model_version)  # an unknown model first
+            raise invalid(
+                f"inference request to model '{name}' must specify a non-zero or non-empty "
+                "correlation ID (the sequence_id parameter): rnnserve's models are stateful"
+            )
+        key: Key = (scope, name, sequence.id)
+        if sequence.start:
+            model = self.repository.resolve(name, request.model_version)
+        else:
+            try:
+                seq = self.table.find(key)
+            except ServingError:
+                self.repository.resolve(name, request.model_version)  # an unknown model first
+                raise
+            model = seq.session.model
+            if request.model_version and request.model_version != model.manifest.version:
+                raise invalid(
+                    f"sequence {sequence.id} runs on version {model.manifest.version} of "
+                    f"model '{name}', not {request.model_version}"
+                )
+        raws = raw_inputs(request)
+        decoded = decode_request(model, request, raws[0] if raws else None)
+        chunk = model.decode_chunk(decoded.inputs)
+        if sequence.start:
+            seq = self.table.start(key, model)
+        at = self.table.submitted(seq, int(chunk.shape[0]))
+        work = _OipWork(self.table, seq, at, request, decoded, chunk, answer, started)
+        seq.last = work
+        if sequence.end:
+            self.table.finish(key, seq)
+        model.batcher.submit(work)
+
+    def reject(
+        self, request: oip.ModelInferRequest, scope: str, err: ServingError, answer: Answer
+    ) -> None:
+        """Answer a request that cannot run: after the replies of its sequence already in
+        flight, so a stream's replies keep each sequence's order."""
+        sequence = None
+        with contextlib.suppress(ServingError):
+            sequence = sequence_of(request)
+        if sequence is not None:
+            seq = self.table.peek((scope, request.model_name, sequence.id))
+            last = seq.last if seq is not None else None
+            if isinstance(last, _OipWork):
+                last.followers.append(lambda: answer(err))
+                return
+        answer(err)
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[oip.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
+        """Requests of any number of sequences; each answered when its chunk is applied (in
+        order within a sequence), errors in-band."""
+        scope = caller_scope(context)
+        replies: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self.max_stream_inflight)
+        ok = self.metrics.request_child("ModelStreamInfer", "OK", PROTOCOL)
+        outstanding = 0
+        reading = True
+
+        def answerer(started: float) -> Answer:
+            def answer(result: oip.ModelInferResponse | ServingError) -> None:
+                nonlocal outstanding
+                elapsed = time.perf_counter() - started
+                if isinstance(result, ServingError):
+                    reply = oip.ModelStreamInferResponse(error_message=result.message)
+                    self.metrics.observe_request(
+                        "ModelStreamInfer", result.code.name, elapsed, PROTOCOL
+                    )
+                else:
+                    reply = oip.ModelStreamInferResponse(infer_response=result)
+                    ok.observe(elapsed)
+                outstanding -= 1
+                replies.put_nowait(reply)
+                if not reading and outstanding == 0:
+                    replies.put_nowait(None)
+
+            return answer
+
+        async def read() -> None:
+            nonlocal outstanding, reading
+            try:
+                async for request in request_iterator:
+                    await room.acquire()
+                    started = time.perf_counter()
+                    outstanding += 1
+                    answer = answerer(started)
+                    try:
+                        self.accept(request, scope, answer, started)
+                    except Exception as exc:
+                        err = as_serving_error(exc, "ModelStreamInfer")
+                        self.reject(request, scope, err, answer)
+            finally:
+                reading = False
+                if outstanding == 0:
+                    replies.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        self._readers.add(reader)
+        failed: BaseException | None = None
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+                room.release()
+            try:
+                await reader  # it has stopped reading; this is its outcome
+            except asyncio.CancelledError:
+                if not self._closing:
+                    raise
+            except DecodeError as exc:
+                failed = invalid(f"a message is not a valid inference.ModelInferRequest: {exc}")
+            except Exception as exc:  # a broken call
+                failed = exc
+        finally:
+            reader.cancel()
+            self._readers.discard(reader)
+        if self._closing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "server is shutting down; start each sequence again on another server",
+            )
+        if failed is not None:
+            err = as_serving_error(failed, "ModelStreamInfer")
+            await context.abort(err.code, err.message)
+
+
+def add_to_server(servicer: OipServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` as inference.GRPCInferenceService on ``server``."""
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
