@@ -33,6 +33,9 @@ import numpy as np
 from rnnserve import wire
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import ROUTE_HEADER, route_of
+
+from .._routing import Metadata, new_route_key
 
 if TYPE_CHECKING:
     from rnnserve.v1.rnnserve_pb2_grpc import InferenceServiceAsyncStub
@@ -166,8 +169,8 @@ class _Channel(Protocol):
 class _DedicatedStream:
     """A Stream call carrying one session: write, then read its reply."""
 
-    def __init__(self, stub: InferenceServiceAsyncStub) -> None:
-        self._call = stub.Stream()
+    def __init__(self, stub: InferenceServiceAsyncStub, metadata: Metadata) -> None:
+        self._call = stub.Stream(metadata=metadata)
 
     async def round_trip(self, request: pb.StreamRequest) -> pb.StreamResponse:
         await self._call.write(request)
@@ -186,11 +189,11 @@ class _DedicatedStream:
 class _SharedStream:
     """A Stream call shared by several sessions: one writer, one reader matching request ids."""
 
-    def __init__(self, stub: InferenceServiceAsyncStub) -> None:
+    def __init__(self, stub: InferenceServiceAsyncStub, metadata: Metadata) -> None:
         self._outbox: asyncio.Queue[pb.StreamRequest | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[pb.StreamResponse]] = {}
         self._next_id = 1
-        self._call = stub.Stream()
+        self._call = stub.Stream(metadata=metadata)
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
@@ -327,13 +330,18 @@ async def run_load(
                     wait_for_ready=True,
                 )
             ).model
+            # A route key per stream (rnnserve.proto, Routing): behind a proxy, the sessions of
+            # a stream are opened where the stream goes.
+            lanes = config.sessions if config.streams == 0 else config.streams
+            keys = [new_route_key() for _ in range(min(lanes, config.sessions))]
             opened = await asyncio.gather(
                 *(
                     stub.OpenSession(
                         pb.OpenSessionRequest(model=config.model, version=info.version),
                         timeout=_CONNECT_TIMEOUT_S,
+                        metadata=((ROUTE_HEADER, keys[i % len(keys)]),),
                     )
-                    for _ in range(config.sessions)
+                    for i in range(config.sessions)
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -342,12 +350,11 @@ async def run_load(
         rng = np.random.default_rng(config.seed)
         chunks = [_sample_chunks(info, config.chunk, rng) for _ in sessions]
         channels: list[_Channel]
+        routes = [((ROUTE_HEADER, key),) for key in keys]
         if config.streams == 0:
-            channels = [_DedicatedStream(stub) for _ in sessions]
+            channels = [_DedicatedStream(stub, route) for route in routes]
         else:
-            shared: list[_Channel] = [
-                _SharedStream(stub) for _ in range(min(config.streams, len(sessions)))
-            ]
+            shared: list[_Channel] = [_SharedStream(stub, route) for route in routes]
             channels = [shared[i % len(shared)] for i in range(len(sessions))]
         window = _Window(on_window_start, on_window_stop)
         latencies: list[list[int]] = [[] for _ in sessions]
@@ -368,7 +375,13 @@ async def run_load(
         for ch in dict.fromkeys(channels):  # each distinct call once, in order
             await ch.close()
         await asyncio.gather(
-            *(stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id)) for s in sessions),
+            *(
+                stub.CloseSession(
+                    pb.CloseSessionRequest(session_id=s.session_id),
+                    metadata=((ROUTE_HEADER, route_of(s.session_id)),),
+                )
+                for s in sessions
+            ),
             return_exceptions=True,  # a session the server already dropped is no failure here
         )
     all_ns = np.concatenate([np.asarray(x, dtype=np.int64) for x in latencies])
