@@ -155,6 +155,13 @@ def test_envoy_hashes_the_route_header_and_checks_the_inference_service() -> Non
     assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0.0}
 
 
+def test_compose_envoy_runs_the_shipped_config() -> None:
+    envoy = _yaml(COMPOSE)["services"]["envoy"]
+    command = envoy["command"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in envoy["volumes"]}
+    assert mounted[command[command.index("-c") + 1]] == "./deploy/envoy/envoy.yaml"
+
+
 def test_compose_redis_keeps_what_the_store_relies_on() -> None:
     redis = _yaml(COMPOSE)["services"]["redis"]
     args = " ".join(redis["command"])
@@ -260,8 +267,12 @@ def test_kustomization_lists_every_manifest_and_the_envoy_config() -> None:
     )
     (generator,) = kustomization["configMapGenerator"]
     assert generator["files"] == ["envoy.yaml=envoy-config/envoy.yaml"]
-    volumes = _k8s("Deployment", "envoy")["spec"]["template"]["spec"]["volumes"]
-    assert {"name": "config", "configMap": {"name": generator["name"]}} in volumes
+    pod = _k8s("Deployment", "envoy")["spec"]["template"]["spec"]
+    assert {"name": "config", "configMap": {"name": generator["name"]}} in pod["volumes"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    command = container["command"]
+    assert command[command.index("-c") + 1] == f"{mount['mountPath']}/envoy.yaml"
 
 
 def test_kubernetes_replicas_probe_drain_and_reach_the_store() -> None:
