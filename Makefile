@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
+# /metrics port: 0 picks a free one, -1 turns the endpoint off (a second server: METRICS_PORT=0).
+METRICS_PORT ?= 9464
 MODELS ?= models
 # torch 2.13.0's CPU wheel lies on local disk on these machines; any other version downloads
 # gigabytes of CUDA build. Installing it first makes the `train` extra's range a no-op.
@@ -25,7 +27,7 @@ help:
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e .
+	$(PIP) install -q -e ".[fast]"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
@@ -38,7 +40,8 @@ install: $(VENV)/.installed
 install-train: $(VENV)/.installed-dev
 
 serve: $(VENV)/.installed
-	$(VENV)/bin/rnnserve serve --models $(MODELS) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/rnnserve serve --models $(MODELS) --host $(HOST) --port $(PORT) \
+		--metrics-port $(METRICS_PORT)
 
 test: $(VENV)/.installed-dev
 	$(MAKE) lint typecheck proto-check proto-lint
@@ -122,10 +125,16 @@ image:
 	deploy/containers/engine.sh build --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) .
 
 # The image's runtime dependencies and build backend as wheels: with wheels/ in the build
-# context the image installs from it without the package index.
-wheelhouse: $(VENV)/.installed
-	rm -rf wheels
-	$(PIP) wheel -q ".[fast]" hatchling -w wheels
+# context the image installs from it without the package index. Resolved by the Python the
+# local base runs (Debian bookworm's 3.11.2): markers like python_full_version < "3.11.3"
+# (redis needs async-timeout there) depend on it.
+WHEEL_PYTHON ?= /usr/bin/python3
+
+wheelhouse:
+	rm -rf wheels build/wheelhouse-venv
+	$(WHEEL_PYTHON) -m venv build/wheelhouse-venv
+	build/wheelhouse-venv/bin/pip wheel -q ".[fast]" hatchling -w wheels
+	rm -rf build/wheelhouse-venv
 
 # The local Debian base (mmdebstrap), the wheelhouse, the server and compose test images, then
 # the tests that start them (tests/containers, marker `containers`).

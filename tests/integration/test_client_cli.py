@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,20 @@ def test_forecast_errors_are_one_line(
     for argv, fragment in cases:
         code, _, err = _run(capsys, *base, *argv)
         _assert_one_line_error(code, err, "rnnserve forecast:", fragment)
+
+
+def test_forecast_plot_without_matplotlib_fails_before_streaming(
+    forecaster_server: tuple[Any, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    running, _ = forecaster_server
+    good = tmp_path / "good.csv"
+    good.write_text("t,v\n0,1.5\n1,2.5\n2,3.5\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    argv = ["forecast", "--server", running.address, "--model", "tiny-series", "--csv", str(good)]
+    code, out, err = _run(capsys, *argv, "--column", "v", "--plot", str(tmp_path / "p.png"))
+    _assert_one_line_error(code, err, "--plot needs matplotlib", f"{sys.executable} -m pip install")
+    assert out == ""  # said before any forecast was printed
+    assert running.server.metrics.sessions_opened.labels("tiny-series/1")._value.get() == 0

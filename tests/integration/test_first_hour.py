@@ -143,7 +143,9 @@ def test_banner_is_one_block_and_a_health_watch_does_not_hold_shutdown(
             _, err = proc.communicate(timeout=30)
             took = time.monotonic() - started
         assert proc.returncode == 0, err
-        assert took < 5.0, f"shutdown with a health watch open took {took:.1f} s"
+        # Held by the watch, stop() took the whole grace period (10.0 s measured with grpcio's
+        # health servicer; 0.01 s now); the margin is for a loaded machine.
+        assert took < 8.0, f"shutdown with a health watch open took {took:.1f} s"
         # The models were listed once, in the banner; the log did not repeat them.
         assert "serving tiny" not in err and "Traceback" not in err
     finally:
@@ -196,7 +198,7 @@ async def test_stop_ends_health_watches_at_once(start_server):
         loop = asyncio.get_running_loop()
         started = loop.time()
         await running.server.stop(10.0)
-        assert loop.time() - started < 2.0
+        assert loop.time() - started < 5.0  # the grace period is 10 s
         for w in watches[:2]:
             assert (await w.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         for w in watches:

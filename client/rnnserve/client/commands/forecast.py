@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import os
 import sys
@@ -106,6 +107,12 @@ def run(args: argparse.Namespace) -> int:
         values = read_column(args.csv, args.column)
         if args.plot is not None and not args.plot.parent.is_dir():
             raise CommandError(f"cannot write {args.plot}: no folder {args.plot.parent}")
+        if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+            # Said before the stream runs, not after: matplotlib is not a dependency of the SDK.
+            raise CommandError(
+                f"--plot needs matplotlib, which is not installed: {sys.executable} -m pip "
+                "install matplotlib"
+            )
         with Client(client_options(args)) as client:
             model = client.model(args.model, args.version)
             if model.is_tokens or model.step_shape != (1,):
