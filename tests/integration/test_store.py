@@ -1,0 +1,136 @@
+"""The Redis session store with in-process servers and a real Redis: what each session event
+writes, and what another replica (sharing the Redis) makes of it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import ROUTE_HEADER
+
+from tests.support.procs import RedisProc
+from tests.support.raw import outputs, step
+
+X = np.ones((2, 3), np.float32)
+Code = grpc.StatusCode
+
+
+async def _pair(start_server, redis_proc: RedisProc, **settings):
+    """Two replicas of one deployment (same Redis), as stubs."""
+    a = await start_server(store_url=redis_proc.url, replica_name="a", **settings)
+    b = await start_server(store_url=redis_proc.url, replica_name="b", **settings)
+    channels = [grpc.aio.insecure_channel(r.address) for r in (a, b)]
+    return (a, b), [pb_grpc.InferenceServiceStub(c) for c in channels], channels
+
+
+async def _settle(running, timeout: float = 5.0) -> None:
+    """Wait until the replica's checkpoint queue is empty."""
+    durable = running.server.durable
+    assert durable is not None
+    await asyncio.wait_for(durable.flush(timeout), timeout + 1)
+
+
+async def _open(stub, model: str = "tiny-gru", route: str = "k1") -> str:
+    reply = await stub.OpenSession(
+        pb.OpenSessionRequest(model=model), metadata=((ROUTE_HEADER, route),)
+    )
+    return reply.session.session_id
+
+
+async def test_session_id_carries_the_route_key_and_checkpoint_interval(start_server, redis_proc):
+    _, (stub, _), channels = await _pair(start_server, redis_proc, checkpoint_every=3)
+    reply = await stub.OpenSession(
+        pb.OpenSessionRequest(model="tiny-gru"), metadata=((ROUTE_HEADER, "shard-7"),)
+    )
+    assert reply.session.session_id.startswith("shard-7.")
+    assert reply.session.checkpoint_every == 3
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.OpenSession(
+            pb.OpenSessionRequest(model="tiny-gru"), metadata=((ROUTE_HEADER, "no.dots"),)
+        )
+    assert info.value.code() == Code.INVALID_ARGUMENT and ROUTE_HEADER in info.value.details()
+    for c in channels:
+        await c.close()
+
+
+async def test_another_replica_takes_over_and_the_first_lets_go(start_server, redis_proc):
+    (a, b), (stub_a, stub_b), channels = await _pair(start_server, redis_proc, checkpoint_every=2)
+    sid = await _open(stub_a)
+    replies = [await step(stub_a, sid, 2 * i, X) for i in range(3)]  # 6 steps: saved at 2, 4, 6
+    await _settle(a)
+    # A call for the session on B: B loads the checkpoint and continues exactly.
+    info = (await stub_b.GetSession(pb.GetSessionRequest(session_id=sid))).session
+    assert info.next_seq == 6
+    moved = await step(stub_b, sid, 6, X)
+    reference = await _open(stub_a, route="k2")
+    for i in range(4):
+        last = await step(stub_a, reference, 2 * i, X)
+    np.testing.assert_array_equal(outputs(moved), outputs(last))
+    assert len(replies) == 3
+    # A heard of the takeover and dropped its copy; it neither serves nor overwrites it.
+    for _ in range(50):
+        if a.server.sessions.peek(sid) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert a.server.sessions.peek(sid) is None
+    assert a.server.sessions.ended_reason(sid) == "moved"
+    assert b.server.metrics.takeovers._value.get() == 1
+    assert a.server.metrics.fenced._value.get() == 1
+    for c in channels:
+        await c.close()
+
+
+async def test_an_evicted_session_comes_back_from_the_store(start_server, redis_proc):
+    (a, _), (stub, _), channels = await _pair(start_server, redis_proc, max_sessions=2)
+    first = await _open(stub)
+    await step(stub, first, 0, X)
+    await _settle(a)
+    await _open(stub, route="k2")
+    await _open(stub, route="k3")  # evicts the first (least recently used): saved on the way out
+    await _settle(a)
+    assert a.server.sessions.ended_reason(first) == "capacity"
+    reply = await step(stub, first, 2, X)  # loaded back, it goes on from seq 2
+    assert reply.next_seq == 4
+    for c in channels:
+        await c.close()
+
+
+async def test_a_closed_session_is_not_brought_back_anywhere(start_server, redis_proc):
+    (a, _), (stub_a, stub_b), channels = await _pair(start_server, redis_proc)
+    sid = await _open(stub_a)
+    await step(stub_a, sid, 0, X)
+    await _settle(a)
+    await stub_a.CloseSession(pb.CloseSessionRequest(session_id=sid))
+    await _settle(a)
+    for stub in (stub_a, stub_b):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        assert info.value.code() == Code.NOT_FOUND
+    for c in channels:
+        await c.close()
+
+
+async def test_a_restore_over_an_id_fences_its_holder(start_server, redis_proc):
+    (a, b), (stub_a, stub_b), channels = await _pair(start_server, redis_proc)
+    sid = await _open(stub_a)
+    await step(stub_a, sid, 0, X)
+    snap = (await stub_a.GetState(pb.GetStateRequest(session_id=sid))).snapshot
+    await step(stub_a, sid, 2, X)
+    await _settle(a)
+    # B restores the older snapshot under the same id: B owns it now, A must let go.
+    await stub_b.PutState(pb.PutStateRequest(session_id=sid, snapshot=snap))
+    await _settle(b)
+    for _ in range(50):
+        if a.server.sessions.peek(sid) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert a.server.sessions.peek(sid) is None
+    # Through A again: the store's copy (B's restore, at seq 2) is what continues.
+    info = (await stub_a.GetSession(pb.GetSessionRequest(session_id=sid))).session
+    assert info.next_seq == 2
+    for c in channels:
+        await c.close()
