@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -227,3 +228,25 @@ async def test_a_tensor_without_dtype_is_told_what_the_model_takes(server):
             await stub.OpenSession(pb.OpenSessionRequest(model="tiny-gru", initial_state=bad_state))
         assert info.value.code() == Code.INVALID_ARGUMENT
         assert "tiny-gru/1 needs float32 [2, 8]" in (info.value.details() or "")
+
+
+def test_banner_try_it_lines_follow_tls_and_tokens() -> None:
+    # A pure function of the settings and the models: no server needed.
+    from types import SimpleNamespace
+
+    from rnnserve.server.cli import banner
+    from rnnserve.server.settings import Settings
+
+    def show(**settings: Any) -> str:
+        s = Settings(models=Path("/srv/models"), metrics_port=-1, **settings)
+        fake = SimpleNamespace(settings=s, metrics_port=0, repository=SimpleNamespace(all=list))
+        return banner(fake, 50051, False)
+
+    plain = show(host="::")
+    assert "listening on [::]:50051 (every interface)" in plain
+    assert "grpcurl -plaintext 127.0.0.1:50051 " in plain and "models --server" in plain
+    secure = show(tls_cert=Path("/c.pem"), tls_key=Path("/k.pem"), auth_tokens="app:secret")
+    assert "listening on 127.0.0.1:50051 with TLS" in secure
+    assert "grpcurl -cacert CA.pem -H 'authorization: Bearer TOKEN' 127.0.0.1:50051" in secure
+    assert "models --server" not in secure  # the CLI commands have no TLS or token flags
+    assert "secret" not in secure

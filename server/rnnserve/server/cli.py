@@ -147,9 +147,13 @@ def banner(server: RnnServer, port: int, uvloop: bool) -> str:
     every = " (every interface)" if s.host in ("0.0.0.0", "::", "") else ""
     host = "127.0.0.1" if every else s.host
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = f"[{s.host}]:{port}" if ":" in s.host else f"{s.host}:{port}"
+    tls, tokens = s.tls_cert is not None, bool(s.auth_tokens or s.auth_tokens_file)
     lines = [
         "rnnserve is serving",
-        f"  gRPC     listening on {s.host}:{port}{every}" + (" (with uvloop)" if uvloop else ""),
+        f"  gRPC     listening on {bound}{every}"
+        + (" with TLS" if tls else "")
+        + (" (with uvloop)" if uvloop else ""),
         "  metrics  "
         + (
             f"http://{s.metrics_host}:{server.metrics_port}/metrics"
@@ -177,9 +181,15 @@ def banner(server: RnnServer, port: int, uvloop: bool) -> str:
             lines.append(
                 f"           {m.label:<{width}}  {man.cell:<11} {takes:<17} on {m.engine.provider}"
             )
+    if tls or tokens:  # the CLI's commands speak plaintext without a token
+        first = "the SDK with ClientOptions (docs/client.md), or"
+    else:
+        first = f"{_own_command()} models --server {target}"
+    grpcurl = "grpcurl " + ("-cacert CA.pem" if tls else "-plaintext")
+    grpcurl += " -H 'authorization: Bearer TOKEN'" if tokens else ""
     lines += [
-        f"  try it   {_own_command()} models --server {target}",
-        f"           grpcurl -plaintext {target} rnnserve.v1.InferenceService/ListModels",
+        f"  try it   {first}",
+        f"           {grpcurl} {target} rnnserve.v1.InferenceService/ListModels",
     ]
     return "\n".join(lines)
 
