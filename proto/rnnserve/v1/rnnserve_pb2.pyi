@@ -436,6 +436,7 @@ class SessionSnapshot(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_OUTPUTS_FIELD_NUMBER: _builtins.int
     LAST_INPUTS_DIGEST_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     next_seq: _builtins.int
@@ -444,6 +445,12 @@ class SessionSnapshot(_message.Message):
     last_inputs_digest: _builtins.bytes
     """rnnserve.wire.chunk_digest of the last applied chunk's inputs: a retry must carry the same
     inputs, so a different chunk reusing its seq is refused, not answered from the cache.
+    """
+    mac: _builtins.bytes
+    """HMAC-SHA256 of the rest of the snapshot and its principal under the deployment's snapshot
+    key, when the server has one: PutState refuses a snapshot whose mac does not check, so it
+    cannot be forged, altered, or restored by another principal. Empty when the server has no
+    key. Treat it as opaque.
     """
     @_builtins.property
     def state(self) -> _containers.MessageMap[_builtins.str, Global___Tensor]:
@@ -461,10 +468,11 @@ class SessionSnapshot(_message.Message):
         last_seq: _builtins.int = ...,
         last_outputs: Global___Tensor | None = ...,
         last_inputs_digest: _builtins.bytes = ...,
+        mac: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_outputs", b"last_outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_inputs_digest", b"last_inputs_digest", "last_outputs", b"last_outputs", "last_seq", b"last_seq", "model", b"model", "next_seq", b"next_seq", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_inputs_digest", b"last_inputs_digest", "last_outputs", b"last_outputs", "last_seq", b"last_seq", "mac", b"mac", "model", b"model", "next_seq", b"next_seq", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,11 +28,13 @@ from rnnserve.server.auth import (
     TokenAuth,
     connection_options,
     exposure_warnings,
+    load_snapshot_key,
     load_tokens,
     server_credentials,
 )
 from rnnserve.server.durable import Durability
 from rnnserve.server.health import HealthService
+from rnnserve.server.limits import OpenRate, StreamLimit
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.oip import OipServicer
 from rnnserve.server.oip import add_to_server as add_oip_to_server
@@ -123,7 +125,11 @@ class RnnServer:
                 settings.session_ttl_s,
             )
         self.sessions = SessionManager(
-            self.metrics, settings.session_ttl_s, settings.max_sessions, self.durable
+            self.metrics,
+            settings.session_ttl_s,
+            settings.max_sessions,
+            self.durable,
+            principal_max=settings.principal_max_sessions,
         )
         self.servicer = InferenceServicer(
             self.repository,
@@ -131,6 +137,7 @@ class RnnServer:
             self.metrics,
             settings.max_stream_inflight,
             self.durable,
+            open_rate=OpenRate(settings.principal_open_rate),
         )
         # The Open Inference Protocol (KServe v2, Triton's sequences) on the same port.
         self.oip = OipServicer(
@@ -180,11 +187,17 @@ class RnnServer:
         try:
             credentials = server_credentials(s)
             tokens = load_tokens(s)
+            self.servicer.snapshot_key = load_snapshot_key(s)
         except SecurityConfigError as exc:
             raise ServerStartError(str(exc)) from None
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if tokens:
+            interceptors.append(TokenAuth(tokens, self.metrics))
+        if s.principal_max_streams:  # after TokenAuth: it counts by principal
+            interceptors.append(StreamLimit(s.principal_max_streams, f"/{SERVICE_NAME}/Stream"))
         limit = s.max_message_bytes
         server = grpc.aio.server(
-            interceptors=[TokenAuth(tokens, self.metrics)] if tokens else None,
+            interceptors=interceptors or None,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),

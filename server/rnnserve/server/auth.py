@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from rnnserve.server.metrics import Metrics
+from rnnserve.server.metrics import Metrics, protocol_of
 from rnnserve.server.settings import Settings
 
 #: The principal of the call being served ("" = anonymous).
@@ -203,7 +203,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         else:
             message = "the bearer token is not valid here; ask the operator for a valid one"
         self.metrics.observe_request(
-            method.rsplit("/", 1)[-1], "UNAUTHENTICATED", time.perf_counter() - started
+            method.rsplit("/", 1)[-1],
+            "UNAUTHENTICATED",
+            time.perf_counter() - started,
+            protocol_of(method),
         )
         return _deny_handler(handler, message)
 
@@ -245,3 +248,22 @@ def exposure_warnings(settings: Settings, tokens: bool, tls: bool) -> list[str]:
             "monitoring network only"
         )
     return warnings
+
+
+#: Fewer bytes than this are too easy to guess for a MAC key.
+MIN_SNAPSHOT_KEY_BYTES = 32
+
+
+def load_snapshot_key(settings: Settings) -> bytes:
+    """The deployment's snapshot key from ``snapshot_key_file`` (surrounding whitespace is
+    not part of it); empty when unset."""
+    path = settings.snapshot_key_file
+    if path is None:
+        return b""
+    key = _read(path, "snapshot key file").strip()
+    if len(key) < MIN_SNAPSHOT_KEY_BYTES:
+        raise SecurityConfigError(
+            f"snapshot key file {path} holds {len(key)} bytes; it needs at least "
+            f"{MIN_SNAPSHOT_KEY_BYTES} (generate one: openssl rand -hex 32)"
+        )
+    return key

@@ -75,6 +75,11 @@ def out_of_range(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.OUT_OF_RANGE, message)
 
 
+def resource_exhausted(message: str) -> ServingError:
+    """A limit was reached; the message names the limit (the setting) and what to do."""
+    return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
 def internal(exc: BaseException, what: str) -> ServingError:
     """Log an unexpected exception with a reference the client sees; a generic INTERNAL."""
     ref = secrets.token_hex(4)

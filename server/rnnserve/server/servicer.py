@@ -20,16 +20,18 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError, Message
 from rnnserve.server import snapshots
+from rnnserve.server.auth import current_principal
 from rnnserve.server.batcher import Work
 from rnnserve.server.durable import Durability
-from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
+from rnnserve.server.errors import ServingError, as_serving_error, invalid, quoted, unavailable
+from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import (
     CLOSED,
+    ISSUED_ID,
     REPLACED,
     ROUTE_KEY,
-    SESSION_ID,
     Session,
     SessionManager,
     check_seq_room,
@@ -323,8 +325,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         metrics: Metrics,
         max_stream_inflight: int = 1024,
         durable: Durability | None = None,
+        open_rate: OpenRate | None = None,
+        snapshot_key: bytes = b"",
     ) -> None:
         self.repository = repository
+        #: Each principal's budget of opens, forks and restores per second.
+        self.open_rate = open_rate or OpenRate(0)
+        #: The deployment's snapshot key: GetState signs, PutState verifies (empty: off).
+        self.snapshot_key = snapshot_key
         self.sessions = sessions
         self.metrics = metrics
         self.max_stream_inflight = max_stream_inflight
@@ -350,9 +358,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 "this replica is draining; retry (the session continues on another replica)"
             )
         try:
-            session = self.sessions.get(sid)
+            session = self.sessions.get(sid, current_principal())
         except ServingError:
-            if self.durable is not None and self.durable.may_hold(sid):
+            if (
+                self.durable is not None
+                and self.sessions.peek(sid) is None  # not another principal's, here
+                and self.durable.may_hold(sid)
+            ):
                 return None
             raise
         return None if session.suspect else session
@@ -367,6 +379,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if held is not None:  # here, but suspect
             return await self.durable.verify(held)
         taken = await self.durable.take_over(sid)
+        if taken is not None and taken.principal != current_principal():
+            raise self.sessions.foreign(sid)
         return taken if taken is not None else self.sessions.get(sid)  # NOT_FOUND: why
 
     def begin_shutdown(self) -> None:
@@ -396,7 +410,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self._refuse_while_draining()
         model = self.repository.resolve(request.model, request.version)
         state = model.decode_state(request.initial_state) if request.initial_state else None
-        session = self.sessions.open(model, state, route=_route(context))
+        principal = current_principal()
+        self.open_rate.take(principal)
+        session = self.sessions.open(model, state, route=_route(context), principal=principal)
         return pb.OpenSessionResponse(session=self.sessions.info(session))
 
     @unary("GetSession")
@@ -546,6 +562,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         await session.model.batcher.wait_idle(session)
         return await self.lookup(sid)
 
+    async def _may_restore_into(
+        self, sid: str, principal: str, restored: snapshots.Restored
+    ) -> None:
+        """NOT_FOUND when session ``sid`` is another principal's (here or in the store), as
+        for an unknown id; FAILED_PRECONDITION when it runs another model than the snapshot."""
+        existing = self.sessions.peek(sid)
+        if existing is None and self.durable is not None and self.durable.may_hold(sid):
+            existing = await self.durable.take_over(sid)
+        if existing is None or existing.ended is not None:
+            return
+        if existing.principal != principal:
+            raise self.sessions.foreign(sid)
+        have, want = existing.model.manifest.name, restored.model.manifest.name
+        if have != want:
+            raise ServingError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {quoted(sid)} runs model {quoted(have)}, the snapshot is of "
+                f"{quoted(want)}; restore it into a new session (leave session_id empty)",
+            )
+
     @unary("CloseSession")
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Any
@@ -565,24 +601,35 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ForkSession(
         self, request: pb.ForkSessionRequest, context: Any
     ) -> pb.ForkSessionResponse:
-        child = self.sessions.fork(await self._settled(request.session_id))
+        source = await self._settled(request.session_id)
+        self.open_rate.take(source.principal)
+        child = self.sessions.fork(source)
         return pb.ForkSessionResponse(session=self.sessions.info(child))
 
     @unary("GetState")
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.GetStateResponse:
         session = await self._settled(request.session_id)
-        return pb.GetStateResponse(snapshot=snapshots.take(session))
+        snap = snapshots.take(session)
+        if self.snapshot_key:
+            snapshots.sign(snap, self.snapshot_key, session.principal)
+        return pb.GetStateResponse(snapshot=snap)
 
     @unary("PutState")
     async def PutState(self, request: pb.PutStateRequest, context: Any) -> pb.PutStateResponse:
         sid = request.session_id
-        if sid and not SESSION_ID.fullmatch(sid):
+        if sid and not ISSUED_ID.fullmatch(sid):
             raise invalid(
-                "session_id must be a server-generated id (URL-safe, 22 to 128 characters); "
-                "leave it empty to get a new one"
+                "session_id must be a server-generated id (<route key>.<22 URL-safe "
+                "characters>, as OpenSession returns); leave it empty to get a new one"
             )
         self._refuse_while_draining()
+        principal = current_principal()
+        if self.snapshot_key:
+            snapshots.verify(request.snapshot, self.snapshot_key, principal)
         restored = snapshots.check(request.snapshot, self.repository)
+        if sid:
+            await self._may_restore_into(sid, principal, restored)
+        self.open_rate.take(principal)
         route = "" if sid else _route(context)
         # Restoring over an id owns it from now on, wherever it was (a new id starts at 1).
         epoch = await self.durable.seize(sid) if sid and self.durable is not None else 1
@@ -591,6 +638,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await existing.model.batcher.wait_idle(existing)
             if existing.ended is None:
                 self.sessions.end(existing, REPLACED)
-        session = self.sessions.open(restored.model, restored.state, sid or None, route, epoch)
+        session = self.sessions.open(
+            restored.model, restored.state, sid or None, route, epoch, principal
+        )
         snapshots.resume(session, restored)
         return pb.PutStateResponse(session=self.sessions.info(session))

@@ -18,7 +18,14 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
-from rnnserve.server.errors import not_found, out_of_range, quoted, seq_error
+from rnnserve.server.errors import (
+    ServingError,
+    not_found,
+    out_of_range,
+    quoted,
+    resource_exhausted,
+    seq_error,
+)
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -41,6 +48,9 @@ ID_BYTES = 16
 ROUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: A session id: ``<route key>.<secret>`` (or, from before route keys, the secret alone).
 SESSION_ID = re.compile(r"(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{22,128}")
+#: What this server issues: ``<route key>.<secret>``, the secret 16 random bytes in URL-safe
+#: base64. PutState restores into no other id, so a client cannot choose names.
+ISSUED_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{22}")
 #: Random bytes of a route key the server picks when the client sends none (12 characters).
 ROUTE_BYTES = 9
 
@@ -87,6 +97,7 @@ class Session:
         "principal",
         "saved_at",
         "saved_seq",
+        "share",
         "slot",
         "suspect",
     )
@@ -105,6 +116,9 @@ class Session:
         self.ended: str | None = None
         #: Who opened the session (authentication's principal; "" when it is off).
         self.principal = ""
+        #: The principal whose fair share the session counts in (SessionManager keeps it
+        #: equal to ``principal``).
+        self.share = ""
         #: The durable store's bookkeeping (durable.py), when the server has a store: where a
         #: commit reports unsaved steps, this replica's ownership epoch of the session, the seq
         #: of its last checkpoint (-1: none yet) and when it was written (monotonic), and
@@ -186,6 +200,7 @@ class SessionManager:
         ttl_s: float,
         capacity: int,
         checkpoints: Checkpoints | None = None,
+        principal_max: int = 0,
     ) -> None:
         self.metrics = metrics
         self.ttl = ttl_s
@@ -194,6 +209,10 @@ class SessionManager:
         self.checkpoints = checkpoints
         self._open: OrderedDict[str, Session] = OrderedDict()
         self._ended: OrderedDict[str, str] = OrderedDict()
+        #: Each principal's open sessions, least recently used first (fair eviction).
+        self._shares: dict[str, OrderedDict[str, Session]] = {}
+        #: The most sessions one principal may hold open (0: no limit but ``capacity``).
+        self.principal_max = principal_max
 
     def __len__(self) -> int:
         return len(self._open)
@@ -205,6 +224,7 @@ class SessionManager:
         sid: str | None = None,
         route: str = "",
         epoch: int = 1,
+        principal: str = "",
     ) -> Session:
         """A new session on ``model`` (zeros, or ``state`` when given); evicts the least
         recently used session when the server is at capacity.
@@ -212,8 +232,16 @@ class SessionManager:
         Without ``sid`` the id is new: ``<route>.<secret>``, with a random route key when
         ``route`` is empty. With a store, the session is owned at ``epoch`` and queued for its
         first checkpoint (a takeover, which loaded it from the store, passes ``epoch`` 0 and
-        sets the store's bookkeeping itself).
+        sets the store's bookkeeping itself). The session belongs to ``principal``, who may hold
+        at most ``principal_max`` sessions (RESOURCE_EXHAUSTED past it).
         """
+        held = len(self._shares.get(principal, ()))
+        if self.principal_max and held >= self.principal_max:
+            who = f"principal {quoted(principal)}" if principal else "the anonymous principal"
+            raise resource_exhausted(
+                f"{who} has {held} open sessions, the most principal_max_sessions allows; "
+                "close some first"
+            )
         while len(self._open) >= self.capacity:
             self._evict_one()
         slot = model.pool.allocate()
@@ -229,6 +257,8 @@ class SessionManager:
                 session.epoch = epoch
                 checkpoints.mark(session)
         self._open[sid] = session
+        session.principal = session.share = principal
+        self._shares.setdefault(principal, OrderedDict())[sid] = session
         self._ended.pop(sid, None)
         model.metrics.opened.inc()
         model.metrics.active.inc()
@@ -236,24 +266,61 @@ class SessionManager:
         return session
 
     def _evict_one(self) -> None:
-        # Least recently used first; a session with a chunk in flight is skipped if possible.
-        victim = next((s for s in self._open.values() if not s.busy), None)
+        # Fair share: the principal holding the most sessions loses its least recently used
+        # one, so one client opening sessions in a loop evicts its own, not everyone else's.
+        # A session with a chunk in flight is skipped if possible.
+        share = max(self._shares.values(), key=len)
+        victim = next((s for s in share.values() if not s.busy), None)
         if victim is None:
-            victim = next(iter(self._open.values()))
+            victim = next(iter(share.values()))
         self.end(victim, CAPACITY)
 
-    def get(self, sid: str) -> Session:
-        """The open session ``sid``, its idle clock restarted; NOT_FOUND saying why not."""
+    def _reshare(self, session: Session) -> None:
+        """Count ``session`` in its principal's share (after its principal was set later, as
+        a takeover from the store does)."""
+        self._unshare(session)
+        session.share = session.principal
+        self._shares.setdefault(session.share, OrderedDict())[session.id] = session
+
+    def _unshare(self, session: Session) -> None:
+        share = self._shares.get(session.share)
+        if share is not None:
+            share.pop(session.id, None)
+            if not share:
+                del self._shares[session.share]
+
+    def get(self, sid: str, principal: str | None = None) -> Session:
+        """The open session ``sid``, its idle clock restarted; NOT_FOUND saying why not. With
+        ``principal``, a session of another principal is NOT_FOUND exactly as an unknown id."""
         session = self._open.get(sid)
         now = time.monotonic()
         if session is None:
             raise not_found(self._why_missing(sid))
+        if principal is not None and session.principal != principal:
+            raise self.foreign(sid)
         if session.deadline < now and not session.busy:
             self.end(session, IDLE)
             raise not_found(self._why_missing(sid))
         session.deadline = now + self.ttl
         self._open.move_to_end(sid)
+        if session.share != session.principal:
+            self._reshare(session)
+        share = self._shares.get(session.share)
+        if share is not None:
+            share.move_to_end(sid)
         return session
+
+    def foreign(self, sid: str) -> ServingError:
+        """The NOT_FOUND for a session of another principal: the words of an unknown id, so
+        it says nothing about the session."""
+        return not_found(
+            f"session {quoted(sid)} is unknown here (never opened, or ended long ago); "
+            "open a new one"
+        )
+
+    def held_by(self, principal: str) -> int:
+        """How many sessions ``principal`` holds open."""
+        return len(self._shares.get(principal, ()))
 
     def ended_reason(self, sid: str) -> str | None:
         """Why session ``sid`` ended here, while its tombstone lasts; None if it did not."""
@@ -278,7 +345,9 @@ class SessionManager:
         if reason == CAPACITY:
             return (
                 f"session {sid} was evicted: the server reached its capacity of "
-                f"{self.capacity} sessions; open a new session (or restore a snapshot)"
+                f"{self.capacity} sessions and its principal held the most of them (each "
+                "principal's least recently used sessions go first); open a new session (or "
+                "restore a snapshot)"
             )
         if not sid:
             return "session_id is empty; open a session first"
@@ -290,6 +359,7 @@ class SessionManager:
             return
         session.ended = reason
         self._open.pop(session.id, None)
+        self._unshare(session)
         if session.checkpoints is not None:  # before the slot is handed on: it may save it
             session.checkpoints.ended(session, reason)
         session.model.pool.release(session.slot)
@@ -315,8 +385,7 @@ class SessionManager:
     def fork(self, source: Session) -> Session:
         """A new session on the same model version with a copy of ``source``'s state, seq and
         last reply."""
-        child = self.open(source.model, route=route_of(source.id))
-        child.principal = source.principal
+        child = self.open(source.model, route=route_of(source.id), principal=source.principal)
         source.model.pool.copy(source.slot, child.slot)
         child.next_seq = source.next_seq
         if source.last_reply is not None:

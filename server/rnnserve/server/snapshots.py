@@ -8,6 +8,7 @@ the other reads.
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from rnnserve.server.sessions import MAX_SEQ, Session
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import TensorError, from_tensor, to_tensor
 
+#: Domain separation of the snapshot MAC (a new version of it changes this).
+MAC_CONTEXT = b"rnnserve-snapshot-v1\0"
 #: Length of rnnserve.wire.chunk_digest.
 DIGEST_BYTES = 16
 
@@ -96,6 +99,36 @@ def _last_outputs(model: ServedModel, tensor: pb.Tensor) -> npt.NDArray[np.gener
             f"{model.label} makes float32 [T, {width}] with T >= 1"
         )
     return outputs
+
+
+def _mac(snap: pb.SessionSnapshot, key: bytes, principal: str) -> bytes:
+    unsigned = pb.SessionSnapshot()
+    unsigned.CopyFrom(snap)
+    unsigned.ClearField("mac")
+    # Deterministic encoding (map entries sorted), prefixed with the principal: a snapshot
+    # signed for one principal does not check for another.
+    data = unsigned.SerializeToString(deterministic=True)
+    return hmac.new(key, MAC_CONTEXT + principal.encode() + b"\0" + data, "sha256").digest()
+
+
+def sign(snap: pb.SessionSnapshot, key: bytes, principal: str) -> pb.SessionSnapshot:
+    """``snap`` with its ``mac`` set under the deployment's snapshot ``key`` for ``principal``."""
+    snap.mac = _mac(snap, key, principal)
+    return snap
+
+
+def verify(snap: pb.SessionSnapshot, key: bytes, principal: str) -> None:
+    """INVALID_ARGUMENT unless ``snap`` carries the mac ``sign`` gave it for ``principal``."""
+    if not snap.mac:
+        raise invalid(
+            "snapshot.mac is empty: this server restores only snapshots it signed; send a "
+            "snapshot taken with GetState from this deployment"
+        )
+    if not hmac.compare_digest(snap.mac, _mac(snap, key, principal)):
+        raise invalid(
+            "snapshot.mac does not check: the snapshot was altered, taken by another principal, "
+            "or signed by another deployment's snapshot key"
+        )
 
 
 def resume(session: Session, restored: Restored) -> None:
