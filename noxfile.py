@@ -4,7 +4,7 @@
 (``nox -s lowest``) installs rnnserve with protobuf and grpcio pinned to the floors in
 pyproject.toml and runs a representative part of the suite there (the wire codec, the engine
 and batcher, both SDKs, server parity), then adds the unmodified ``tritonclient[grpc]`` from
-PyPI (which needs protobuf < 7) and runs the Open Inference Protocol tests with it.
+PyPI (which needs protobuf 6: < 7) and runs the Open Inference Protocol tests with it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def lowest(session: nox.Session) -> None:
     session.install("-e", ".", PROTOBUF_FLOOR, GRPCIO_FLOOR, *TEST_TOOLS)
     session.run("python", "-c", _SHOW_VERSIONS)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET)
-    # tritonclient needs a newer grpcio than rnnserve's floor; protobuf stays at 6.30.0.
-    session.install(TRITONCLIENT, PROTOBUF_FLOOR)
+    # tritonclient needs a newer grpcio than rnnserve's floor, and its generated code (protoc
+    # 33.5) needs protobuf 6.33.5 at run time, though it declares >= 6.30.0: the newest 6.x.
+    session.install(TRITONCLIENT, "protobuf>=6.33.5,<7")
     session.run("python", "-c", _SHOW_VERSIONS)
     oip = _oip_tests()
     if oip:

@@ -37,8 +37,15 @@ def _x(model: str, steps: int, seed: int) -> np.ndarray:
     return rng.normal(0.0, 1.0, (steps, 3)).astype(np.float32)
 
 
+DATATYPES = {
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float64): "FP64",
+}
+
+
 def _input(x: np.ndarray) -> Any:
-    tensor = grpcclient.InferInput("x", list(x.shape), "INT64" if x.dtype == np.int64 else "FP32")
+    tensor = grpcclient.InferInput("x", list(x.shape), DATATYPES[x.dtype])
     tensor.set_data_from_numpy(x)
     return tensor
 
@@ -162,12 +169,16 @@ def test_end_frees_the_session(triton: Any, server_thread: Any) -> None:
 def test_sequences_of_two_clients_with_one_id_are_isolated(
     server_thread: Any, model_repo: Path
 ) -> None:
-    """Two connections both use sequence 5 at once; each sees only its own state."""
+    """Two connections both use sequence 5 at once; each sees only its own state. (Two
+    clients in one process share one connection unless told not to: gRPC shares a connection
+    between channels of the same settings.)"""
     xs = [_x("tiny-gru", 8, seed=30 + i) for i in range(2)]
     got: list[list[np.ndarray]] = [[], []]
 
     def run(i: int) -> None:
-        client = grpcclient.InferenceServerClient(server_thread.address)
+        client = grpcclient.InferenceServerClient(
+            server_thread.address, channel_args=[("grpc.use_local_subchannel_pool", 1)]
+        )
         try:
             for t in range(8):
                 result = client.infer(
@@ -290,12 +301,17 @@ def test_the_proto_matches_tritonclients_wire_format() -> None:
     from inference import grpc_service_pb2 as ours
     from tritonclient.grpc import service_pb2 as theirs
 
+    def repeated(f: Any) -> bool:
+        if hasattr(f, "is_repeated"):  # protobuf >= 6.31; label is deprecated there
+            return bool(f.is_repeated() if callable(f.is_repeated) else f.is_repeated)
+        return bool(f.label == f.LABEL_REPEATED)
+
     def fields(message: Any) -> dict[str, tuple[Any, ...]]:
         return {
             f.name: (
                 f.number,
                 f.type,
-                f.label,
+                repeated(f),
                 f.message_type and f.message_type.full_name,
                 f.containing_oneof and f.containing_oneof.name,
             )
