@@ -61,7 +61,7 @@ class Traffic:
         """One call that fails (a session id no replica has), for the errors panel."""
         with pytest.raises(grpc.RpcError) as failed:
             self.stub.Step(
-                pb.StepRequest(session_id="route0.nosuchsessionxxxxxxxx", seq=0, inputs=X),
+                pb.StepRequest(session_id="route0.nosuchsessionxxxxxxxxx", seq=0, inputs=X),
                 metadata=((ROUTE, "route0"),),
                 timeout=10,
             )
@@ -95,7 +95,7 @@ def test_prometheus_scrapes_replicas_and_envoy_and_the_dashboard_has_data(procs:
         traffic = Traffic(pb_grpc.InferenceServiceStub(channel), count=12)
         traffic.fail_one()
         traffic.close_last()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             # Keep the traffic going until Prometheus has scraped enough of it for rate().
             traffic.step_all()
@@ -104,7 +104,7 @@ def test_prometheus_scrapes_replicas_and_envoy_and_the_dashboard_has_data(procs:
             if len(targets) == 3 and set(targets.values()) == {"up"} and not missing:
                 break
             assert time.monotonic() < deadline, (
-                f"after 60 s: targets {targets}; dashboard queries without data: {missing}"
+                f"after 90 s: targets {targets}; dashboard queries without data: {missing}"
             )
             time.sleep(0.5)
 
