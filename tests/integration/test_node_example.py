@@ -97,3 +97,11 @@ def test_node_example_errors_are_one_line(node: str, server_thread: Any) -> None
     result = _run(node, "--server", server_thread.address, "--model", "no-such-model")
     assert result.returncode == 1
     assert "model no-such-model is not served" in result.stderr
+    # An error about one chunk comes back in-band on the stream (StepError).
+    result = _run(node, "--server", server_thread.address, "--model", "tiny-gru",
+                  "--values", "1,2,3,4,nan,6")  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "rnnserve_example: chunk 1: inputs hold NaN or Inf at step 1; send finite values "
+        "(or run the server with nan_policy=pass)"
+    ]
