@@ -35,7 +35,9 @@ SUBSET = (
     "tests/integration/test_server_parity.py",
 )
 
-nox.options.default_venv_backend = "venv"
+# uv installs the environment several times faster than pip (no bytecode compiling, parallel
+# downloads); plain venv + pip where uv is missing.
+nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
 #: Under .venv (ignored by git, removed by make clean) rather than a .nox folder of its own.
 nox.options.envdir = ".venv/nox"
