@@ -134,3 +134,25 @@ async def test_a_restore_over_an_id_fences_its_holder(start_server, redis_proc):
     assert info.next_seq == 2
     for c in channels:
         await c.close()
+
+
+async def test_a_session_in_use_keeps_its_store_copy_alive(start_server, redis_proc):
+    # Fewer steps than checkpoint_every, yet in use past its TTL: the store copy is renewed;
+    # once the session is idle, both copies expire.
+    import redis
+
+    (a, _), (stub, _), channels = await _pair(start_server, redis_proc, session_ttl_s=2.0)
+    sid = await _open(stub)
+    await step(stub, sid, 0, X)
+    store = redis.Redis.from_url(redis_proc.url)
+    key = f"rnnserve:session:{sid}"
+    for _ in range(12):  # 3.6 s of use, no checkpoint by steps
+        await stub.GetSession(pb.GetSessionRequest(session_id=sid))
+        await asyncio.sleep(0.3)
+    assert store.exists(key)
+    assert a.server.sessions.peek(sid) is not None
+    await asyncio.sleep(2.6)  # idle past the TTL
+    assert not store.exists(key)
+    store.close()
+    for c in channels:
+        await c.close()

@@ -62,6 +62,8 @@ class Durability:
         #: A session is queued once this many steps past its last checkpoint (Checkpoints).
         self.every = every
         self.ttl_ms = max(1, int(ttl_s * 1000))
+        #: How often sessions are scanned for a TTL renewal (see ``_refresh``), seconds.
+        self._refresh_s = max(0.5, ttl_s / 16)
         self.sessions: SessionManager | None = None
         self._queued: dict[str, Session] = {}
         #: Writes decided when a session left this replica (eviction snapshot, close).
@@ -155,7 +157,11 @@ class Durability:
         while True:
             if not self._queued and not self._final:
                 self._idle.set()
-                await self._wake.wait()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._refresh_s)
+                except TimeoutError:
+                    self._refresh()
+                    continue
             self._wake.clear()
             writes, sessions, seqs = self._take_batch()
             if not writes:
@@ -185,6 +191,17 @@ class Durability:
                     session.saved_at = now
                 elif session.ended is None and session.epoch == w.epoch:
                     self._fence(session)
+
+    def _refresh(self) -> None:
+        """Queue the sessions used well after their last checkpoint (fewer than
+        ``checkpoint_every`` steps since, or none), so that no store copy expires before the
+        session would: a checkpoint renews the key's TTL."""
+        if self.sessions is None:
+            return
+        ttl = self.ttl_ms / 1000
+        for session in self.sessions.all():
+            if session.deadline - ttl - session.saved_at > ttl / 8:
+                self.mark(session)
 
     def _take_batch(self) -> tuple[list[Write], list[Session | None], list[int]]:
         """Up to WRITE_BATCH writes, with the session each checkpoints (None for a final
