@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
@@ -34,6 +35,7 @@ from rnnserve.server.oip_codec import (
     sequence_of,
 )
 from rnnserve.server.oip_sequences import Key, OipSequence, SequenceTable, caller_scope
+from rnnserve.server.oip_stream import OipStream, stream_key
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -80,7 +82,7 @@ class _OipWork(Work):
     """A chunk from an OIP request: it answers with a ModelInferResponse, then any error
     replies of its sequence that arrived while it was in flight."""
 
-    __slots__ = ("decoded", "followers", "reply_to", "request", "sequence", "table")
+    __slots__ = ("decoded", "followers", "out", "reply_to", "request", "sequence", "table")
 
     def __init__(
         self,
@@ -92,6 +94,7 @@ class _OipWork(Work):
         chunk: Any,
         reply_to: Answer,
         started: float,
+        out: oip.ModelInferResponse | None,
     ) -> None:
         super().__init__(
             seq.session, at, chunk, bool(decoded.states), _no_callback, decoded.inputs, started
@@ -102,6 +105,8 @@ class _OipWork(Work):
         self.request = request
         self.decoded = decoded
         self.reply_to = reply_to
+        #: The message to build the response into (a stream's reply holds it), or None.
+        self.out = out
         self.followers: list[Callable[[], None]] = []
 
     def answer(self, result: pb.StepResponse | ServingError) -> None:
@@ -116,7 +121,7 @@ class _OipWork(Work):
             self.reply_to(result)
         else:
             model = self.session.model
-            self.reply_to(build_response(model, self.request, self.decoded, result))
+            self.reply_to(build_response(model, self.request, self.decoded, result, self.out))
         for follow in self.followers:
             follow()
 
@@ -140,6 +145,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.table = SequenceTable(sessions)
         self.max_stream_inflight = max_stream_inflight
         self._readers: set[asyncio.Task[None]] = set()
+        #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
+        self._lockstep: set[asyncio.Task[Any]] = set()
         self._closing = False
         try:
             self.version = metadata.version("rnnserve")
@@ -150,7 +157,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         """Not ready any more; open streams stop reading and end with UNAVAILABLE once their
         requests in flight are answered."""
         self._closing = True
-        for task in list(self._readers):
+        for task in [*self._readers, *self._lockstep]:
             task.cancel()
 
     @unary("ServerLive")
@@ -205,10 +212,16 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return result
 
     def accept(
-        self, request: oip.ModelInferRequest, scope: str, answer: Answer, started: float
+        self,
+        request: oip.ModelInferRequest,
+        scope: str,
+        answer: Answer,
+        started: float,
+        out: oip.ModelInferResponse | None = None,
     ) -> None:
-        """Check one request and submit its chunk; ``answer`` gets its response or error
-        (possibly before this returns). Raises ServingError for a request that cannot run."""
+        """Check one request and submit its chunk; ``answer`` gets its response (built into
+        ``out`` when given) or error, possibly before this returns. Raises ServingError for a
+        request that cannot run."""
         if self._closing:
             raise unavailable("server is shutting down; start the sequence again elsewhere")
         sequence = sequence_of(request)
@@ -240,7 +253,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         if sequence.start:
             seq = self.table.start(key, model)
         at = self.table.submitted(seq, int(chunk.shape[0]))
-        work = _OipWork(self.table, seq, at, request, decoded, chunk, answer, started)
+        work = _OipWork(self.table, seq, at, request, decoded, chunk, answer, started, out)
         seq.last = work
         if sequence.end:
             self.table.finish(key, seq)
@@ -268,78 +281,86 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """Requests of any number of sequences; each answered when its chunk is applied (in
-        order within a sequence), errors in-band."""
-        scope = caller_scope(context)
-        replies: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
-        room = asyncio.Semaphore(self.max_stream_inflight)
-        ok = self.metrics.request_child("ModelStreamInfer", "OK", PROTOCOL)
-        outstanding = 0
-        reading = True
-
-        def answerer(started: float) -> Answer:
-            def answer(result: oip.ModelInferResponse | ServingError) -> None:
-                nonlocal outstanding
-                elapsed = time.perf_counter() - started
-                if isinstance(result, ServingError):
-                    reply = oip.ModelStreamInferResponse(error_message=result.message)
-                    self.metrics.observe_request(
-                        "ModelStreamInfer", result.code.name, elapsed, PROTOCOL
-                    )
-                else:
-                    reply = oip.ModelStreamInferResponse(infer_response=result)
-                    ok.observe(elapsed)
-                outstanding -= 1
-                replies.put_nowait(reply)
-                if not reading and outstanding == 0:
-                    replies.put_nowait(None)
-
-            return answer
-
-        async def read() -> None:
-            nonlocal outstanding, reading
-            try:
-                async for request in request_iterator:
-                    await room.acquire()
-                    started = time.perf_counter()
-                    outstanding += 1
-                    answer = answerer(started)
-                    try:
-                        self.accept(request, scope, answer, started)
-                    except Exception as exc:
-                        err = as_serving_error(exc, "ModelStreamInfer")
-                        self.reject(request, scope, err, answer)
-            finally:
-                reading = False
-                if outstanding == 0:
-                    replies.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        self._readers.add(reader)
-        failed: BaseException | None = None
+        order within a sequence), errors in-band. Lockstep while the stream carries one
+        sequence, reading ahead from the first request of a second (oip_stream.py)."""
+        loop = asyncio.get_running_loop()
+        stream = OipStream(
+            self, caller_scope(context), self.metrics, self.max_stream_inflight, loop
+        )
+        requests = request_iterator.__aiter__()
+        handler = asyncio.current_task()
+        reader: asyncio.Task[None] | None = None
+        sole: object = None  # the one sequence the stream has named so far
+        failed: BaseException | None = None  # why reading stopped, if not the end of input
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-                room.release()
-            try:
-                await reader  # it has stopped reading; this is its outcome
-            except asyncio.CancelledError:
-                if not self._closing:
-                    raise
-            except DecodeError as exc:
-                failed = invalid(f"a message is not a valid inference.ModelInferRequest: {exc}")
-            except Exception as exc:  # a broken call
-                failed = exc
+            while not self._closing:
+                if handler is not None:
+                    self._lockstep.add(handler)
+                try:
+                    request = await requests.__anext__()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    # begin_shutdown interrupts a lockstep read; nothing is in flight here.
+                    if not self._closing or handler is None:
+                        raise
+                    if sys.version_info >= (3, 11):
+                        handler.uncancel()  # this cancel is handled; nothing else was asked
+                    break
+                except Exception as exc:  # a message that does not decode, a broken call
+                    failed = exc
+                    break
+                finally:
+                    if handler is not None:
+                        self._lockstep.discard(handler)
+                key = stream_key(request)
+                if sole is None:
+                    sole = key
+                stream.accept(request)
+                if key != sole:
+                    reader = loop.create_task(self._read_ahead(stream, requests))
+                    self._readers.add(reader)
+                    break
+                while stream.outstanding or stream.items:
+                    for reply in await stream.take():
+                        yield reply
+                        stream.sent(1)
+            if reader is None:
+                stream.end_of_input()
+            while True:
+                for reply in await stream.take():
+                    yield reply
+                    stream.sent(1)
+                if stream.ended and not stream.items:
+                    break
         finally:
-            reader.cancel()
-            self._readers.discard(reader)
+            if reader is not None:
+                reader.cancel()
+                self._readers.discard(reader)
         if self._closing:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "server is shutting down; start each sequence again on another server",
             )
+        if reader is not None and not reader.cancelled():
+            failed = reader.exception()
         if failed is not None:
+            if isinstance(failed, DecodeError):
+                failed = invalid(f"a message is not a valid inference.ModelInferRequest: {failed}")
             err = as_serving_error(failed, "ModelStreamInfer")
             await context.abort(err.code, err.message)
+
+    async def _read_ahead(
+        self, stream: OipStream, requests: AsyncIterator[oip.ModelInferRequest]
+    ) -> None:
+        """A stream of several sequences: accept requests as they come, with backpressure."""
+        try:
+            async for request in requests:
+                stream.accept(request)
+                if stream.unsent >= stream.limit:
+                    await stream.wait_for_room()
+        finally:
+            stream.end_of_input()
 
 
 def add_to_server(servicer: OipServicer, server: grpc.aio.Server) -> None:

@@ -13,6 +13,7 @@ Errors are ``ServingError`` with the status and wording Triton gives for the sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,17 +45,21 @@ class Sequence:
     end: bool
 
 
-@dataclass(frozen=True)
 class Decoded:
-    """What a ModelInferRequest asks of a model version."""
+    """What a ModelInferRequest asks of a model version (a plain class: one per step)."""
 
-    inputs: pb.Tensor
-    #: The input came as ``[1, T, ...]`` (a batch of one): the outputs carry the same axis.
-    batched: bool
-    #: Names of the memory-cell tensors to send back after the steps.
-    states: tuple[str, ...]
-    #: Whether the model's step output is asked for (it is when no output is named).
-    want_output: bool
+    __slots__ = ("batched", "inputs", "states", "want_output")
+
+    def __init__(
+        self, inputs: pb.Tensor, batched: bool, states: tuple[str, ...], want_output: bool
+    ) -> None:
+        self.inputs = inputs
+        #: The input came as ``[1, T, ...]`` (a batch of one): the outputs carry the same axis.
+        self.batched = batched
+        #: Names of the memory-cell tensors to send back after the steps.
+        self.states = states
+        #: Whether the model's step output is asked for (it is when no output is named).
+        self.want_output = want_output
 
 
 def input_shape(model: ServedModel) -> list[int]:
@@ -149,7 +154,7 @@ def decode_request(
         )
     if any(d < 0 for d in shape):
         raise invalid(f"input '{m.input_name}' shape {_dims(shape)} has a negative dimension")
-    count = int(np.prod(steps_shape))
+    count = math.prod(steps_shape)
     itemsize = model.input_dtype.itemsize
     if raw is None:
         field, dtype = _CONTENTS[want]
@@ -166,6 +171,8 @@ def decode_request(
             f"{count * itemsize}"
         )
     chunk = pb.Tensor(dtype=model.input_code, shape=steps_shape, raw_data=raw)
+    if not request.outputs:  # the common case: the step output only
+        return Decoded(chunk, batched, (), True)
     states = {s.name for s in m.states}
     asked = [o.name for o in request.outputs]
     for name in asked:
@@ -174,12 +181,7 @@ def decode_request(
                 f"unexpected inference output '{quoted(name)}' for {label}; its outputs are "
                 + ", ".join(f"'{n}'" for n in [m.output_name, *sorted(states)])
             )
-    return Decoded(
-        inputs=chunk,
-        batched=batched,
-        states=tuple(n for n in asked if n in states),
-        want_output=not asked or m.output_name in asked,
-    )
+    return Decoded(chunk, batched, tuple(n for n in asked if n in states), m.output_name in asked)
 
 
 def _dims(shape: list[int]) -> str:
