@@ -15,6 +15,7 @@ import pytest
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.server.batcher import Work
+from rnnserve.server.oip_sequences import Caller
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import to_tensor
 
@@ -170,7 +171,7 @@ async def test_oip_and_v1_chunks_share_an_engine_run(server: Any, model_repo: Pa
     batch = model.metrics.batch_size
     before = batch.counts[:]
     model.batcher.submit(Work(s1, 0, x, False, answers.append))  # runs at once, alone
-    srv.oip.accept(_request(x, 8, start=True), "peer:test", answers.append, 0.0)
+    srv.oip.accept(_request(x, 8, start=True), Caller("peer:test"), answers.append, 0.0)
     model.batcher.submit(Work(s2, 0, x, False, answers.append))  # joins the OIP chunk
     while len(answers) < 3:
         await asyncio.sleep(0.01)
@@ -213,3 +214,38 @@ async def test_rnnserve_v1_still_answers_beside_it(server: Any) -> None:
     sid = (await stub.OpenSession(pb.OpenSessionRequest(model="tiny-gru"))).session.session_id
     reply = await stub.Step(pb.StepRequest(session_id=sid, seq=0, inputs=to_tensor(_x(1, 9))))
     assert reply.next_seq == 1
+
+
+ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef01"
+
+
+def _as(token: str, route: str = "") -> tuple[tuple[str, str], ...]:
+    md = (("authorization", f"Bearer {token}"),)
+    return (*md, ("x-rnnserve-route", route)) if route else md
+
+
+async def test_with_tokens_a_sequence_belongs_to_its_principal(
+    start_server: Any, model_repo: Path
+) -> None:
+    """With tokens the scope is the principal: a sequence goes on over a new connection, two
+    principals' sequence 1 are apart, the route key names the session, and the principal's
+    session quota counts OIP sequences too."""
+    running = await start_server(auth_tokens=f"alice:{ALICE},bob:{BOB}", principal_max_sessions=1)
+    x = _x(4, seed=10)
+    want, _ = reference_run(model_repo / "tiny-gru" / "1", x)
+
+    def stub() -> Any:
+        return oip_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(running.address))
+
+    a0 = await stub().ModelInfer(_request(x[:2], 1, start=True), metadata=_as(ALICE, "k1"))
+    await stub().ModelInfer(_request(_x(2, seed=11), 1, start=True), metadata=_as(BOB))
+    a1 = await stub().ModelInfer(_request(x[2:], 1), metadata=_as(ALICE))  # a new connection
+    assert np.max(np.abs(np.concatenate([_y(a0), _y(a1)]) - want)) <= TOL
+    [session] = [s for s in running.server.sessions.all() if s.principal == "alice"]
+    assert session.id.startswith("k1.")
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # alice already holds her one session
+        await stub().ModelInfer(_request(x[:1], 2, start=True), metadata=_as(ALICE))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # no token, no call
+        await stub().ModelInfer(_request(x[:1], 1))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

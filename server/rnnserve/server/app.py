@@ -141,7 +141,11 @@ class RnnServer:
         )
         # The Open Inference Protocol (KServe v2, Triton's sequences) on the same port.
         self.oip = OipServicer(
-            self.repository, self.sessions, self.metrics, settings.max_stream_inflight
+            self.repository,
+            self.sessions,
+            self.metrics,
+            settings.max_stream_inflight,
+            self.servicer.open_rate,
         )
         self.health = HealthService()
         self.port = 0

@@ -25,6 +25,7 @@ from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.server.batcher import Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
+from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.oip_codec import (
     Decoded,
@@ -34,7 +35,7 @@ from rnnserve.server.oip_codec import (
     raw_inputs,
     sequence_of,
 )
-from rnnserve.server.oip_sequences import Key, OipSequence, SequenceTable, caller_scope
+from rnnserve.server.oip_sequences import Caller, Key, OipSequence, SequenceTable, caller_of
 from rnnserve.server.oip_stream import OipStream, stream_key
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
@@ -139,8 +140,11 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         sessions: SessionManager,
         metrics: Metrics,
         max_stream_inflight: int = 1024,
+        open_rate: OpenRate | None = None,
     ) -> None:
         self.repository = repository
+        #: Each principal's rate of new sessions, shared with rnnserve.v1's OpenSession.
+        self.open_rate = open_rate or OpenRate(0)
         self.metrics = metrics
         self.table = SequenceTable(sessions)
         self.max_stream_inflight = max_stream_inflight
@@ -205,7 +209,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             if not fut.done():  # the caller may have gone away
                 fut.set_result(result)
 
-        self.accept(request, caller_scope(context), done, time.perf_counter())
+        self.accept(request, caller_of(context), done, time.perf_counter())
         result = await fut
         if isinstance(result, ServingError):
             raise result
@@ -214,7 +218,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     def accept(
         self,
         request: oip.ModelInferRequest,
-        scope: str,
+        caller: Caller,
         answer: Answer,
         started: float,
         out: oip.ModelInferResponse | None = None,
@@ -232,7 +236,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                 f"inference request to model '{name}' must specify a non-zero or non-empty "
                 "correlation ID (the sequence_id parameter): rnnserve's models are stateful"
             )
-        key: Key = (scope, name, sequence.id)
+        key: Key = (caller.scope, name, sequence.id)
         if sequence.start:
             model = self.repository.resolve(name, request.model_version)
         else:
@@ -251,7 +255,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         decoded = decode_request(model, request, raws[0] if raws else None)
         chunk = model.decode_chunk(decoded.inputs)
         if sequence.start:
-            seq = self.table.start(key, model)
+            self.open_rate.take(caller.principal)
+            seq = self.table.start(key, model, caller.principal, caller.route)
         at = self.table.submitted(seq, int(chunk.shape[0]))
         work = _OipWork(self.table, seq, at, request, decoded, chunk, answer, started, out)
         seq.last = work
@@ -260,7 +265,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         model.batcher.submit(work)
 
     def reject(
-        self, request: oip.ModelInferRequest, scope: str, err: ServingError, answer: Answer
+        self, request: oip.ModelInferRequest, caller: Caller, err: ServingError, answer: Answer
     ) -> None:
         """Answer a request that cannot run: after the replies of its sequence already in
         flight, so a stream's replies keep each sequence's order."""
@@ -268,7 +273,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         with contextlib.suppress(ServingError):
             sequence = sequence_of(request)
         if sequence is not None:
-            seq = self.table.peek((scope, request.model_name, sequence.id))
+            seq = self.table.peek((caller.scope, request.model_name, sequence.id))
             last = seq.last if seq is not None else None
             if isinstance(last, _OipWork):
                 last.followers.append(lambda: answer(err))
@@ -284,9 +289,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         order within a sequence), errors in-band. Lockstep while the stream carries one
         sequence, reading ahead from the first request of a second (oip_stream.py)."""
         loop = asyncio.get_running_loop()
-        stream = OipStream(
-            self, caller_scope(context), self.metrics, self.max_stream_inflight, loop
-        )
+        stream = OipStream(self, caller_of(context), self.metrics, self.max_stream_inflight, loop)
         requests = request_iterator.__aiter__()
         handler = asyncio.current_task()
         reader: asyncio.Task[None] | None = None

@@ -15,7 +15,8 @@ from typing import Any
 from rnnserve.server.auth import current_principal
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
-from rnnserve.server.sessions import CLOSED, Session, SessionManager
+from rnnserve.server.sessions import CLOSED, ROUTE_KEY, Session, SessionManager
+from rnnserve.wire import ROUTE_HEADER
 
 #: (caller scope, model name, sequence id)
 Key = tuple[str, str, int | str]
@@ -24,11 +25,32 @@ Key = tuple[str, str, int | str]
 SWEEP_EVERY = 1024
 
 
-def caller_scope(context: Any) -> str:
-    """Whose sequences a call may touch: its principal when tokens are on, else its peer (the
-    client's address and port: one connection, one gRPC channel)."""
+class Caller:
+    """Who sent a call: the scope of its sequence ids (its principal when tokens are on, else
+    its peer: the client's address and port, one connection), its principal ("" when tokens
+    are off), and the route key it sent for new sessions ("": a random one)."""
+
+    __slots__ = ("principal", "route", "scope")
+
+    def __init__(self, scope: str, principal: str = "", route: str = "") -> None:
+        self.scope = scope
+        self.principal = principal
+        self.route = route
+
+
+def caller_of(context: Any) -> Caller:
+    """The Caller of a call; INVALID_ARGUMENT when its route key header is malformed."""
     principal = current_principal()
-    return f"principal:{principal}" if principal else f"peer:{context.peer()}"
+    scope = f"principal:{principal}" if principal else f"peer:{context.peer()}"
+    route = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_HEADER:
+            route = value if isinstance(value, str) else value.decode(errors="replace")
+            if not ROUTE_KEY.fullmatch(route):
+                raise invalid(
+                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
+                )
+    return Caller(scope, principal, route)
 
 
 class OipSequence:
@@ -58,16 +80,19 @@ class SequenceTable:
     def __len__(self) -> int:
         return len(self._open)
 
-    def start(self, key: Key, model: ServedModel) -> OipSequence:
-        """A new sequence (START): a fresh session on ``model``; the key's previous sequence,
-        if any, ends once its chunks in flight are applied."""
+    def start(
+        self, key: Key, model: ServedModel, principal: str = "", route: str = ""
+    ) -> OipSequence:
+        """A new sequence (START): a fresh session on ``model`` of ``principal`` (within its
+        quota), routed by ``route``; the key's previous sequence, if any, ends once its chunks
+        in flight are applied."""
         old = self._open.pop(key, None)
         if old is not None:
             self._close(old)
         self._starts += 1
         if self._starts % SWEEP_EVERY == 0:
             self._sweep()
-        seq = OipSequence(self.sessions.open(model))
+        seq = OipSequence(self.sessions.open(model, route=route, principal=principal))
         self._open[key] = seq
         return seq
 

@@ -20,6 +20,7 @@ from rnnserve.server.metrics import Metrics
 
 if TYPE_CHECKING:
     from rnnserve.server.oip import OipServicer
+    from rnnserve.server.oip_sequences import Caller
 
 PROTOCOL = "oip"
 METHOD = "ModelStreamInfer"
@@ -36,6 +37,7 @@ class OipStream:
     """The replies of one ModelStreamInfer call and how many requests are unanswered."""
 
     __slots__ = (
+        "caller",
         "ended",
         "items",
         "limit",
@@ -45,7 +47,6 @@ class OipStream:
         "outstanding",
         "reading",
         "room",
-        "scope",
         "servicer",
         "unsent",
         "waiter",
@@ -54,13 +55,13 @@ class OipStream:
     def __init__(
         self,
         servicer: OipServicer,
-        scope: str,
+        caller: Caller,
         metrics: Metrics,
         limit: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.servicer = servicer
-        self.scope = scope
+        self.caller = caller
         self.metrics = metrics
         self.ok = metrics.request_child(METHOD, "OK", PROTOCOL)
         self.loop = loop
@@ -86,9 +87,9 @@ class OipStream:
             self.answer(reply, result, started)
 
         try:
-            self.servicer.accept(request, self.scope, answer, started, reply.infer_response)
+            self.servicer.accept(request, self.caller, answer, started, reply.infer_response)
         except Exception as exc:
-            self.servicer.reject(request, self.scope, as_serving_error(exc, METHOD), answer)
+            self.servicer.reject(request, self.caller, as_serving_error(exc, METHOD), answer)
 
     def answer(
         self,
