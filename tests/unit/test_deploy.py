@@ -153,6 +153,16 @@ def test_envoy_hashes_the_route_header_and_checks_the_inference_service() -> Non
     assert cluster["lb_policy"] == "RING_HASH"
     assert cluster["health_checks"][0]["grpc_health_check"]["service_name"] == SERVICE
     assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0.0}
+    # Envoy's defaults (1,024 requests, 3 retries at once) fail a busy replica's calls.
+    (limits,) = cluster["circuit_breakers"]["thresholds"]
+    assert min(limits[k] for k in ("max_requests", "max_pending_requests", "max_retries")) >= 10_000
+    retry = route["route"]["retry_policy"]
+    assert set(retry["retry_on"].split(",")) == {
+        "connect-failure",
+        "refused-stream",
+        "unavailable",
+        "cancelled",
+    }
 
 
 def test_compose_envoy_runs_the_shipped_config() -> None:
