@@ -161,16 +161,26 @@ class Proc:
     def terminate(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (after SIGCONT, in case it is paused) and wait up to ``timeout`` s; SIGKILL
         after that. Returns the exit code (negative: the signal that ended it)."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
+        self.begin_terminate()
+        return self.finish_terminate(timeout)
+
+    def begin_terminate(self) -> None:
+        """SIGCONT and SIGTERM without waiting (``finish_terminate`` waits): stopping several
+        processes at once takes as long as the slowest, not the sum."""
+        if self.alive:
+            assert self.popen is not None
             self.popen.send_signal(signal.SIGCONT)
             self.popen.terminate()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+
+    def finish_terminate(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` s for the exit after ``begin_terminate``; SIGKILL after that."""
+        if self.popen is None:
+            return None
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
         with _live_lock:
             _live.discard(self.popen)
         return self.popen.returncode

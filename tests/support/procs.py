@@ -58,6 +58,7 @@ the test fails, since CI installs them all.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -373,8 +374,11 @@ class Procs:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            proc.terminate(5.0)
+        for proc in self.started:
+            proc.begin_terminate()
+        deadline = time.monotonic() + 5.0
+        for proc in self.started:
+            proc.finish_terminate(max(0.1, deadline - time.monotonic()))
 
 
 @pytest.fixture
