@@ -26,8 +26,11 @@ from .models import ModelInfo
 #: Seq refusals in a row after which the SDK stops re-planning (the server disagrees with itself).
 _MAX_SEQ_REFUSALS = 3
 
-#: Failures after which the session is intact and the chunk is simply sent again.
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: Failures after which the session is intact and the chunk is simply sent again. The SDK never
+#: cancels a call it waits on, so a CANCELLED comes from the server going away: a stopping gRPC
+#: server cancels the calls that reached it after its drain (measured: 11 of 668 unary steps
+#: sent straight to a replica during its SIGTERM drain). The seq makes the resend safe.
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 #: How a broken stream call looks: the SDK never cancels a call while a chunk is in flight, so a
 #: CANCELLED comes from the server going away (a restart, a drain), and gRPC core reports a
 #: connection torn down mid-write as INTERNAL. Replies in-band on a live stream use RETRY_CODES.

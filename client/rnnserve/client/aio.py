@@ -15,6 +15,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from ._convert import encode_state
+from ._driver import RETRY_CODES
 from ._retry import Backoff
 from ._routing import check_route_key, new_route_key, routed
 from .aio_session import AsyncSession
@@ -153,7 +154,7 @@ class AsyncClient:
             try:
                 return await method(request, timeout=self.options.deadline_s, metadata=metadata)
             except grpc.RpcError as exc:
-                if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
+                if rpc_code(exc) in RETRY_CODES:
                     delay = backoff.next_delay()
                     if delay is not None:
                         await asyncio.sleep(delay)

@@ -15,6 +15,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from ._convert import encode_state
+from ._driver import RETRY_CODES
 from ._retry import Backoff
 from ._routing import check_route_key, new_route_key, routed
 from .errors import RnnserveError, from_rpc_error, rpc_code
@@ -153,7 +154,8 @@ class Client:
         route: str | None = None,
     ) -> _Resp:
         """A unary call with the client's deadline and metadata (with the route key of
-        ``route``, else of ``session_id``), retried while UNAVAILABLE.
+        ``route``, else of ``session_id``), retried while UNAVAILABLE (or CANCELLED by a
+        stopping server).
 
         Only idempotent calls come through here (OpenSession repeated after a lost reply at
         worst leaves an unused session, which expires on the server).
@@ -164,7 +166,7 @@ class Client:
             try:
                 return method(request, timeout=self.options.deadline_s, metadata=metadata)
             except grpc.RpcError as exc:
-                if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
+                if rpc_code(exc) in RETRY_CODES:
                     delay = backoff.next_delay()
                     if delay is not None:
                         time.sleep(delay)
