@@ -38,6 +38,7 @@ from rnnserve.server.limits import OpenRate, StreamLimit
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.oip import OipServicer
 from rnnserve.server.oip import add_to_server as add_oip_to_server
+from rnnserve.server.oip_http import OipHttp
 from rnnserve.server.repository import Repository
 from rnnserve.server.servicer import InferenceServicer, add_to_server
 from rnnserve.server.sessions import SessionManager
@@ -151,6 +152,8 @@ class RnnServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics_http: tuple[WSGIServer, threading.Thread] | None = None
+        #: The Open Inference Protocol's REST face, when settings.oip_http_port turns it on.
+        self.oip_http: OipHttp | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -194,6 +197,11 @@ class RnnServer:
             self.servicer.snapshot_key = load_snapshot_key(s)
         except SecurityConfigError as exc:
             raise ServerStartError(str(exc)) from None
+        if s.oip_http_port >= 0 and (tokens or credentials is not None):
+            raise ServerStartError(
+                "oip_http_port: the Open Inference Protocol's REST face checks no tokens and has "
+                "no TLS, so it cannot serve beside a gRPC port that has them; leave it off (-1)"
+            )
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if tokens:
             interceptors.append(TokenAuth(tokens, self.metrics))
@@ -233,6 +241,8 @@ class RnnServer:
                     f"cannot serve metrics on {_hostport(s.metrics_host, s.metrics_port)}: "
                     f"{exc.strerror}"
                 ) from None
+        if s.oip_http_port >= 0:
+            self.oip_http = self._serve_oip_http()
         await server.start()
         self._server = server
         for warning in exposure_warnings(s, bool(tokens), credentials is not None):
@@ -285,6 +295,8 @@ class RnnServer:
         if self._server is not None:
             await self._server.stop(grace)
         await closing_metrics
+        if self.oip_http is not None:
+            await asyncio.to_thread(self.oip_http.stop)
         if self.durable is not None:
             await self.durable.stop()
         for model in self.repository.all():
@@ -305,6 +317,19 @@ class RnnServer:
             log.info("drained: every session is checkpointed")
         else:
             log.warning("drain: not every session was checkpointed within %.1f s", grace)
+
+    def _serve_oip_http(self) -> OipHttp:
+        """The REST face on settings.oip_http_port; ServerStartError when it cannot bind."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        try:
+            return OipHttp(self.oip, loop, s.host, s.oip_http_port, s.max_message_bytes)
+        except OSError as exc:
+            where = _hostport(s.host, s.oip_http_port)
+            raise ServerStartError(
+                f"cannot serve the Open Inference Protocol's REST face on {where}: "
+                f"{exc.strerror}; pick another port with --oip-http-port N (0: any free one)"
+            ) from None
 
     def _close_metrics(self) -> None:
         if self._metrics_http is not None:

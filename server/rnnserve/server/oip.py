@@ -168,28 +168,42 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> Any:
         return oip.ServerLiveResponse(live=True)
 
-    @unary("ServerReady")
-    async def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> Any:
-        return oip.ServerReadyResponse(ready=not self._closing and bool(self.repository.all()))
+    def ready(self) -> bool:
+        """Serving and holding a model."""
+        return not self._closing and bool(self.repository.all())
 
-    @unary("ServerMetadata")
-    async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Any) -> Any:
+    def server_metadata(self) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(
             name="rnnserve", version=self.version, extensions=["sequence", "parameters"]
         )
 
+    def model_ready(self, name: str, version: str) -> bool:
+        try:
+            self.repository.resolve(name, version)
+        except ServingError:
+            return False
+        return not self._closing
+
+    def model_metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
+        """The metadata of a model version; NOT_FOUND naming what is served."""
+        model = self.repository.resolve(name, version)
+        return model_metadata(model, self.repository.versions(model.manifest.name))
+
+    @unary("ServerReady")
+    async def ServerReady(self, request: oip.ServerReadyRequest, context: Any) -> Any:
+        return oip.ServerReadyResponse(ready=self.ready())
+
+    @unary("ServerMetadata")
+    async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: Any) -> Any:
+        return self.server_metadata()
+
     @unary("ModelReady")
     async def ModelReady(self, request: oip.ModelReadyRequest, context: Any) -> Any:
-        try:
-            self.repository.resolve(request.name, request.version)
-        except ServingError:
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=not self._closing)
+        return oip.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     @unary("ModelMetadata")
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: Any) -> Any:
-        model = self.repository.resolve(request.name, request.version)
-        return model_metadata(model, self.repository.versions(model.manifest.name))
+        return self.model_metadata(request.name, request.version)
 
     @unary("RepositoryIndex")
     async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context: Any) -> Any:

@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     handshake_timeout_s: float = Field(default=10.0, gt=0)
     """Seconds a new connection has to finish its TLS and HTTP/2 handshake before the server
     drops it, so connections that never speak do not pile up."""
+    oip_http_port: int = Field(default=-1, ge=-1, le=65535)
+    """Port of the Open Inference Protocol's REST/JSON face on ``host`` (KServe v2 over HTTP,
+    for curl users: POST /v2/models/NAME/infer; docs/oip.md); -1 (the default) turns it off, 0
+    picks a free one. Plain HTTP without tokens: the server refuses to start it when the gRPC
+    port has TLS or tokens. The gRPC port serves the protocol either way."""
 
     @field_validator("log_level", mode="before")
     @classmethod
