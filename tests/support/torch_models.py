@@ -3,31 +3,38 @@
 from __future__ import annotations
 
 import torch
-from rnnserve.export.cells import NotesLSTMCell, NotesStack, init_torch_lstm_forget_bias
 from rnnserve.export.model import RecurrentModel, build_model
 from rnnserve.export.spec import ModelSpec
+from rnnserve.export.train import set_forget_bias
 from rnnserve.manifest import Scaling
 
 VOCAB = list("abcdefg")
 
 
-def tiny_model(cell: str, kind: str, layers: int, lstm_output: str = "tanh") -> RecurrentModel:
+def tiny_model(
+    cell: str, kind: str, layers: int, lstm_output: str = "tanh", residual: bool = False
+) -> RecurrentModel:
+    """A seeded tiny model; ``residual`` (features only) gets 3 outputs, one per input."""
     torch.manual_seed(3)
     tokens = kind == "tokens"
+    outputs = 3 if residual else 2
     spec = ModelSpec(
         cell=cell,
         input_kind=kind,  # type: ignore[arg-type]
         input_size=len(VOCAB) if tokens else 3,
         hidden_size=6,
         layers=layers,
-        output_size=len(VOCAB) if tokens else 2,
+        output_size=len(VOCAB) if tokens else outputs,
         embedding_dim=4 if tokens else 0,
         lstm_output=lstm_output,  # type: ignore[arg-type]
+        residual=residual,
     )
     model = build_model(
         spec,
         input_scaling=None if tokens else Scaling(mean=[1.0, -2.0, 30.0], std=[0.5, 2.0, 8.0]),
-        output_scaling=None if tokens else Scaling(mean=[3.0, -1.0], std=[2.0, 0.25]),
+        output_scaling=None
+        if tokens
+        else Scaling(mean=[3.0, -1.0, 5.0][:outputs], std=[2.0, 0.25, 4.0][:outputs]),
     )
     # Larger weights than the default initialisation, so the gates leave their linear range.
     with torch.no_grad():
@@ -39,14 +46,3 @@ def tiny_model(cell: str, kind: str, layers: int, lstm_output: str = "tanh") -> 
     # bound. The graph computes any bias alike; this keeps the values where 1e-5 means parity.
     set_forget_bias(model, 0.0)
     return model.eval()
-
-
-def set_forget_bias(model: RecurrentModel, value: float) -> None:
-    """Set every LSTM layer's forget-gate bias to ``value`` (no-op for other cells)."""
-    with torch.no_grad():
-        if isinstance(model.rnn, torch.nn.LSTM):
-            init_torch_lstm_forget_bias(model.rnn, value)
-        elif isinstance(model.rnn, NotesStack):
-            for cell in model.rnn.cells:
-                if isinstance(cell, NotesLSTMCell):
-                    cell.bias[cell.gate("f")] = value

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from rnnserve.client.cli import main
 from rnnserve.export.experiments import (
     BEGIN,
     END,
+    VARIANTS,
     ExperimentConfig,
     hidden_for_budget,
     parameter_count,
@@ -91,3 +94,20 @@ def test_experiment_cli_bad_lags(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--lags must be comma-separated integers" in err
+
+
+def test_lstm_variants_map_to_their_output_forms() -> None:
+    assert VARIANTS["notes-lstm"] == ("notes-lstm", "notes")
+    assert VARIANTS["notes-lstm-tanh"] == ("notes-lstm", "tanh")
+    assert parameter_count("notes-lstm-tanh", 9) == parameter_count("notes-lstm", 9)
+    assert "notes-lstm-tanh" in ExperimentConfig().cells
+
+
+def test_a_diverged_run_is_recorded_not_fatal(tmp_path: Path) -> None:
+    # An absurd step size makes the loss overflow to inf within a few batches.
+    config = replace(TINY, lags=(4,), cells=("rnn",), lr=1e19)
+    [outcome] = run_experiment(config, tmp_path, progress=False)
+    assert outcome.diverged and math.isnan(outcome.val_mse)
+    assert "| rnn | diverged |" in (tmp_path / "long-lag.md").read_text()
+    [run] = json.loads((tmp_path / "long-lag.json").read_text())["runs"]
+    assert run["diverged"] is True and run["val_mse"] is None

@@ -112,6 +112,29 @@ def test_export_parity(
         start += length
 
 
+@pytest.mark.parametrize("form", ["native", "matmul"])
+@pytest.mark.parametrize("cell", ["notes-gru", "gru", "notes-lstm"])
+def test_residual_export_adds_the_input(tmp_path: Path, cell: str, form: str) -> None:
+    model = tiny_model(cell, "features", 2, "notes", residual=True)
+    m = export_onnx(model, tmp_path, name="m", version="1", form=form)  # type: ignore[arg-type]
+    assert m.parity["max_abs_diff"] <= 1e-5
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((9, 4, 3)) * [0.5, 2, 8] + [1, -2, 30]).astype(np.float32)
+    state = tuple(np.zeros((2, 4, 6), np.float32) for _ in m.states)
+    lens = np.array([9, 9, 9, 9])
+    sess = ort.InferenceSession(str(tmp_path / "m" / "1" / "model.onnx"))
+    y = sess.run(None, feeds(m, x, state, lens))[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))[0].numpy()
+        np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * 8)
+        # with a zero head, the graph's forecast is its input: "next = this", exactly
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    export_onnx(model, tmp_path, name="zero", version="1", form=form)  # type: ignore[arg-type]
+    sess = ort.InferenceSession(str(tmp_path / "zero" / "1" / "model.onnx"))
+    np.testing.assert_array_equal(sess.run(None, feeds(m, x, state, lens))[0], x)
+
+
 def test_native_nodes_are_configured_as_documented(tmp_path: Path) -> None:
     def nodes(cell: str, lstm_output: str = "tanh") -> list[onnx.NodeProto]:
         model = tiny_model(cell, "features", 2, lstm_output)

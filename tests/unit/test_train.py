@@ -3,6 +3,7 @@ bad input is one line and exit code 2 with nothing written, and the shipped-mode
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -19,7 +20,7 @@ from rnnserve.export.checkpoint import CheckpointError, load_checkpoint
 from rnnserve.export.shipped import export_run
 from rnnserve.export.spec import ModelSpec
 from rnnserve.export.tasks import TaskOptions, make_task
-from rnnserve.export.train import TrainConfig, fit, run_training
+from rnnserve.export.train import TrainConfig, fit, new_model, run_training, warmup_factor
 from rnnserve.manifest import load_manifest
 
 TINY_CHAR = TrainConfig(
@@ -56,6 +57,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+cpu = torch.device("cpu")
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -300,3 +304,99 @@ def test_numpy_streams_are_per_epoch() -> None:
     a = [x for x, _, _ in task.batches(np.random.default_rng([0, 2]), cpu)]
     b = [x for x, _, _ in task.batches(np.random.default_rng([0, 2]), cpu)]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_warmup_scales_the_first_batches_and_survives_a_resume(tmp_path: Path) -> None:
+    config = replace(TINY_CHAR, warmup=5)
+    assert [warmup_factor(config, i) for i in (0, 1, 4, 5, 100)] == [0.2, 0.4, 1.0, 1.0, 1.0]
+    assert warmup_factor(TINY_CHAR, 0) == 1.0
+    # A warm-up longer than the first epoch: the resumed run must count the batches before it.
+    per_epoch = len(list(make_task("char", config.options).batches(np.random.default_rng(0), cpu)))
+    config = replace(config, warmup=per_epoch + 3)
+    whole = run_training(config, tmp_path / "whole", progress=False, log=lambda _: None)
+    run_training(replace(config, epochs=1), tmp_path / "split", progress=False, log=lambda _: None)
+    resumed = run_training(
+        config, tmp_path / "split", resume=True, progress=False, log=lambda _: None
+    )
+    assert resumed.history[-1].metrics == whole.history[-1].metrics
+    plain, _ = fit(make_task("char", TINY_CHAR.options), TINY_CHAR, device=cpu)
+    warm, _ = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    assert not same_weights(weights(plain), weights(warm))
+
+
+def test_forget_bias_sets_every_lstm_and_nothing_else() -> None:
+    task = make_task("char", TINY_CHAR.options)
+    for cell in ("notes-lstm", "lstm"):
+        _, model = new_model(task, replace(TINY_CHAR, cell=cell, forget_bias=-0.5))
+        _, default = new_model(task, replace(TINY_CHAR, cell=cell))
+        h = TINY_CHAR.hidden
+        if cell == "notes-lstm":
+            bias = model.rnn.cells[0].bias  # gates u, f, o, c
+            forget, other = bias[h : 2 * h], bias[:h]
+        else:
+            # nn.LSTM: i, f, g, o; the gate sees bias_ih + bias_hh
+            bias = model.rnn.bias_ih_l0 + model.rnn.bias_hh_l0
+            forget, other = bias[h : 2 * h], bias[:h]
+        assert torch.all(forget == -0.5)
+        assert not torch.all(other == -0.5)
+        changed = {k for k, v in weights(model).items() if not torch.equal(v, weights(default)[k])}
+        assert changed <= {"rnn.cells.0.bias", "rnn.bias_ih_l0", "rnn.bias_hh_l0"}
+    _, gru = new_model(task, replace(TINY_CHAR, forget_bias=-0.5))
+    _, gru_default = new_model(task, TINY_CHAR)
+    assert same_weights(weights(gru), weights(gru_default))
+
+
+def test_cli_notes_lstm_defaults_to_the_notes_output_with_safe_settings() -> None:
+    from rnnserve.export.cli_train import NOTES_LSTM_DEFAULTS, build_config, configure
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    notes = build_config(parser.parse_args(["char", "--cell", "notes-lstm"]))
+    assert notes.lstm_output == "notes"
+    assert notes.lr == NOTES_LSTM_DEFAULTS["lr"] < 3e-3
+    assert notes.warmup == NOTES_LSTM_DEFAULTS["warmup"] > 0
+    assert notes.forget_bias == NOTES_LSTM_DEFAULTS.get("forget_bias")
+    tanh = build_config(
+        parser.parse_args(["char", "--cell", "notes-lstm", "--lstm-output", "tanh"])
+    )
+    assert (tanh.lstm_output, tanh.lr, tanh.warmup, tanh.forget_bias) == ("tanh", 3e-3, 0, None)
+    chosen = build_config(
+        parser.parse_args(["char", "--cell", "notes-lstm", "--lr", "5e-4", "--warmup", "0"])
+    )
+    assert (chosen.lr, chosen.warmup) == (5e-4, 0)
+    gru = build_config(parser.parse_args(["char", "--cell", "gru"]))
+    assert (gru.lr, gru.warmup) == (3e-3, 0)
+
+
+def test_residual_forecaster_starts_near_the_naive_forecast() -> None:
+    config = TrainConfig(
+        task="forecast",
+        cell="gru",
+        hidden=8,
+        epochs=1,
+        options=TaskOptions(batch_size=8, bptt=52, steps_per_epoch=1, residual=True),
+    )
+    task = make_task("forecast", config.options)
+    spec, model = new_model(task, config)
+    assert spec.residual
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        x = torch.tensor([[[350.0]], [[351.5]]])
+        y, _ = model(x)
+    assert torch.equal(y, x)  # a zero head forecasts "next week = this week" exactly
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--residual"], "--residual goes with the forecast task"),
+        (["--warmup", "-1"], "--warmup must be 0 or more"),
+    ],
+)
+def test_cli_refuses_misplaced_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+) -> None:
+    assert main([*CHAR_ARGS, "--out", str(tmp_path / "r"), *extra]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "r").exists()

@@ -4,6 +4,8 @@
     rnnserve train forecast --cell gru --out runs/co2 [--resume]
     rnnserve train adding --length 50 --cell rnn --out runs/adding
     rnnserve train adding --experiment            (the long-lag experiment -> docs/long-lag.md)
+    rnnserve train char --baselines               (the n-gram baseline on the same split)
+    rnnserve train forecast --baselines           (naive, seasonal naive, AR, SARIMA)
     rnnserve train all --out runs --models models (train + export every shipped model)
 
 Bad input (unknown cell kind, impossible sizes, a missing or empty corpus, a checkpoint of
@@ -34,6 +36,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "adding": {"hidden": 32, "epochs": 10, "batch_size": 64, "lr": 3e-3, "steps": 50, "length": 50},
 }
+#: what the notes' LSTM with its own output ``a = Γo ⊙ c`` gets instead of the task's lr and
+#: warm-up: its activation is unbounded, and at lr 3e-3 without warm-up it diverges
+#: (docs/training.md, "The notes' LSTM")
+NOTES_LSTM_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "warmup": 100}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +61,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="learning rate: cosine (lr down to lr/10 over the epochs) or constant",
     )
     parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help="batches of linear learning-rate warm-up (default 0; notes-lstm with its notes "
+        f"output: {NOTES_LSTM_DEFAULTS['warmup']})",
+    )
     parser.add_argument("--batch-size", type=int, help="sequences per batch")
     parser.add_argument(
         "--bptt", type=int, help="truncated BPTT length (char) or window length in weeks (forecast)"
@@ -63,9 +75,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, help="adding problem sequence length")
     parser.add_argument("--embedding", type=int, default=32, help="char embedding size")
     parser.add_argument(
+        "--forget-bias",
+        type=float,
+        help="LSTMs: the forget gate's initial bias (default +1; notes-lstm with its notes "
+        f"output: {NOTES_LSTM_DEFAULTS.get('forget_bias', 1)})",
+    )
+    parser.add_argument(
         "--lstm-output",
-        default="tanh",
-        help="notes-lstm only: tanh (a = Γo ⊙ tanh c) or notes (a = Γo ⊙ c)",
+        default="notes",
+        help="notes-lstm only: notes (a = Γo ⊙ c, as the notes write it; the default) or tanh "
+        "(a = Γo ⊙ tanh c, the common form)",
+    )
+    parser.add_argument(
+        "--residual",
+        action="store_true",
+        help="forecast: the model outputs this week's value plus a learned change",
+    )
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="char, forecast: print the baselines on the task's validation split and exit",
     )
     parser.add_argument("--corpus", help="a UTF-8 text file instead of the shipped KJV slice")
     parser.add_argument("--corpus-limit", type=int, help="use only the first N characters")
@@ -152,7 +181,9 @@ def build_config(args: argparse.Namespace) -> Any:
         raise BadInput(f"--schedule must be cosine or constant, got {args.schedule!r}")
     if args.lstm_output not in ("tanh", "notes"):
         raise BadInput(f"--lstm-output must be tanh or notes, got {args.lstm_output!r}")
-    d = DEFAULTS[args.task]
+    d = dict(DEFAULTS[args.task])
+    if args.cell == "notes-lstm" and args.lstm_output == "notes":
+        d.update(NOTES_LSTM_DEFAULTS)
 
     def pick(name: str, value: Any) -> Any:
         return d.get(name) if value is None else value
@@ -167,6 +198,8 @@ def build_config(args: argparse.Namespace) -> Any:
         lr=pick("lr", args.lr),
         clip=args.clip,
         lstm_output=args.lstm_output,
+        warmup=pick("warmup", args.warmup) or 0,
+        forget_bias=pick("forget_bias", args.forget_bias),
         schedule=args.schedule,
         options=TaskOptions(
             batch_size=pick("batch_size", args.batch_size),
@@ -176,6 +209,7 @@ def build_config(args: argparse.Namespace) -> Any:
             embedding_dim=args.embedding,
             corpus=args.corpus,
             corpus_limit=args.corpus_limit,
+            residual=args.residual,
         ),
     )
     for name, value in (
@@ -189,6 +223,10 @@ def build_config(args: argparse.Namespace) -> Any:
     ):
         if value < 1:
             raise BadInput(f"{name} must be at least 1, got {value}")
+    if config.warmup < 0:
+        raise BadInput(f"--warmup must be 0 or more, got {config.warmup}")
+    if config.options.residual and config.task != "forecast":
+        raise BadInput("--residual goes with the forecast task")
     if not config.lr > 0 or not config.clip > 0:
         raise BadInput("--lr and --clip must be positive")
     if config.options.corpus_limit is not None and config.options.corpus_limit < 1:
@@ -228,7 +266,7 @@ def _run_one(args: argparse.Namespace) -> int:
 
 def _run_all(args: argparse.Namespace) -> int:
     from rnnserve.export.model import build_model
-    from rnnserve.export.shipped import VERSION, train_all
+    from rnnserve.export.shipped import train_all
     from rnnserve.export.train import pick_device
 
     names = [n.strip() for n in args.only.split(",")] if args.only else None
@@ -249,7 +287,7 @@ def _run_all(args: argparse.Namespace) -> int:
             f"{recipe.name:<18} {recipe.config.cell:<11} {params:>8} "
             f"{result.best_epoch:>4} {result.seconds:>7.0f}  {shown}"
         )
-    print(f"models written to {args.models}/<name>/{VERSION}; runs in {args.out or 'runs'}")
+    print(f"models written to {args.models}/<name>/<version>; runs in {args.out or 'runs'}")
     return 0
 
 
@@ -268,6 +306,41 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_baselines(args: argparse.Namespace) -> int:
+    from rnnserve.export.baselines import char_baselines, forecast_baselines
+    from rnnserve.export.tasks import CharTask, ForecastTask
+
+    config = build_config(args)
+    if config.task == "char":
+        task = CharTask(config.options)
+        result = char_baselines(task.corpus)
+        print(
+            f"uniform over {len(task.corpus.vocabulary)} characters: "
+            f"{result['uniform_bpc']:.3f} bits/char"
+        )
+        print("order  held-out tail of training  validation   (interpolated Kneser-Ney n-gram)")
+        for n, bpc in result["valid_bpc"].items():
+            mark = "  <- chosen on the held-out tail" if n == result["chosen_order"] else ""
+            print(f"{n:>5}  {result['held_out_bpc'][n]:>25.3f}  {bpc:>10.3f}{mark}")
+        return 0
+    if config.task == "forecast":
+        series = ForecastTask(config.options).series
+        result = forecast_baselines(series)
+        print(
+            f"one-step-ahead forecasts of the {series.values.size - series.split} validation "
+            "weeks, ppm"
+        )
+        for name, scores in result.items():
+            print(f"{name:<22} RMSE {scores['rmse']:.3f}  MAE {scores['mae']:.3f}")
+        sarima = result["sarima"]
+        print(
+            f"sarima: {sarima['order']}, parameters {sarima['params']} fitted on the training "
+            f"weeks in {sarima['seconds']:.0f} s"
+        )
+        return 0
+    raise BadInput("--baselines goes with the char or forecast task")
+
+
 def run(args: argparse.Namespace) -> int:
     """Train as asked; 0 on success, 2 on bad input (one line on stderr, nothing written)."""
     import torch
@@ -281,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         if args.task == "all":
             return _run_all(args)
+        if args.baselines:
+            return _run_baselines(args)
         if args.experiment:
             if args.task != "adding":
                 raise BadInput(

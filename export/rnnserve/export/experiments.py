@@ -34,6 +34,13 @@ BASELINE_MSE = 1.0 / 6.0
 SOLVED_MSE = 0.01
 #: gate blocks per cell kind: each has that many [hidden x (hidden + input + 1)] blocks
 GATE_BLOCKS = {"rnn": 1, "notes-mingru": 2, "notes-gru": 3, "notes-lstm": 4, "gru": 3, "lstm": 4}
+#: the experiment's cell names: every cell kind (``notes-lstm`` with the notes' own output
+#: ``a = Γo ⊙ c``), and ``notes-lstm-tanh``, the notes' LSTM with ``a = Γo ⊙ tanh(c)``;
+#: each maps to (cell kind, lstm_output)
+VARIANTS: dict[str, tuple[str, str]] = {
+    **{c: (c, "notes" if c == "notes-lstm" else "tanh") for c in CELL_KINDS},
+    "notes-lstm-tanh": ("notes-lstm", "tanh"),
+}
 BEGIN = "<!-- long-lag results: begin (written by rnnserve train adding --experiment) -->"
 END = "<!-- long-lag results: end -->"
 
@@ -44,7 +51,7 @@ class ExperimentConfig:
     (its hidden size is chosen to come closest); ``steps`` batches of ``batch_size``."""
 
     lags: tuple[int, ...] = (10, 25, 50, 100)
-    cells: tuple[str, ...] = ("rnn", "notes-mingru", "notes-gru", "notes-lstm")
+    cells: tuple[str, ...] = ("rnn", "notes-mingru", "notes-gru", "notes-lstm", "notes-lstm-tanh")
     seeds: tuple[int, ...] = (0,)
     params: int = 2500
     steps: int = 400
@@ -57,7 +64,10 @@ class ExperimentConfig:
 
 @dataclass
 class RunOutcome:
-    """One cell at one lag with one seed: final validation numbers and the curve."""
+    """One cell at one lag with one seed: final validation numbers and the curve.
+
+    A run whose training loss stopped being finite is ``diverged``; its numbers are NaN.
+    """
 
     cell: str
     lag: int
@@ -68,11 +78,12 @@ class RunOutcome:
     val_accuracy: float
     seconds: float
     curve: list[float] = field(default_factory=list)
+    diverged: bool = False
 
 
 def parameter_count(cell: str, hidden: int, inputs: int = 2, outputs: int = 1) -> int:
     """Weights of a one-layer model: gate blocks plus the linear head."""
-    return GATE_BLOCKS[cell] * hidden * (hidden + inputs + 1) + outputs * (hidden + 1)
+    return GATE_BLOCKS[VARIANTS[cell][0]] * hidden * (hidden + inputs + 1) + outputs * (hidden + 1)
 
 
 def hidden_for_budget(cell: str, params: int) -> int:
@@ -90,9 +101,11 @@ def run_one(config: ExperimentConfig, cell: str, lag: int, seed: int) -> RunOutc
         length=lag,
         valid_size=config.valid_size,
     )
+    kind, lstm_output = VARIANTS[cell]
     train = TrainConfig(
         task="adding",
-        cell=cell,
+        cell=kind,
+        lstm_output=lstm_output,
         hidden=hidden,
         epochs=config.evals,
         seed=seed,
@@ -101,7 +114,20 @@ def run_one(config: ExperimentConfig, cell: str, lag: int, seed: int) -> RunOutc
         schedule="constant",
     )
     t0 = time.perf_counter()
-    _, history = fit(AddingTask(options), train, device=pick_device())
+    try:
+        _, history = fit(AddingTask(options), train, device=pick_device())
+    except FloatingPointError:
+        return RunOutcome(
+            cell=cell,
+            lag=lag,
+            seed=seed,
+            hidden=hidden,
+            params=parameter_count(cell, hidden),
+            val_mse=math.nan,
+            val_accuracy=math.nan,
+            seconds=time.perf_counter() - t0,
+            diverged=True,
+        )
     last = history[-1].metrics
     return RunOutcome(
         cell=cell,
@@ -120,10 +146,10 @@ def run_experiment(
     config: ExperimentConfig, docs: Path, *, progress: bool = True
 ) -> list[RunOutcome]:
     """Run the grid and write the results into ``docs`` (markdown, JSON, plots)."""
-    unknown = [c for c in config.cells if c not in CELL_KINDS]
+    unknown = [c for c in config.cells if c not in VARIANTS]
     if unknown:
         raise ValueError(
-            f"unknown cell kind(s) {', '.join(unknown)}; choose from {', '.join(CELL_KINDS)}"
+            f"unknown cell kind(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}"
         )
     if not config.lags or min(config.lags) < 2:
         raise ValueError("--lags must be sequence lengths of at least 2")
@@ -189,7 +215,7 @@ def results_markdown(config: ExperimentConfig, outcomes: list[RunOutcome]) -> st
         cells = []
         for lag in config.lags:
             row = table[cell, lag]
-            text = f"{row['mse']:.4f}"
+            text = "diverged" if math.isnan(row["mse"]) else f"{row['mse']:.4f}"
             cells.append(f"**{text}**" if row["solved"] == row["runs"] else text)
         lines.append(f"| {cell} | " + " | ".join(cells) + " |")
     lines += [
@@ -220,7 +246,12 @@ def results_markdown(config: ExperimentConfig, outcomes: list[RunOutcome]) -> st
 def write_results(config: ExperimentConfig, outcomes: list[RunOutcome], docs: Path) -> None:
     """Plots, JSON, and the marked section of ``docs/long-lag.md`` (created if missing)."""
     plot_results(config, outcomes, docs / "img")
-    raw: dict[str, Any] = {"config": asdict(config), "runs": [asdict(o) for o in outcomes]}
+    # A diverged run's NaNs are written as null: NaN is not JSON.
+    runs = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(o).items()}
+        for o in outcomes
+    ]
+    raw: dict[str, Any] = {"config": asdict(config), "runs": runs}
     write_atomic(docs / "long-lag.json", (json.dumps(raw, indent=1) + "\n").encode())
     section = results_markdown(config, outcomes)
     page = docs / "long-lag.md"

@@ -128,12 +128,15 @@ class RecurrentModel(nn.Module):
             return (x - self.get_buffer("input_mean")) / self.get_buffer("input_std")
         return x
 
-    def decode(self, a: Tensor) -> Tensor:
-        """The head on the top layer's activation, de-scaled to the data's units."""
+    def decode(self, a: Tensor, x: Tensor) -> Tensor:
+        """The head on the top layer's activation, de-scaled to the data's units; with
+        ``spec.residual`` added to the step's input ``x`` instead of the output mean."""
         y: Tensor = self.head(a)
         if self._has_output_scaling:
-            y = y * self.get_buffer("output_std") + self.get_buffer("output_mean")
-        return y
+            y = y * self.get_buffer("output_std")
+            if not self.spec.residual:
+                y = y + self.get_buffer("output_mean")
+        return x + y if self.spec.residual else y
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Whole sequence: ``x`` ``[T, B, F]`` or ``[T, B]`` -> ``(y [T, B, O], state)``."""
@@ -152,14 +155,14 @@ class RecurrentModel(nn.Module):
         else:
             out, h = self.rnn(seq, state[0])
             new_state = (h,)
-        return self.decode(out), new_state
+        return self.decode(out, x), new_state
 
     def step(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
         """One step: ``x_t`` ``[B, F]`` or ``[B]`` -> ``(y_t [B, O], state)``."""
         self._check_state(state, x_t.shape[0])
         if isinstance(self.rnn, NotesStack):
             a, new_state = self.rnn.step(self.encode(x_t), state)
-            return self.decode(a), new_state
+            return self.decode(a, x_t), new_state
         y, new_state = self.forward(x_t.unsqueeze(0), state)
         return y[0], new_state
 

@@ -153,15 +153,18 @@ def encode(g: GraphBuilder, model: RecurrentModel) -> str:
 
 
 def decode(g: GraphBuilder, model: RecurrentModel, top: str) -> None:
-    """The head on the top layer's ``[T, B, H]`` output, de-scaled, exposed as ``y``."""
+    """The head on the top layer's ``[T, B, H]`` output, de-scaled (plus ``x`` for a residual
+    model), exposed as ``y``."""
     w = g.const("head_wT", _np(model.head.weight).T.copy())
     b = g.const("head_b", _np(model.head.bias))
     y = g.op1("Add", [g.op1("MatMul", [top, w]), b])
     scaling = model.output_scaling
     if scaling is not None:
-        std = g.const("output_std", np.asarray(scaling.std, np.float32))
-        mean = g.const("output_mean", np.asarray(scaling.mean, np.float32))
-        y = g.op1("Add", [g.op1("Mul", [y, std]), mean])
+        y = g.op1("Mul", [y, g.const("output_std", np.asarray(scaling.std, np.float32))])
+        if not model.spec.residual:
+            y = g.op1("Add", [y, g.const("output_mean", np.asarray(scaling.mean, np.float32))])
+    if model.spec.residual:
+        y = g.op1("Add", [INPUT, y])
     g.rename(y, OUTPUT)
 
 

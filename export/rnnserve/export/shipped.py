@@ -1,9 +1,11 @@
 """The shipped models: how each one in ``models/`` is trained, and ``train all`` that rebuilds them.
 
-Each recipe is a ``TrainConfig`` plus a model name; ``train_all`` trains every recipe from
-scratch into ``runs/<name>/``, exports its best epoch to ``models/<name>/1/`` (replacing an
-older export of that version only once the new one has passed its parity check), and copies
-the loss curve to ``docs/img/<name>-loss.png``. Budget: about 15 CPU-minutes in all.
+Each recipe is a ``TrainConfig`` plus a model name, version and ONNX form; ``train_all``
+trains every recipe from scratch into ``runs/<name>/``, exports its best epoch to
+``models/<name>/<version>/`` (replacing an older export of that version only once the new one
+has passed its parity check), and copies the loss curve to ``docs/img/<name>-loss.png``.
+A recipe whose training or exported graph changes what the model computes gets a new version,
+so a client pinned to the old one is refused instead of served something else.
 """
 
 from __future__ import annotations
@@ -16,15 +18,13 @@ from pathlib import Path
 
 import torch
 from rnnserve.export.checkpoint import load_checkpoint
-from rnnserve.export.onnx_export import export_onnx
+from rnnserve.export.onnx_export import Form, export_onnx
 from rnnserve.export.tasks import TaskOptions
 from rnnserve.export.train import BEST, CURVE, RunResult, TrainConfig, run_training, say
 from rnnserve.manifest import Manifest, write_atomic
 
-VERSION = "1"
-
 _CHAR = TaskOptions(batch_size=64, bptt=100, embedding_dim=32)
-_CO2 = TaskOptions(batch_size=32, bptt=156, steps_per_epoch=40)
+_CO2 = TaskOptions(batch_size=32, bptt=156, steps_per_epoch=40, residual=True)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class Recipe:
     name: str
     config: TrainConfig
     about: str
+    version: str = "1"
+    #: "native" (one ONNX recurrent node per layer) or "matmul" (a Scan; runs on every provider)
+    form: Form = "native"
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -44,8 +47,28 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe(
         "char-notes-lstm",
+        TrainConfig(
+            "char",
+            "notes-lstm",
+            hidden=128,
+            epochs=8,
+            lr=1e-3,
+            warmup=100,
+            forget_bias=1.0,
+            lstm_output="notes",
+            options=_CHAR,
+        ),
+        "the notes' LSTM as the notes write it (update, forget, output gates; a = Γo ⊙ c) on "
+        "the KJV text",
+        version="2",
+        # ONNX Runtime's CUDA LSTM kernel has no Affine (identity) output activation; the Scan
+        # form runs on every provider.
+        form="matmul",
+    ),
+    Recipe(
+        "char-notes-lstm-tanh",
         TrainConfig("char", "notes-lstm", hidden=128, epochs=8, lr=3e-3, options=_CHAR),
-        "the notes' LSTM (update, forget, output gates; a = Γo ⊙ tanh(c)) on the KJV text",
+        "the notes' LSTM with the common output a = Γo ⊙ tanh(c) on the KJV text",
     ),
     Recipe(
         "char-gru",
@@ -59,13 +82,17 @@ RECIPES: tuple[Recipe, ...] = (
     ),
     Recipe(
         "co2-notes-gru",
-        TrainConfig("forecast", "notes-gru", hidden=32, epochs=30, lr=3e-3, options=_CO2),
-        "the notes' GRU forecasting next week's Mauna Loa CO2 in ppm",
+        TrainConfig("forecast", "notes-gru", hidden=32, epochs=10, lr=3e-3, options=_CO2),
+        "the notes' GRU forecasting next week's Mauna Loa CO2 in ppm (this week's level plus a "
+        "learned change)",
+        version="2",
     ),
     Recipe(
         "co2-gru",
-        TrainConfig("forecast", "gru", hidden=32, epochs=30, lr=3e-3, options=_CO2),
-        "PyTorch's nn.GRU forecasting next week's Mauna Loa CO2 in ppm",
+        TrainConfig("forecast", "gru", hidden=32, epochs=10, lr=3e-3, options=_CO2),
+        "PyTorch's nn.GRU forecasting next week's Mauna Loa CO2 in ppm (this week's level plus "
+        "a learned change)",
+        version="2",
     ),
 )
 
@@ -74,7 +101,9 @@ def recipe_names() -> list[str]:
     return [r.name for r in RECIPES]
 
 
-def export_run(run_dir: Path, models_dir: Path, name: str, version: str = VERSION) -> Manifest:
+def export_run(
+    run_dir: Path, models_dir: Path, name: str, version: str = "1", form: Form = "native"
+) -> Manifest:
     """Export ``run_dir/best.pt`` as ``models_dir/name/version``, replacing an older export.
 
     The new version is exported (and parity-checked) into a staging folder first, so a failure
@@ -92,6 +121,7 @@ def export_run(run_dir: Path, models_dir: Path, name: str, version: str = VERSIO
             staging,
             name=name,
             version=version,
+            form=form,
             vocabulary=list(vocabulary) if vocabulary is not None else None,
             dataset=info["dataset"],
             metrics=metrics,
@@ -145,11 +175,12 @@ def train_all(
             progress=progress,
             log=log,
         )
-        manifest = export_run(run_dir, models_dir, recipe.name)
+        manifest = export_run(run_dir, models_dir, recipe.name, recipe.version, recipe.form)
         if curves_dir is not None:
             write_atomic(curves_dir / f"{recipe.name}-loss.png", (run_dir / CURVE).read_bytes())
         log(
-            f"exported {models_dir / recipe.name / VERSION} ({manifest.onnx_form} form, parity "
+            f"exported {models_dir / recipe.name / recipe.version} ({manifest.onnx_form} form, "
+            "parity "
             f"max abs diff {manifest.parity.get('max_abs_diff', float('nan')):.1e})"
         )
         results.append((recipe, result, manifest))

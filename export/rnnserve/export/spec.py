@@ -25,6 +25,9 @@ class ModelSpec:
     - ``output_size``: regression outputs per step, or logits over the vocabulary.
     - ``lstm_output``: for "notes-lstm" only, ``"notes"`` is the notes' ``a = Γo ⊙ c`` and
       ``"tanh"`` the common ``a = Γo ⊙ tanh(c)``.
+    - ``residual``: features only, ``input_size == output_size``: the output is the step's input
+      plus the head's (de-scaled) output, ``y<t> = x<t> + std · head(a<t>)``, so a forecaster
+      learns the change from this step rather than the level itself.
     """
 
     cell: str
@@ -35,6 +38,7 @@ class ModelSpec:
     output_size: int
     embedding_dim: int = 0
     lstm_output: Literal["notes", "tanh"] = "tanh"
+    residual: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with a message that says which field to fix."""
@@ -49,6 +53,11 @@ class ModelSpec:
             raise ValueError("a token model needs embedding_dim >= 1")
         if self.lstm_output not in ("notes", "tanh"):
             raise ValueError("lstm_output must be 'notes' or 'tanh'")
+        if self.residual and (self.input_kind != "features" or self.input_size != self.output_size):
+            raise ValueError(
+                "residual needs a features model with as many outputs as inputs, got "
+                f"{self.input_kind} {self.input_size} -> {self.output_size}"
+            )
 
     @property
     def state_names(self) -> tuple[str, ...]:

@@ -44,6 +44,8 @@ class TaskOptions:
     ``bptt``: truncated back-propagation length (char) or window length (forecast), in steps.
     ``length``: the adding problem's sequence length (its lag). ``steps_per_epoch``: batches per
     epoch for the sampled tasks (forecast, adding); a char epoch is one pass over the text.
+    ``residual``: forecast only, the model outputs this week's level plus a learned change
+    (``ModelSpec.residual``).
     """
 
     batch_size: int = 64
@@ -54,6 +56,7 @@ class TaskOptions:
     corpus: str | None = None
     corpus_limit: int | None = None
     valid_size: int = 1000
+    residual: bool = False
 
 
 Batch = tuple[Tensor, Tensor, bool]  # inputs, targets, whether the state carries over
@@ -79,7 +82,7 @@ class Task(ABC):
 
     @staticmethod
     def _feature_spec(
-        cell: str, hidden: int, layers: int, lstm_output: str, input_size: int
+        cell: str, hidden: int, layers: int, lstm_output: str, input_size: int, residual: bool
     ) -> ModelSpec:
         """A validated spec of a real-valued model with one regression output per step."""
         spec = ModelSpec(
@@ -90,6 +93,7 @@ class Task(ABC):
             layers=layers,
             output_size=1,
             lstm_output=lstm_output,  # type: ignore[arg-type]
+            residual=residual,
         )
         spec.validate()
         return spec
@@ -146,6 +150,7 @@ class CharTask(Task):
             output_size=v,
             embedding_dim=self.options.embedding_dim,
             lstm_output=lstm_output,  # type: ignore[arg-type]
+            residual=self.options.residual,
         )
         spec.validate()
         return spec
@@ -220,7 +225,9 @@ class ForecastTask(Task):
             raise DataError(f"--bptt {options.bptt} is longer than the training series")
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
-        return self._feature_spec(cell, hidden, layers, lstm_output, input_size=1)
+        return self._feature_spec(
+            cell, hidden, layers, lstm_output, input_size=1, residual=self.options.residual
+        )
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
         b, w = self.options.batch_size, self.options.bptt
@@ -287,7 +294,9 @@ class AddingTask(Task):
         }
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
-        return self._feature_spec(cell, hidden, layers, lstm_output, input_size=2)
+        return self._feature_spec(
+            cell, hidden, layers, lstm_output, input_size=2, residual=self.options.residual
+        )
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
         for _ in range(self.options.steps_per_epoch):

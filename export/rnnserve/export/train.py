@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rnnserve.export.cells import State
+from rnnserve.export.cells import NotesLSTMCell, State, init_torch_lstm_forget_bias
 from rnnserve.export.checkpoint import (
     CheckpointError,
     check_spec,
@@ -57,6 +57,11 @@ class TrainConfig:
     lr: float = 3e-3
     clip: float = 1.0
     lstm_output: str = "tanh"
+    #: batches of linear learning-rate warm-up at the start of training: batch ``i`` (counted
+    #: from 0 over the whole run) uses ``lr * min(1, (i + 1) / warmup)``; 0 for none
+    warmup: int = 0
+    #: the LSTMs' initial forget-gate bias; None keeps ``cells.LSTM_FORGET_BIAS`` (+1)
+    forget_bias: float | None = None
     #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
     #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
     schedule: str = "cosine"
@@ -100,7 +105,20 @@ def new_model(task: Task, config: TrainConfig) -> tuple[ModelSpec, RecurrentMode
     spec = task.spec(config.cell, config.hidden, config.layers, config.lstm_output)
     torch.manual_seed(config.seed)
     model = build_model(spec, input_scaling=task.input_scaling, output_scaling=task.output_scaling)
+    if config.forget_bias is not None:
+        set_forget_bias(model, config.forget_bias)
     return spec, model
+
+
+def set_forget_bias(model: RecurrentModel, value: float) -> None:
+    """Start every LSTM layer of ``model`` (the notes' or nn.LSTM) with forget-gate bias
+    ``value``; other cells have no forget gate and are left alone."""
+    for module in model.modules():
+        if isinstance(module, NotesLSTMCell):
+            with torch.no_grad():
+                module.bias[module.gate("f")].fill_(value)
+        elif isinstance(module, torch.nn.LSTM):
+            init_torch_lstm_forget_bias(module, value)
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -113,6 +131,11 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * progress)))
 
 
+def warmup_factor(config: TrainConfig, step: int) -> float:
+    """The warm-up's share of the learning rate at batch ``step`` (0-based, whole run)."""
+    return 1.0 if config.warmup <= 0 else min(1.0, (step + 1) / config.warmup)
+
+
 def train_epoch(
     task: Task,
     model: RecurrentModel,
@@ -121,12 +144,15 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     progress: bool,
+    first_step: int = 0,
 ) -> list[float]:
-    """One epoch of Adam steps with clipped gradients; returns each step's loss."""
+    """One epoch of Adam steps with clipped gradients; returns each step's loss.
+
+    ``first_step`` is the number of batches run before this epoch (for the warm-up).
+    """
     rng = np.random.default_rng([config.seed, epoch])
     torch.manual_seed(config.seed * 100_003 + epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, epoch)
+    base_lr = learning_rate(config, epoch)
     model.train()
     state: State | None = None
     losses: list[float] = []
@@ -141,6 +167,8 @@ def train_epoch(
     for x, y, carry in bar:
         # Truncated BPTT: the memory cell crosses into the next window, its gradient does not.
         prev = tuple(s.detach() for s in state) if carry and state is not None else None
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * warmup_factor(config, first_step + len(losses))
         loss, state = task.loss(model, x, y, prev)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -190,7 +218,8 @@ def fit(
                 st[k] = v.to(device)
     for epoch in range(first, config.epochs + 1):
         t0 = time.perf_counter()
-        losses = train_epoch(task, model, optimizer, config, epoch, device, progress)
+        done = sum(len(h.step_losses) for h in history)
+        losses = train_epoch(task, model, optimizer, config, epoch, device, progress, done)
         model.eval()
         metrics = task.evaluate(model, device)
         record = EpochRecord(
