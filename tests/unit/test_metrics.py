@@ -56,6 +56,4 @@ def test_server_metrics_expose_every_family():
     assert got[("rnnserve_errors_total", (("code", "NOT_FOUND"), *step_v1))] == 1
     assert ("rnnserve_errors_total", (("code", "OK"), *step_v1)) not in got
     assert got[("rnnserve_sessions_ended_total", (("model", "m/1"), ("reason", "idle")))] == 1
-    assert (
-        got[("rnnserve_request_duration_seconds_count", (("code", "OK"), *step_v1))] == 1
-    )
+    assert got[("rnnserve_request_duration_seconds_count", (("code", "OK"), *step_v1))] == 1
