@@ -249,3 +249,16 @@ async def test_with_tokens_a_sequence_belongs_to_its_principal(
     with pytest.raises(grpc.aio.AioRpcError) as err:  # no token, no call
         await stub().ModelInfer(_request(x[:1], 1))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_malformed_route_key_is_refused_on_both_rpcs(stub: Any) -> None:
+    bad = (("x-rnnserve-route", "no spaces allowed"),)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ModelInfer(_request(_x(1, 12), 1, start=True), metadata=bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        requests = iter([_request(_x(1, 12), 1, start=True)])
+        async for _ in stub.ModelStreamInfer(requests, metadata=bad):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "x-rnnserve-route" in err.value.details()

@@ -303,7 +303,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         order within a sequence), errors in-band. Lockstep while the stream carries one
         sequence, reading ahead from the first request of a second (oip_stream.py)."""
         loop = asyncio.get_running_loop()
-        stream = OipStream(self, caller_of(context), self.metrics, self.max_stream_inflight, loop)
+        try:
+            caller = caller_of(context)
+        except ServingError as err:  # a malformed route key header
+            await context.abort(err.code, err.message)
+            raise AssertionError("unreachable: abort raises") from None
+        stream = OipStream(self, caller, self.metrics, self.max_stream_inflight, loop)
         requests = request_iterator.__aiter__()
         handler = asyncio.current_task()
         reader: asyncio.Task[None] | None = None

@@ -31,6 +31,7 @@ import numpy as np
 from inference import grpc_service_pb2 as oip
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, not_found
 from rnnserve.server.oip_sequences import Caller
+from rnnserve.server.sessions import ROUTE_KEY
 from rnnserve.wire import ROUTE_HEADER
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _caller(self) -> Caller:
         route = self.headers.get(ROUTE_HEADER, "")
+        if route and not ROUTE_KEY.fullmatch(route):
+            raise invalid(f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -")
         return Caller(f"http:{self.client_address[0]}", "", route)
 
 
