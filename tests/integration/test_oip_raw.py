@@ -262,3 +262,20 @@ async def test_a_malformed_route_key_is_refused_on_both_rpcs(stub: Any) -> None:
             pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "x-rnnserve-route" in err.value.details()
+
+
+async def test_a_shutdown_ends_open_streams_with_unavailable(server: Any) -> None:
+    """A stream waiting for its next request (lockstep) and one reading ahead (two sequences)
+    both end with UNAVAILABLE when the server stops."""
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(server.address))
+    lockstep, ahead = stub.ModelStreamInfer(), stub.ModelStreamInfer()
+    await lockstep.write(_request(_x(1, 13), 1, start=True))
+    await lockstep.read()
+    for sid in (1, 2):
+        await ahead.write(_request(_x(1, 13), sid, start=True))
+        await ahead.read()
+    await server.server.stop(2.0)
+    for call in (lockstep, ahead):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
