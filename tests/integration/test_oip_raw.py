@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
+from rnnserve.manifest import load_manifest
 from rnnserve.server.batcher import Work
 from rnnserve.server.oip_sequences import Caller
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -279,3 +280,38 @@ async def test_a_shutdown_ends_open_streams_with_unavailable(server: Any) -> Non
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_every_shipped_model_tells_the_truth_in_its_metadata(start_server: Any) -> None:
+    """ModelMetadata of every shipped model version matches its manifest, and a sequence run
+    from what the metadata says (names, datatypes, shapes) returns outputs of those shapes."""
+    shipped = ROOT / "models"
+    versions = sorted(p.parent for p in shipped.glob("*/*/manifest.json"))
+    if not versions:
+        pytest.skip(f"no shipped models under {shipped} yet")
+    running = await start_server(models=shipped, self_check=False, reload_interval_s=0)
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(running.address))
+    for folder in versions:
+        m = load_manifest(folder)
+        meta = await stub.ModelMetadata(oip.ModelMetadataRequest(name=m.name, version=m.version))
+        [tin] = meta.inputs
+        tokens = m.input_kind == "tokens"
+        assert (tin.name, tin.datatype) == (m.input_name, "INT64" if tokens else "FP32")
+        assert list(tin.shape) == ([-1] if tokens else [-1, m.input_size])
+        outs = {t.name: (t.datatype, list(t.shape)) for t in meta.outputs}
+        assert outs == {
+            m.output_name: ("FP32", [-1, m.output_size]),
+            **{s.name: ("FP32", s.shape) for s in m.states},
+        }
+        x = np.zeros([4 if d == -1 else d for d in tin.shape], np.int64 if tokens else np.float32)
+        req = oip.ModelInferRequest(model_name=m.name, model_version=m.version)
+        req.inputs.add(name=tin.name, datatype=tin.datatype, shape=x.shape)
+        req.raw_input_contents.append(x.tobytes())
+        req.parameters["sequence_id"].string_param = folder.parent.name
+        req.parameters["sequence_start"].bool_param = True
+        req.parameters["sequence_end"].bool_param = True
+        for name in outs:
+            req.outputs.add(name=name)
+        reply = await stub.ModelInfer(req)
+        got = {o.name: list(o.shape) for o in reply.outputs}
+        assert got == {n: [4 if d == -1 else d for d in shape] for n, (_, shape) in outs.items()}
