@@ -45,6 +45,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--tls-server-name",
         help="name to verify the server's certificate against, when it differs from HOST",
     )
+    parser.add_argument(
+        "--tls-client-cert",
+        type=Path,
+        help="PEM client certificate for a server that requires mutual TLS (with --tls-client-key)",
+    )
+    parser.add_argument("--tls-client-key", type=Path, help="PEM private key of --tls-client-cert")
 
 
 def _default_target(args: argparse.Namespace) -> tuple[str, Path | None]:
@@ -65,15 +71,18 @@ def check(
     timeout: float = 3.0,
     tls_ca: bytes | None = None,
     tls_server_name: str | None = None,
+    client_pair: tuple[bytes, bytes] | None = None,
 ) -> str:
     """The serving status of ``service`` on ``target`` as a name (``SERVING``, ``NOT_SERVING``,
-    ...). grpc.RpcError when the call fails."""
+    ...), over TLS when ``tls_ca`` is given (``client_pair``: certificate and key for mutual
+    TLS). grpc.RpcError when the call fails."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
     if tls_ca is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+        cert, key = client_pair or (None, None)
+        creds = grpc.ssl_channel_credentials(tls_ca, private_key=key, certificate_chain=cert)
         channel = grpc.secure_channel(target, creds, options=options)
     else:
         channel = grpc.insecure_channel(target)
@@ -100,13 +109,28 @@ def run(args: argparse.Namespace) -> int:
             print(f"rnnserve probe: {exc}", file=sys.stderr)
             return 2
         ca_file = ca_file or settings_ca
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        print(
+            "rnnserve probe: give --tls-client-cert and --tls-client-key together", file=sys.stderr
+        )
+        return 2
+    if args.tls_client_cert is not None and ca_file is None:
+        print("rnnserve probe: a client certificate needs --tls-ca (TLS)", file=sys.stderr)
+        return 2
+    pair: tuple[bytes, bytes] | None = None
+    reading = ca_file
     try:
         ca = ca_file.read_bytes() if ca_file is not None else None
+        if args.tls_client_cert is not None:
+            reading = args.tls_client_cert
+            cert = args.tls_client_cert.read_bytes()
+            reading = args.tls_client_key
+            pair = (cert, args.tls_client_key.read_bytes())
     except OSError as exc:
-        print(f"rnnserve probe: cannot read {ca_file}: {exc.strerror}", file=sys.stderr)
+        print(f"rnnserve probe: cannot read {reading}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        status = check(target, args.service, args.timeout, ca, args.tls_server_name)
+        status = check(target, args.service, args.timeout, ca, args.tls_server_name, pair)
     except grpc.RpcError as exc:
         code = exc.code().name if isinstance(exc, grpc.Call) else "UNKNOWN"
         detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
