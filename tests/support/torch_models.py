@@ -12,7 +12,7 @@ VOCAB = list("abcdefg")
 
 
 def tiny_model(
-    cell: str, kind: str, layers: int, lstm_output: str = "tanh", residual: bool = False
+    cell: str, kind: str, layers: int, lstm_output: str = "tanh", residual: float = 0.0
 ) -> RecurrentModel:
     """A seeded tiny model; ``residual`` (features only) gets 3 outputs, one per input."""
     torch.manual_seed(3)

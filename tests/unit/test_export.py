@@ -115,7 +115,7 @@ def test_export_parity(
 @pytest.mark.parametrize("form", ["native", "matmul"])
 @pytest.mark.parametrize("cell", ["notes-gru", "gru", "notes-lstm"])
 def test_residual_export_adds_the_input(tmp_path: Path, cell: str, form: str) -> None:
-    model = tiny_model(cell, "features", 2, "notes", residual=True)
+    model = tiny_model(cell, "features", 2, "notes", residual=0.7)
     m = export_onnx(model, tmp_path, name="m", version="1", form=form)  # type: ignore[arg-type]
     assert m.parity["max_abs_diff"] <= 1e-5
     rng = np.random.default_rng(4)

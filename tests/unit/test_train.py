@@ -378,7 +378,9 @@ def test_residual_forecaster_starts_near_the_naive_forecast() -> None:
     )
     task = make_task("forecast", config.options)
     spec, model = new_model(task, config)
-    assert spec.residual
+    train = task.series.train.astype(np.float64)  # type: ignore[attr-defined]
+    assert spec.residual == pytest.approx(np.sqrt(np.mean(np.diff(train) ** 2)))
+    assert 0.3 < spec.residual < 1.0  # ppm: a week's typical change, not the level's spread
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
@@ -400,3 +402,20 @@ def test_cli_refuses_misplaced_options(
     assert main([*CHAR_ARGS, "--out", str(tmp_path / "r"), *extra]) == 2
     one_line_error(capsys, needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_state_penalty_keeps_the_memory_cell_small() -> None:
+    config = replace(TINY_CHAR, cell="notes-lstm", lstm_output="notes", epochs=1, lr=3e-2)
+    task = make_task("char", config.options)
+    ids = torch.from_numpy(task.corpus.valid[:200].copy())[:, None]  # type: ignore[attr-defined]
+
+    def cell_size(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            _, (_, c) = model(ids)
+        return float(c.pow(2).mean())
+
+    plain, history = fit(task, config, device=cpu)
+    held, held_history = fit(task, replace(config, state_penalty=1.0), device=cpu)
+    assert cell_size(held) < 0.5 * cell_size(plain)
+    # the reported training loss is the task's alone, without the penalty
+    assert held_history[0].step_losses[0] == pytest.approx(history[0].step_losses[0])

@@ -130,13 +130,13 @@ class RecurrentModel(nn.Module):
 
     def decode(self, a: Tensor, x: Tensor) -> Tensor:
         """The head on the top layer's activation, de-scaled to the data's units; with
-        ``spec.residual`` added to the step's input ``x`` instead of the output mean."""
+        ``spec.residual``, ``x + residual · head(a)`` instead."""
         y: Tensor = self.head(a)
+        if self.spec.residual:
+            return x + y * self.spec.residual
         if self._has_output_scaling:
-            y = y * self.get_buffer("output_std")
-            if not self.spec.residual:
-                y = y + self.get_buffer("output_mean")
-        return x + y if self.spec.residual else y
+            y = y * self.get_buffer("output_std") + self.get_buffer("output_mean")
+        return y
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """Whole sequence: ``x`` ``[T, B, F]`` or ``[T, B]`` -> ``(y [T, B, O], state)``."""

@@ -159,12 +159,13 @@ def decode(g: GraphBuilder, model: RecurrentModel, top: str) -> None:
     b = g.const("head_b", _np(model.head.bias))
     y = g.op1("Add", [g.op1("MatMul", [top, w]), b])
     scaling = model.output_scaling
-    if scaling is not None:
-        y = g.op1("Mul", [y, g.const("output_std", np.asarray(scaling.std, np.float32))])
-        if not model.spec.residual:
-            y = g.op1("Add", [y, g.const("output_mean", np.asarray(scaling.mean, np.float32))])
     if model.spec.residual:
-        y = g.op1("Add", [INPUT, y])
+        factor = g.const("residual", np.asarray(model.spec.residual, np.float32))
+        y = g.op1("Add", [INPUT, g.op1("Mul", [y, factor])])
+    elif scaling is not None:
+        std = g.const("output_std", np.asarray(scaling.std, np.float32))
+        mean = g.const("output_mean", np.asarray(scaling.mean, np.float32))
+        y = g.op1("Add", [g.op1("Mul", [y, std]), mean])
     g.rename(y, OUTPUT)
 
 

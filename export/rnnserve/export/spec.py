@@ -25,9 +25,12 @@ class ModelSpec:
     - ``output_size``: regression outputs per step, or logits over the vocabulary.
     - ``lstm_output``: for "notes-lstm" only, ``"notes"`` is the notes' ``a = Γo ⊙ c`` and
       ``"tanh"`` the common ``a = Γo ⊙ tanh(c)``.
-    - ``residual``: features only, ``input_size == output_size``: the output is the step's input
-      plus the head's (de-scaled) output, ``y<t> = x<t> + std · head(a<t>)``, so a forecaster
-      learns the change from this step rather than the level itself.
+    - ``residual``: 0 for none; else, for a features model with ``input_size == output_size``,
+      the output is the step's input plus a learned change,
+      ``y<t> = x<t> + residual · head(a<t>)``, in the data's units: a forecaster learns the
+      change from this step rather than the level, and ``residual`` (the typical size of a
+      change) keeps the head's outputs near 1. The output scaling is then not applied; it
+      still gives the units in which outputs are compared (parity, the server's self-check).
     """
 
     cell: str
@@ -38,7 +41,7 @@ class ModelSpec:
     output_size: int
     embedding_dim: int = 0
     lstm_output: Literal["notes", "tanh"] = "tanh"
-    residual: bool = False
+    residual: float = 0.0
 
     def validate(self) -> None:
         """Raise ValueError with a message that says which field to fix."""
@@ -53,6 +56,8 @@ class ModelSpec:
             raise ValueError("a token model needs embedding_dim >= 1")
         if self.lstm_output not in ("notes", "tanh"):
             raise ValueError("lstm_output must be 'notes' or 'tanh'")
+        if self.residual < 0:
+            raise ValueError(f"residual must be 0 (none) or positive, got {self.residual}")
         if self.residual and (self.input_kind != "features" or self.input_size != self.output_size):
             raise ValueError(
                 "residual needs a features model with as many outputs as inputs, got "

@@ -44,8 +44,8 @@ class TaskOptions:
     ``bptt``: truncated back-propagation length (char) or window length (forecast), in steps.
     ``length``: the adding problem's sequence length (its lag). ``steps_per_epoch``: batches per
     epoch for the sampled tasks (forecast, adding); a char epoch is one pass over the text.
-    ``residual``: forecast only, the model outputs this week's level plus a learned change
-    (``ModelSpec.residual``).
+    ``residual``: forecast only, the model outputs this week's level plus a learned change, in
+    units of the training weeks' typical weekly change (``ModelSpec.residual``).
     """
 
     batch_size: int = 64
@@ -82,7 +82,7 @@ class Task(ABC):
 
     @staticmethod
     def _feature_spec(
-        cell: str, hidden: int, layers: int, lstm_output: str, input_size: int, residual: bool
+        cell: str, hidden: int, layers: int, lstm_output: str, input_size: int, residual: float
     ) -> ModelSpec:
         """A validated spec of a real-valued model with one regression output per step."""
         spec = ModelSpec(
@@ -150,7 +150,7 @@ class CharTask(Task):
             output_size=v,
             embedding_dim=self.options.embedding_dim,
             lstm_output=lstm_output,  # type: ignore[arg-type]
-            residual=self.options.residual,
+            residual=1.0 if self.options.residual else 0.0,
         )
         spec.validate()
         return spec
@@ -223,10 +223,16 @@ class ForecastTask(Task):
         self.facts = self.series.facts
         if self.series.split <= options.bptt + 1:
             raise DataError(f"--bptt {options.bptt} is longer than the training series")
+        #: the residual model's step: the root mean square weekly change of the training weeks
+        self.change_scale = (
+            float(np.sqrt(np.mean(np.diff(self.series.train.astype(np.float64)) ** 2)))
+            if options.residual
+            else 0.0
+        )
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
         return self._feature_spec(
-            cell, hidden, layers, lstm_output, input_size=1, residual=self.options.residual
+            cell, hidden, layers, lstm_output, input_size=1, residual=self.change_scale
         )
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:
@@ -295,7 +301,7 @@ class AddingTask(Task):
 
     def spec(self, cell: str, hidden: int, layers: int, lstm_output: str = "tanh") -> ModelSpec:
         return self._feature_spec(
-            cell, hidden, layers, lstm_output, input_size=2, residual=self.options.residual
+            cell, hidden, layers, lstm_output, input_size=2, residual=float(self.options.residual)
         )
 
     def batches(self, rng: np.random.Generator, device: torch.device) -> Iterator[Batch]:

@@ -62,6 +62,10 @@ class TrainConfig:
     warmup: int = 0
     #: the LSTMs' initial forget-gate bias; None keeps ``cells.LSTM_FORGET_BIAS`` (+1)
     forget_bias: float | None = None
+    #: adds ``state_penalty * mean(s²)`` of every state tensor at the end of each training
+    #: window to the loss it minimises (the reported loss leaves it out): it keeps an unbounded
+    #: memory cell, as in the notes' LSTM output ``a = Γo ⊙ c``, from growing step after step
+    state_penalty: float = 0.0
     #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
     #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
     schedule: str = "cosine"
@@ -174,8 +178,11 @@ def train_epoch(
             raise FloatingPointError(
                 f"the training loss became {float(loss.detach())} at epoch {epoch}; lower --lr"
             )
+        total = loss
+        if config.state_penalty:
+            total = loss + config.state_penalty * sum(s.pow(2).mean() for s in state)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        total.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
         optimizer.step()
         losses.append(float(loss.detach()))
