@@ -45,17 +45,20 @@ nox.options.envdir = ".venv/nox"
 
 @nox.session
 def lowest(session: nox.Session) -> None:
-    """The floors, then tritonclient beside them."""
+    """The floors, then tritonclient beside them. Arguments after ``--`` go to both pytest
+    runs (``nox -s lowest -- -x``)."""
     session.install("-e", ".", PROTOBUF_FLOOR, GRPCIO_FLOOR, *TEST_TOOLS)
     session.run("python", "-c", _SHOW_VERSIONS)
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET, *session.posargs)
     # tritonclient needs a newer grpcio than rnnserve's floor, and its generated code (protoc
     # 33.5) needs protobuf 6.33.5 at run time, though it declares >= 6.30.0: the newest 6.x.
     session.install(TRITONCLIENT, "protobuf>=6.33.5,<7")
     session.run("python", "-c", _SHOW_VERSIONS)
     oip = _oip_tests()
     if oip:
-        session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *oip)
+        session.run(
+            "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *oip, *session.posargs
+        )
 
 
 _SHOW_VERSIONS = (
