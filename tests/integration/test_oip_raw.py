@@ -315,3 +315,17 @@ async def test_every_shipped_model_tells_the_truth_in_its_metadata(start_server:
         reply = await stub.ModelInfer(req)
         got = {o.name: list(o.shape) for o in reply.outputs}
         assert got == {n: [4 if d == -1 else d for d in shape] for n, (_, shape) in outs.items()}
+
+
+async def test_principal_max_streams_counts_model_stream_infer(start_server: Any) -> None:
+    running = await start_server(auth_tokens=f"alice:{ALICE}", principal_max_streams=1)
+    stub = oip_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(running.address))
+    first = stub.ModelStreamInfer(metadata=_as(ALICE))
+    await first.write(_request(_x(1, 14), 1, start=True))
+    await first.read()
+    second = stub.ModelStreamInfer(metadata=_as(ALICE))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await second.read()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "principal_max_streams" in err.value.details()
+    await first.done_writing()

@@ -36,7 +36,7 @@ from rnnserve.server.durable import Durability
 from rnnserve.server.health import HealthService
 from rnnserve.server.limits import OpenRate, StreamLimit
 from rnnserve.server.metrics import Metrics
-from rnnserve.server.oip import OipServicer
+from rnnserve.server.oip import OIP_STREAM_METHOD, OipServicer
 from rnnserve.server.oip import add_to_server as add_oip_to_server
 from rnnserve.server.oip_http import OipHttp
 from rnnserve.server.repository import Repository
@@ -207,6 +207,8 @@ class RnnServer:
             interceptors.append(TokenAuth(tokens, self.metrics))
         if s.principal_max_streams:  # after TokenAuth: it counts by principal
             interceptors.append(StreamLimit(s.principal_max_streams, f"/{SERVICE_NAME}/Stream"))
+            # The Open Inference Protocol's streams count apart, against the same limit.
+            interceptors.append(StreamLimit(s.principal_max_streams, OIP_STREAM_METHOD))
         limit = s.max_message_bytes
         server = grpc.aio.server(
             interceptors=interceptors or None,

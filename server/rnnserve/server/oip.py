@@ -44,6 +44,8 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 #: The metrics' ``protocol`` label of this service's calls.
 PROTOCOL = "oip"
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+#: The method path of ModelStreamInfer (principal_max_streams counts its calls).
+OIP_STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -305,8 +307,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         loop = asyncio.get_running_loop()
         try:
             caller = caller_of(context)
-        except ServingError as err:  # a malformed route key header
-            await context.abort(err.code, err.message)
+        except ServingError as bad:  # a malformed route key header
+            await context.abort(bad.code, bad.message)
             raise AssertionError("unreachable: abort raises") from None
         stream = OipStream(self, caller, self.metrics, self.max_stream_inflight, loop)
         requests = request_iterator.__aiter__()
