@@ -404,18 +404,19 @@ def test_cli_refuses_misplaced_options(
     assert not (tmp_path / "r").exists()
 
 
-def test_state_penalty_keeps_the_memory_cell_small() -> None:
+def test_activation_penalty_keeps_the_activation_small() -> None:
     config = replace(TINY_CHAR, cell="notes-lstm", lstm_output="notes", epochs=1, lr=3e-2)
     task = make_task("char", config.options)
     ids = torch.from_numpy(task.corpus.valid[:200].copy())[:, None]  # type: ignore[attr-defined]
 
-    def cell_size(model: torch.nn.Module) -> float:
+    def activation_size(model: torch.nn.Module) -> float:
         with torch.no_grad():
-            _, (_, c) = model(ids)
-        return float(c.pow(2).mean())
+            _, (a, _) = model(ids)
+        return float(a.pow(2).mean())
 
     plain, history = fit(task, config, device=cpu)
-    held, held_history = fit(task, replace(config, state_penalty=1.0), device=cpu)
-    assert cell_size(held) < 0.5 * cell_size(plain)
+    held, held_history = fit(task, replace(config, activation_penalty=1.0), device=cpu)
+    assert activation_size(held) < 0.5 * activation_size(plain)
     # the reported training loss is the task's alone, without the penalty
     assert held_history[0].step_losses[0] == pytest.approx(history[0].step_losses[0])
+    assert not held.head._forward_hooks  # the hook that reads the activation is gone

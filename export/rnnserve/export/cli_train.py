@@ -75,11 +75,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, help="adding problem sequence length")
     parser.add_argument("--embedding", type=int, default=32, help="char embedding size")
     parser.add_argument(
-        "--state-penalty",
+        "--activation-penalty",
         type=float,
-        help="adds this times the mean square of the state at the end of each training window "
-        "to the loss (default 0; notes-lstm with its notes output: "
-        f"{NOTES_LSTM_DEFAULTS.get('state_penalty', 0)})",
+        help="adds this times the mean square of the top layer's activation at every step to "
+        "the loss (default 0; notes-lstm with its notes output: "
+        f"{NOTES_LSTM_DEFAULTS.get('activation_penalty', 0)})",
     )
     parser.add_argument(
         "--forget-bias",
@@ -207,7 +207,7 @@ def build_config(args: argparse.Namespace) -> Any:
         lstm_output=args.lstm_output,
         warmup=pick("warmup", args.warmup) or 0,
         forget_bias=pick("forget_bias", args.forget_bias),
-        state_penalty=pick("state_penalty", args.state_penalty) or 0.0,
+        activation_penalty=pick("activation_penalty", args.activation_penalty) or 0.0,
         schedule=args.schedule,
         options=TaskOptions(
             batch_size=pick("batch_size", args.batch_size),
@@ -231,8 +231,8 @@ def build_config(args: argparse.Namespace) -> Any:
     ):
         if value < 1:
             raise BadInput(f"{name} must be at least 1, got {value}")
-    if config.state_penalty < 0:
-        raise BadInput(f"--state-penalty must be 0 or more, got {config.state_penalty}")
+    if config.activation_penalty < 0:
+        raise BadInput(f"--activation-penalty must be 0 or more, got {config.activation_penalty}")
     if config.warmup < 0:
         raise BadInput(f"--warmup must be 0 or more, got {config.warmup}")
     if config.options.residual and config.task != "forecast":

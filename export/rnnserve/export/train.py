@@ -36,6 +36,7 @@ from rnnserve.export.model import RecurrentModel, build_model
 from rnnserve.export.spec import ModelSpec
 from rnnserve.export.tasks import Task, TaskOptions, make_task
 from rnnserve.manifest import write_atomic
+from torch import Tensor
 from tqdm import tqdm
 
 CHECKPOINT = "checkpoint.pt"
@@ -62,10 +63,11 @@ class TrainConfig:
     warmup: int = 0
     #: the LSTMs' initial forget-gate bias; None keeps ``cells.LSTM_FORGET_BIAS`` (+1)
     forget_bias: float | None = None
-    #: adds ``state_penalty * mean(s²)`` of every state tensor at the end of each training
-    #: window to the loss it minimises (the reported loss leaves it out): it keeps an unbounded
-    #: memory cell, as in the notes' LSTM output ``a = Γo ⊙ c``, from growing step after step
-    state_penalty: float = 0.0
+    #: adds ``activation_penalty * mean(a²)`` of the top layer's activation at every step (what
+    #: the head reads) to the loss it minimises; the reported loss leaves it out. It keeps an
+    #: unbounded activation, the notes' LSTM output ``a = Γo ⊙ c``, from growing until its
+    #: gates saturate and the memory cell runs away (docs/training.md, "The notes' LSTM")
+    activation_penalty: float = 0.0
     #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
     #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
     schedule: str = "cosine"
@@ -160,6 +162,12 @@ def train_epoch(
     model.train()
     state: State | None = None
     losses: list[float] = []
+    seen: list[Tensor] = []
+    hook = (
+        model.head.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+        if config.activation_penalty
+        else None
+    )
     bar = tqdm(
         task.batches(rng, device),
         desc=f"epoch {epoch}/{config.epochs}",
@@ -173,14 +181,15 @@ def train_epoch(
         prev = tuple(s.detach() for s in state) if carry and state is not None else None
         for group in optimizer.param_groups:
             group["lr"] = base_lr * warmup_factor(config, first_step + len(losses))
+        seen.clear()
         loss, state = task.loss(model, x, y, prev)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the training loss became {float(loss.detach())} at epoch {epoch}; lower --lr"
             )
         total = loss
-        if config.state_penalty:
-            total = loss + config.state_penalty * sum(s.pow(2).mean() for s in state)
+        if seen:
+            total = loss + config.activation_penalty * seen[0].pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
         total.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
@@ -188,6 +197,8 @@ def train_epoch(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
+    if hook is not None:
+        hook.remove()
     return losses
 
 
