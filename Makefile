@@ -12,11 +12,12 @@ MODELS ?= models
 # gigabytes of CUDA build. Installing it first makes the `train` extra's range a no-op.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help venv install install-train serve test test-compat lint typecheck proto proto-check proto-lint models bench clean
+.PHONY: help venv install install-train serve test test-long test-compat lint typecheck proto proto-check proto-lint models bench clean
 
 help:
 	@echo "make serve        set up .venv and serve the shipped models on $(HOST):$(PORT)"
 	@echo "make test         set up .venv (with the train extra) and run lint, types and tests"
+	@echo "make test-long    the load and soak tests (minutes; docs/reliability.md)"
 	@echo "make models       retrain and re-export the shipped models from scratch"
 	@echo "make proto        regenerate the gRPC code from the .proto files under proto/"
 	@echo "make test-compat  run part of the tests on the oldest supported protobuf and grpcio"
@@ -91,6 +92,10 @@ proto-check: $(PROTOC_STAMP)
 		cmp -s $$f proto/$$d/$$(basename $$f) || \
 		{ echo "proto/$$d/$$(basename $$f) is stale: run make proto"; exit 1; }; \
 	done; done; rm -rf $$tmp; echo "generated gRPC code is up to date"
+
+# Load and soak (tests/robustness/test_soak.py, marker `long`; minutes): not in `make test`.
+test-long: $(VENV)/.installed-dev
+	$(PY) -m pytest -m long -s tests/robustness
 
 # The oldest dependencies rnnserve declares (protobuf 6.30.0, grpcio 1.72.1) in a second
 # environment, on a representative part of the suite (noxfile.py); `make test` runs the newest.
