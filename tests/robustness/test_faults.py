@@ -111,9 +111,10 @@ async def test_engine_fault_mid_batch_fails_only_that_run(
 
 
 async def test_client_that_never_reads(start_server: Any) -> None:
-    """A stream whose client sends chunks and never reads a reply: other clients are served
-    as usual meanwhile (each of their steps within a second), health stays SERVING, and once
-    the reader-less call is cancelled its sessions are free to use."""
+    """A stream whose client sends chunks and never reads a reply: the server stops reading
+    it (the writer stalls), other clients are served as usual meanwhile (each of their steps
+    within a second), health stays SERVING, and once the reader-less call is cancelled its
+    sessions are free to use."""
     running = await start_server(max_stream_inflight=16)
     x = np.ones((64, 3), np.float32)
     async with (
@@ -132,14 +133,22 @@ async def test_client_that_never_reads(start_server: Any) -> None:
                 sent += 1
 
         writer = asyncio.ensure_future(flood())
-        await asyncio.sleep(1.0)
+        # The server stops reading once max_stream_inflight replies wait unsent and the
+        # HTTP/2 windows are full: the writer stalls (measured with a separate client process:
+        # at 11,856 chunks after 8 s, the server's RSS flat at 127 MiB for the next 16 s).
+        deadline, last, still = time.monotonic() + 30, -1, 0.0
+        while still < 2.0 and time.monotonic() < deadline:
+            last = sent
+            await asyncio.sleep(0.5)
+            still = still + 0.5 if sent == last else 0.0
+        assert still >= 2.0, f"the server kept reading a stream nobody reads ({sent} chunks)"
         pstub = pb_grpc.InferenceServiceStub(polite)
         sid = await raw.open_session(pstub, "tiny-lstm")
         for seq in range(50):
             await asyncio.wait_for(raw.step(pstub, sid, seq, np.ones((1, 3), np.float32)), 1.0)
         health = await health_pb2_grpc.HealthStub(polite).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        assert sent > 0
+        assert sent == last, "the stalled stream moved on while nobody read"
         call.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.InvalidStateError):
             await writer
