@@ -353,19 +353,17 @@ def test_cli_notes_lstm_defaults_to_the_notes_output_with_safe_settings() -> Non
     configure(parser)
     notes = build_config(parser.parse_args(["char", "--cell", "notes-lstm"]))
     assert notes.lstm_output == "notes"
-    assert notes.lr == NOTES_LSTM_DEFAULTS["lr"] < 3e-3
-    assert notes.warmup == NOTES_LSTM_DEFAULTS["warmup"] > 0
-    assert notes.forget_bias == NOTES_LSTM_DEFAULTS.get("forget_bias")
+    assert (notes.optimizer, notes.lr, notes.clip) == ("sgd", NOTES_LSTM_DEFAULTS["lr"], 1.0)
     tanh = build_config(
         parser.parse_args(["char", "--cell", "notes-lstm", "--lstm-output", "tanh"])
     )
-    assert (tanh.lstm_output, tanh.lr, tanh.warmup, tanh.forget_bias) == ("tanh", 3e-3, 0, None)
+    assert (tanh.lstm_output, tanh.optimizer, tanh.lr) == ("tanh", "adam", 3e-3)
     chosen = build_config(
-        parser.parse_args(["char", "--cell", "notes-lstm", "--lr", "5e-4", "--warmup", "0"])
+        parser.parse_args(["char", "--cell", "notes-lstm", "--optimizer", "adam", "--lr", "5e-4"])
     )
-    assert (chosen.lr, chosen.warmup) == (5e-4, 0)
-    gru = build_config(parser.parse_args(["char", "--cell", "gru"]))
-    assert (gru.lr, gru.warmup) == (3e-3, 0)
+    assert (chosen.optimizer, chosen.lr) == ("adam", 5e-4)
+    gru = build_config(parser.parse_args(["char", "--cell", "gru", "--warmup", "7"]))
+    assert (gru.optimizer, gru.lr, gru.warmup) == ("adam", 3e-3, 7)
 
 
 def test_residual_forecaster_starts_near_the_naive_forecast() -> None:
@@ -394,6 +392,7 @@ def test_residual_forecaster_starts_near_the_naive_forecast() -> None:
     [
         (["--residual"], "--residual goes with the forecast task"),
         (["--warmup", "-1"], "--warmup must be 0 or more"),
+        (["--optimizer", "lbfgs"], "--optimizer must be adam or sgd"),
     ],
 )
 def test_cli_refuses_misplaced_options(

@@ -68,6 +68,10 @@ class TrainConfig:
     #: unbounded activation, the notes' LSTM output ``a = Γo ⊙ c``, from growing until its
     #: gates saturate and the memory cell runs away (docs/training.md, "The notes' LSTM")
     activation_penalty: float = 0.0
+    #: "adam", or "sgd" (plain SGD: each step is lr times the clipped gradient, so ``clip``
+    #: bounds how far one step moves the weights; Adam moves every weight by about lr whatever
+    #: its gradient, which tipped the notes' LSTM output ``a = Γo ⊙ c`` into a runaway)
+    optimizer: str = "adam"
     #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
     #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
     schedule: str = "cosine"
@@ -125,6 +129,15 @@ def set_forget_bias(model: RecurrentModel, value: float) -> None:
                 module.bias[module.gate("f")].fill_(value)
         elif isinstance(module, torch.nn.LSTM):
             init_torch_lstm_forget_bias(module, value)
+
+
+def make_optimizer(config: TrainConfig, model: RecurrentModel) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` names, over every weight of ``model``."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
 
 
 def learning_rate(config: TrainConfig, epoch: int) -> float:
@@ -218,7 +231,7 @@ def fit(
     """
     device = device or pick_device()
     _spec, model = new_model(task, config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(config, model)
     history: list[EpochRecord] = []
     first = 1
     if start is not None:
