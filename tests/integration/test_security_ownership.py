@@ -354,3 +354,28 @@ def test_sdk_error_names_the_limit(server_thread_factory: Any) -> None:
             client.session("tiny-gru")
         assert info.value.code == Code.RESOURCE_EXHAUSTED
         assert "principal_max_sessions" in info.value.message
+
+
+async def test_ownership_survives_a_takeover_from_the_store(procs: Any) -> None:
+    """With the Redis store, a session taken over by another replica is still its
+    principal's alone."""
+    redis = procs.redis()
+    args = ["--auth-tokens", TOKENS]
+    a, b = await asyncio.to_thread(procs.replicas, ["a", "b"], redis.url, args)
+    async with (
+        grpc.aio.insecure_channel(a.address) as ca,
+        grpc.aio.insecure_channel(b.address) as cb,
+    ):
+        alice_a, alice_b, bob_b = As(ca, ALICE), As(cb, ALICE), As(cb, BOB)
+        sid = await alice_a.open()
+        await alice_a.step(sid, 0)
+        await asyncio.to_thread(a.terminate, 30.0)  # drains: checkpoints every session
+        code, _ = await bob_b.code(
+            bob_b.stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=bob_b.md)
+        )
+        assert code == Code.NOT_FOUND
+        code, _ = await bob_b.code(
+            bob_b.stub.GetState(pb.GetStateRequest(session_id=sid), metadata=bob_b.md)
+        )
+        assert code == Code.NOT_FOUND
+        assert (await alice_b.step(sid, 2)).next_seq == 4
