@@ -353,11 +353,11 @@ def test_cli_notes_lstm_defaults_to_the_notes_output_with_safe_settings() -> Non
     configure(parser)
     notes = build_config(parser.parse_args(["char", "--cell", "notes-lstm"]))
     assert notes.lstm_output == "notes"
-    assert (notes.optimizer, notes.lr, notes.clip) == ("sgd", NOTES_LSTM_DEFAULTS["lr"], 1.0)
+    assert (notes.optimizer, notes.lr, notes.clip) == ("sgd", 1.0, NOTES_LSTM_DEFAULTS["clip"])
     tanh = build_config(
         parser.parse_args(["char", "--cell", "notes-lstm", "--lstm-output", "tanh"])
     )
-    assert (tanh.lstm_output, tanh.optimizer, tanh.lr) == ("tanh", "adam", 3e-3)
+    assert (tanh.lstm_output, tanh.optimizer, tanh.lr, tanh.clip) == ("tanh", "adam", 3e-3, 1.0)
     chosen = build_config(
         parser.parse_args(["char", "--cell", "notes-lstm", "--optimizer", "adam", "--lr", "5e-4"])
     )

@@ -25,22 +25,31 @@ EXIT_BAD_INPUT = 2
 
 #: per-task defaults for the options left out on the command line
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "char": {"hidden": 128, "epochs": 8, "batch_size": 64, "bptt": 100, "lr": 3e-3},
+    "char": {"hidden": 128, "epochs": 8, "batch_size": 64, "bptt": 100, "lr": 3e-3, "clip": 1.0},
     "forecast": {
         "hidden": 32,
         "epochs": 30,
         "batch_size": 32,
         "bptt": 156,
         "lr": 3e-3,
+        "clip": 1.0,
         "steps": 40,
     },
-    "adding": {"hidden": 32, "epochs": 10, "batch_size": 64, "lr": 3e-3, "steps": 50, "length": 50},
+    "adding": {
+        "hidden": 32,
+        "epochs": 10,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "clip": 1.0,
+        "steps": 50,
+        "length": 50,
+    },
 }
 #: what the notes' LSTM with its own output ``a = Γo ⊙ c`` gets instead of the task's Adam at
 #: 3e-3: its activation is unbounded, and under Adam (lr 1e-4 to 3e-3, with or without warm-up
 #: or an activation penalty) its memory cell ran away within the first epoch; plain SGD with the
 #: gradient clipped to norm 1 trains it (docs/training.md, "The notes' LSTM")
-NOTES_LSTM_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 1.0}
+NOTES_LSTM_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 1.0, "clip": 0.25}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +80,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="cosine",
         help="learning rate: cosine (lr down to lr/10 over the epochs) or constant",
     )
-    parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (default 1)")
+    parser.add_argument(
+        "--clip",
+        type=float,
+        help="gradient norm clip (default 1; notes-lstm with its notes output: "
+        f"{NOTES_LSTM_DEFAULTS['clip']})",
+    )
     parser.add_argument(
         "--warmup",
         type=int,
@@ -155,8 +169,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default="0", help="experiment: seeds (default 0)")
     parser.add_argument(
         "--cells",
-        default="rnn,notes-mingru,notes-gru,notes-lstm",
-        help="experiment: cells to compare",
+        default="rnn,notes-mingru,notes-gru,notes-lstm,notes-lstm-tanh",
+        help="experiment: cells to compare (notes-lstm: the notes' output a = Γo ⊙ c; "
+        "notes-lstm-tanh: a = Γo ⊙ tanh(c))",
     )
     parser.add_argument(
         "--docs",
@@ -214,7 +229,7 @@ def build_config(args: argparse.Namespace) -> Any:
         epochs=pick("epochs", args.epochs),
         seed=args.seed,
         lr=pick("lr", args.lr),
-        clip=args.clip,
+        clip=pick("clip", args.clip),
         lstm_output=args.lstm_output,
         warmup=pick("warmup", args.warmup) or 0,
         optimizer=pick("optimizer", args.optimizer) or "adam",
