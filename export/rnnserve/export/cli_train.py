@@ -47,8 +47,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: what the notes' LSTM with its own output ``a = Γo ⊙ c`` gets instead of the task's Adam at
 #: 3e-3: its activation is unbounded, and under Adam (lr 1e-4 to 3e-3, with or without warm-up
-#: or an activation penalty) its memory cell ran away within the first epoch; plain SGD with the
-#: gradient clipped to norm 1 trains it (docs/training.md, "The notes' LSTM")
+#: or an activation penalty) its memory cell ran away within the first epoch. Plain SGD moves
+#: the weights by at most lr x clip a step: at clip 1 one short run still diverged, at 0.25
+#: none did (docs/training.md, "The notes' LSTM")
 NOTES_LSTM_DEFAULTS: dict[str, Any] = {"optimizer": "sgd", "lr": 1.0, "clip": 0.25}
 
 
