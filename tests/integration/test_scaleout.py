@@ -236,7 +236,7 @@ async def test_serving_goes_on_while_redis_is_away(procs: Procs) -> None:
         saved = [scrape(r)["rnnserve_checkpoints_total"] for r in replicas]
         await _until(lambda: min(progress) >= 40)
         after = [scrape(r)["rnnserve_checkpoints_total"] for r in replicas]
-        assert all(x > y for x, y in zip(after, saved, strict=True))  # durability resumed
+        assert sum(after) > sum(saved)  # durability resumed (wherever the sessions live)
         replicas[0].kill()  # and is real: the sessions go on from the store
         await asyncio.wait_for(run, 120)
     _check(outs, expected)

@@ -210,7 +210,7 @@ async def test_initial_state_and_put_state_into_an_unknown_id(server, model_repo
     assert np.max(np.abs(outputs(await step(stub, sid, 0, x)) - want)) <= TOL
 
     snap = (await stub.GetState(pb.GetStateRequest(session_id=sid))).snapshot
-    moved_id = "A" * 22  # an id another replica generated
+    moved_id = "route-1." + "A" * 22  # an id another replica generated
     moved = (await stub.PutState(pb.PutStateRequest(session_id=moved_id, snapshot=snap))).session
     assert moved.session_id == moved_id and moved.next_seq == 5
     # The last chunk's retry is still idempotent on the new replica.
