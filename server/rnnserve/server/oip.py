@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
@@ -26,6 +25,7 @@ from inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.server.batcher import Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.limits import OpenRate
+from rnnserve.server.lockstep import next_message
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.oip_codec import (
     Decoded,
@@ -318,25 +318,11 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         failed: BaseException | None = None  # why reading stopped, if not the end of input
         try:
             while not self._closing:
-                if handler is not None:
-                    self._lockstep.add(handler)
-                try:
-                    request = await requests.__anext__()
-                except StopAsyncIteration:
+                request, failed = await next_message(
+                    requests, handler, self._lockstep, lambda: self._closing
+                )
+                if request is None:
                     break
-                except asyncio.CancelledError:
-                    # begin_shutdown interrupts a lockstep read; nothing is in flight here.
-                    if not self._closing or handler is None:
-                        raise
-                    if sys.version_info >= (3, 11):
-                        handler.uncancel()  # this cancel is handled; nothing else was asked
-                    break
-                except Exception as exc:  # a message that does not decode, a broken call
-                    failed = exc
-                    break
-                finally:
-                    if handler is not None:
-                        self._lockstep.discard(handler)
                 key = stream_key(request)
                 if sole is None:
                     sole = key

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,6 +24,7 @@ from rnnserve.server.batcher import Work
 from rnnserve.server.durable import Durability
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, quoted, unavailable
 from rnnserve.server.limits import OpenRate
+from rnnserve.server.lockstep import next_message
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import (
@@ -473,28 +473,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         sole = None  # the one session the stream has named so far
         failed: BaseException | None = None  # why reading stopped, if not the end of input
         try:
-            while True:
-                if self._closing:
+            while not self._closing:
+                req, failed = await next_message(
+                    requests, handler, self._lockstep, lambda: self._closing
+                )
+                if req is None:
                     break
-                if handler is not None:
-                    self._lockstep.add(handler)
-                try:
-                    req = await requests.__anext__()
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError:
-                    # begin_shutdown interrupts a lockstep read; nothing is in flight here.
-                    if not self._closing or handler is None:
-                        raise
-                    if sys.version_info >= (3, 11):
-                        handler.uncancel()  # this cancel is handled; nothing else was asked
-                    break
-                except Exception as exc:  # a message that does not decode, a broken call
-                    failed = exc
-                    break
-                finally:
-                    if handler is not None:
-                        self._lockstep.discard(handler)
                 sid = req.step.session_id
                 if sole is None:
                     sole = sid
