@@ -15,8 +15,7 @@ from typing import Any
 from rnnserve.server.auth import current_principal
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
-from rnnserve.server.sessions import CLOSED, ROUTE_KEY, Session, SessionManager
-from rnnserve.wire import ROUTE_HEADER
+from rnnserve.server.sessions import CLOSED, Session, SessionManager, route_key
 
 #: (caller scope, model name, sequence id)
 Key = tuple[str, str, int | str]
@@ -42,15 +41,7 @@ def caller_of(context: Any) -> Caller:
     """The Caller of a call; INVALID_ARGUMENT when its route key header is malformed."""
     principal = current_principal()
     scope = f"principal:{principal}" if principal else f"peer:{context.peer()}"
-    route = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == ROUTE_HEADER:
-            route = value if isinstance(value, str) else value.decode(errors="replace")
-            if not ROUTE_KEY.fullmatch(route):
-                raise invalid(
-                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
-                )
-    return Caller(scope, principal, route)
+    return Caller(scope, principal, route_key(context.invocation_metadata()))
 
 
 class OipSequence:

@@ -31,32 +31,17 @@ from rnnserve.server.sessions import (
     CLOSED,
     ISSUED_ID,
     REPLACED,
-    ROUTE_KEY,
     Session,
     SessionManager,
     check_seq_room,
+    route_key,
 )
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.wire import ROUTE_HEADER
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
-
-
-def _route(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The route key the caller sent for a new session ("" when none); INVALID_ARGUMENT when
-    it is malformed."""
-    for key, value in context.invocation_metadata() or ():
-        if key == ROUTE_HEADER:
-            route = value if isinstance(value, str) else value.decode(errors="replace")
-            if not ROUTE_KEY.fullmatch(route):
-                raise invalid(
-                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
-                )
-            return route
-    return ""
 
 
 class BadRequest:
@@ -412,7 +397,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         state = model.decode_state(request.initial_state) if request.initial_state else None
         principal = current_principal()
         self.open_rate.take(principal)
-        session = self.sessions.open(model, state, route=_route(context), principal=principal)
+        session = self.sessions.open(
+            model, state, route=route_key(context.invocation_metadata()), principal=principal
+        )
         return pb.OpenSessionResponse(session=self.sessions.info(session))
 
     @unary("GetSession")
@@ -614,7 +601,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         if sid:
             await self._may_restore_into(sid, principal, restored)
         self.open_rate.take(principal)
-        route = "" if sid else _route(context)
+        route = "" if sid else route_key(context.invocation_metadata())
         # Restoring over an id owns it from now on, wherever it was (a new id starts at 1).
         epoch = await self.durable.seize(sid) if sid and self.durable is not None else 1
         existing = self.sessions.peek(sid) if sid else None

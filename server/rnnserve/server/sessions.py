@@ -12,7 +12,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.server.errors import (
     ServingError,
+    invalid,
     not_found,
     out_of_range,
     quoted,
@@ -29,7 +30,7 @@ from rnnserve.server.errors import (
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import chunk_digest, route_of
+from rnnserve.wire import ROUTE_HEADER, chunk_digest, route_of
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
 #: Ended here because another replica took the session over (see durable.py).
@@ -46,6 +47,22 @@ Digest = bytes | pb.Tensor
 ID_BYTES = 16
 #: A route key: what a proxy hashes on to send all of a session's calls to one replica.
 ROUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def route_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The route key a call's metadata carries (``x-rnnserve-route``), "" when none;
+    INVALID_ARGUMENT when it is malformed."""
+    for key, value in metadata or ():
+        if key == ROUTE_HEADER:
+            route = value if isinstance(value, str) else value.decode(errors="replace")
+            if not ROUTE_KEY.fullmatch(route):
+                raise invalid(
+                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
+                )
+            return route
+    return ""
+
+
 #: A session id: ``<route key>.<secret>`` (or, from before route keys, the secret alone).
 SESSION_ID = re.compile(r"(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{22,128}")
 #: What this server issues: ``<route key>.<secret>``, the secret 16 random bytes in URL-safe
