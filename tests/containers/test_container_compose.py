@@ -216,8 +216,9 @@ def test_sessions_through_envoy_finish_identically_after_their_replica_is_killed
 
     state = topology.engine.inspect(topology.container(holder))["State"]
     assert not state["Running"]
-    for name, x, first, second in zip(names, xs, firsts, seconds, strict=True):
-        want, _ = reference_run(ROOT / "models" / name / "1", x)
+    versions = [s.model.version for s in sessions]  # the latest of each, as the client opened
+    for name, version, x, first, second in zip(names, versions, xs, firsts, seconds, strict=True):
+        want, _ = reference_run(ROOT / "models" / name / version, x)
         got = np.concatenate([first, second])
         scale = max(1.0, float(np.max(np.abs(want))))
         assert got.shape == want.shape, name
