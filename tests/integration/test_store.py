@@ -156,3 +156,22 @@ async def test_a_session_in_use_keeps_its_store_copy_alive(start_server, redis_p
     store.close()
     for c in channels:
         await c.close()
+
+
+async def test_an_idle_replica_sees_redis_go_and_come_back(start_server, redis_proc):
+    # No session, so no checkpoint to fail or succeed: the takeover listener notices both.
+    running = await start_server(store_url=redis_proc.url, replica_name="idle")
+    up = running.server.metrics.store_up
+
+    async def until(value: float) -> None:
+        for _ in range(100):
+            if up._value.get() == value:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"rnnserve_store_up never became {value}")
+
+    await until(1)
+    redis_proc.kill()
+    await until(0)
+    await asyncio.to_thread(redis_proc.restart)
+    await until(1)

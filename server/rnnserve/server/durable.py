@@ -253,6 +253,8 @@ class Durability:
         backoff = BACKOFF_MIN_S
         while True:
             try:
+                await self.store.ping()
+                self._answered()  # Redis is back even when no session has a write to make
                 async for epoch, sid in self.store.moves():
                     backoff = BACKOFF_MIN_S
                     session = self.sessions.peek(sid) if self.sessions is not None else None
