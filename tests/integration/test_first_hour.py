@@ -138,9 +138,7 @@ def test_banner_is_one_block_and_a_health_watch_does_not_hold_shutdown(
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)  # default grace: 10 s
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with pytest.raises(grpc.RpcError) as ended:
-                next(watch)
-            assert ended.value.code() == Code.UNAVAILABLE
+            assert next(watch, None) is None  # and the watch ends (OK) at once
             _, err = proc.communicate(timeout=30)
             took = time.monotonic() - started
         assert proc.returncode == 0, err
@@ -203,12 +201,8 @@ async def test_stop_ends_health_watches_at_once(start_server):
         for w in watches[:2]:
             assert (await w.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         for w in watches:
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                while True:
-                    if await w.read() is grpc.aio.EOF:
-                        break
-            assert ended.value.code() == Code.UNAVAILABLE
-            assert "shutting down" in (ended.value.details() or "")
+            assert await w.read() is grpc.aio.EOF
+            assert await w.code() == Code.OK
 
 
 async def test_a_tensor_without_dtype_is_told_what_the_model_takes(server):
