@@ -105,12 +105,17 @@ test-compat: $(VENV)/.installed-dev
 # buf comes from the npm registry (@bufbuild/buf ships the binary). Without npm the lint is
 # skipped with a note, unless REQUIRE_BUF=1 (CI sets it).
 BUF_VERSION ?= 1.75.0
+# The contract as released before frames: every change since must stay wire- and
+# source-compatible with it (buf's FILE rules), so existing apps keep working.
+CONTRACT_BASELINE := tests/fixtures/contract-v1
 BUF := $(VENV)/buf/node_modules/.bin/buf
 
 proto-lint:
 	@if [ ! -x $(BUF) ] && command -v npm >/dev/null 2>&1; then \
 		npm install --silent --no-audit --no-fund --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION); fi
-	@if [ -x $(BUF) ]; then $(BUF) lint proto && echo "buf lint: clean"; \
+	@if [ -x $(BUF) ]; then $(BUF) lint proto && echo "buf lint: clean" && \
+		$(BUF) breaking proto --against $(CONTRACT_BASELINE) && \
+		echo "buf breaking: compatible with $(CONTRACT_BASELINE)"; \
 	elif [ "$(REQUIRE_BUF)" = 1 ]; then echo "buf lint: npm is needed to install buf" >&2; exit 1; \
 	else echo "buf lint: skipped (no npm to install buf with)"; fi
 

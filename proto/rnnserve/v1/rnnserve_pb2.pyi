@@ -723,33 +723,149 @@ Global___StepError: _TypeAlias = StepError  # noqa: Y015
 
 @_typing.final
 class StreamRequest(_message.Message):
-    """A message on the Stream call."""
+    """A message on the Stream call: one session's chunk (step), or a frame of many sessions'
+    chunks (frame). A message sets one of the two.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     STEP_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Echoed in the response, so a client can match replies on a multiplexed stream."""
     @_builtins.property
     def step(self) -> Global___StepRequest: ...
+    @_builtins.property
+    def frame(self) -> Global___StepFrame:
+        """Chunks of many sessions in one message; answered by one StreamResponse whose result is a
+        FrameResponse.
+        """
+
     def __init__(
         self,
         *,
         step: Global___StepRequest | None = ...,
         request_id: _builtins.int = ...,
+        frame: Global___StepFrame | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "request_id", b"request_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
+class StepFrame(_message.Message):
+    """Chunks of many sessions in one Stream message (what a gateway holding many sessions sends),
+    columnar: entry i is session_ids[i] at seqs[i] with row i of inputs. Every entry has the same
+    number of steps T, and every session of a frame runs a model of the same input and output
+    shape (a frame usually holds sessions of one model). The entries run as one engine batch,
+    together with whatever else is pending. Each entry is exactly-once on its own: a retry of an
+    entry at the seq it was last applied at gets the same outputs again, not a second step. A
+    session may appear more than once in a frame, at consecutive seqs: its entries apply in
+    frame order.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    SEQS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The seq of each entry's first step, one per session_ids entry."""
+
+    @_builtins.property
+    def inputs(self) -> Global___Tensor:
+        """float32 [N, T, features] for feature models, int64 [N, T] for token models: N entries."""
+
+    def __init__(
+        self,
+        *,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        seqs: _abc.Iterable[_builtins.int] | None = ...,
+        inputs: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "seqs", b"seqs", "session_ids", b"session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepFrame: _TypeAlias = StepFrame  # noqa: Y015
+
+@_typing.final
+class FrameResponse(_message.Message):
+    """The outputs of a frame, in the frame's entry order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    NEXT_SEQS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outputs(self) -> Global___Tensor:
+        """float32 [N, T, outputs]; the rows of failed entries are zeros."""
+
+    @_builtins.property
+    def next_seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The seq each entry's session expects next (after a failed entry: the seq it expects,
+        when the server knows it, else 0).
+        """
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrameError]:
+        """The entries that failed, each with its index in the frame; the others succeeded."""
+
+    def __init__(
+        self,
+        *,
+        outputs: Global___Tensor | None = ...,
+        next_seqs: _abc.Iterable[_builtins.int] | None = ...,
+        errors: _abc.Iterable[Global___FrameError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outputs", b"outputs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "next_seqs", b"next_seqs", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameResponse: _TypeAlias = FrameResponse  # noqa: Y015
+
+@_typing.final
+class FrameError(_message.Message):
+    """One failed entry of a frame."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The entry's index in the frame (its position in StepFrame.session_ids)."""
+    @_builtins.property
+    def error(self) -> Global___StepError: ...
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        error: Global___StepError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrameError: _TypeAlias = FrameError  # noqa: Y015
+
+@_typing.final
 class StreamResponse(_message.Message):
-    """A reply on the Stream call: the step's outputs or an error about it."""
+    """A reply on the Stream call: the step's outputs, an error about it, or a frame's outputs."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -757,12 +873,20 @@ class StreamResponse(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FRAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     session_id: _builtins.str
+    """The step's session (empty for a frame: its entries are in the request's order)."""
     @_builtins.property
     def step(self) -> Global___StepResponse: ...
     @_builtins.property
     def error(self) -> Global___StepError: ...
+    @_builtins.property
+    def frame(self) -> Global___FrameResponse:
+        """An error about the whole frame (for example an undecodable inputs tensor) is an error,
+        not a frame.
+        """
+
     def __init__(
         self,
         *,
@@ -770,12 +894,13 @@ class StreamResponse(_message.Message):
         session_id: _builtins.str = ...,
         step: Global___StepResponse | None = ...,
         error: Global___StepError | None = ...,
+        frame: Global___FrameResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "step", b"step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "result", b"result", "step", b"step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "request_id", b"request_id", "result", b"result", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "request_id", b"request_id", "result", b"result", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["step", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["step", "error", "frame"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

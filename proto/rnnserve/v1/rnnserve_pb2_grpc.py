@@ -132,7 +132,8 @@ class InferenceServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Stream(self, request_iterator, context):
-        """Applies chunks of any number of sessions; one response per request, errors in-band.
+        """Applies chunks of any number of sessions, one chunk (step) or many sessions' chunks
+        (frame) per message; one response per request, errors in-band.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,7 +66,9 @@ class InferenceServiceStub:
     Step: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.StepRequest, _rnnserve_pb2.StepResponse]
     """Applies one chunk of T >= 1 steps to a session."""
     Stream: _grpc.StreamStreamMultiCallable[_rnnserve_pb2.StreamRequest, _rnnserve_pb2.StreamResponse]
-    """Applies chunks of any number of sessions; one response per request, errors in-band."""
+    """Applies chunks of any number of sessions, one chunk (step) or many sessions' chunks
+    (frame) per message; one response per request, errors in-band.
+    """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]
     """Ends a session and frees its state."""
     ResetSession: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ResetSessionRequest, _rnnserve_pb2.ResetSessionResponse]
@@ -94,7 +96,9 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     Step: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.StepRequest, _rnnserve_pb2.StepResponse]  # type: ignore[assignment]
     """Applies one chunk of T >= 1 steps to a session."""
     Stream: _aio.StreamStreamMultiCallable[_rnnserve_pb2.StreamRequest, _rnnserve_pb2.StreamResponse]  # type: ignore[assignment]
-    """Applies chunks of any number of sessions; one response per request, errors in-band."""
+    """Applies chunks of any number of sessions, one chunk (step) or many sessions' chunks
+    (frame) per message; one response per request, errors in-band.
+    """
     CloseSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.CloseSessionRequest, _rnnserve_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """Ends a session and frees its state."""
     ResetSession: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.ResetSessionRequest, _rnnserve_pb2.ResetSessionResponse]  # type: ignore[assignment]
@@ -155,7 +159,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_rnnserve_pb2.StreamRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_rnnserve_pb2.StreamResponse], _abc.AsyncIterator[_rnnserve_pb2.StreamResponse]]:
-        """Applies chunks of any number of sessions; one response per request, errors in-band."""
+        """Applies chunks of any number of sessions, one chunk (step) or many sessions' chunks
+        (frame) per message; one response per request, errors in-band.
+        """
 
     @_abc_1.abstractmethod
     def CloseSession(
