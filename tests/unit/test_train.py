@@ -17,10 +17,11 @@ import pytest
 import torch
 from rnnserve.client.cli import main
 from rnnserve.export.checkpoint import CheckpointError, load_checkpoint
+from rnnserve.export.runs import run_training
 from rnnserve.export.shipped import export_run
 from rnnserve.export.spec import ModelSpec
 from rnnserve.export.tasks import TaskOptions, make_task
-from rnnserve.export.train import TrainConfig, fit, new_model, run_training, warmup_factor
+from rnnserve.export.train import TrainConfig, fit, new_model, warmup_factor
 from rnnserve.manifest import load_manifest
 
 TINY_CHAR = TrainConfig(
@@ -77,6 +78,27 @@ def test_same_seed_same_weights() -> None:
     c, _ = fit(task, replace(TINY_CHAR, seed=1), device=torch.device("cpu"))
     assert same_weights(weights(a), weights(b))
     assert not same_weights(weights(a), weights(c))
+
+
+def test_dropout_is_seeded_and_leaves_no_trace_in_the_model() -> None:
+    task = make_task("char", TINY_CHAR.options)
+    dropped = replace(TINY_CHAR, dropout=0.3)
+    a, history = fit(task, dropped, device=cpu)
+    b, _ = fit(task, dropped, device=cpu)
+    plain, plain_history = fit(task, TINY_CHAR, device=cpu)
+    assert same_weights(weights(a), weights(b))  # the masks come from the epoch's seed
+    assert not same_weights(weights(a), weights(plain))  # and they did change the training
+    assert history[0].train_loss != plain_history[0].train_loss
+    # The hooks lived for the epoch only: the trained model computes as one built without them.
+    assert not a.head._forward_pre_hooks and a.embedding is not None
+    assert not a.embedding._forward_hooks
+    _, fresh = new_model(task, dropped)
+    fresh.load_state_dict(a.state_dict())
+    fresh.eval()
+    x = torch.from_numpy(task.corpus.valid[:40].reshape(20, 2).copy())  # type: ignore[attr-defined]
+    with torch.no_grad():
+        assert torch.equal(a(x)[0], fresh(x)[0])
+    assert history[-1].metrics == task.evaluate(a, cpu)
 
 
 def test_char_loss_goes_down() -> None:
@@ -197,6 +219,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
         (["--lstm-output", "sigmoid"], "--lstm-output"),
         (["--corpus", "/nonexistent/kjv.txt"], "does not exist"),
         (["--bptt", "5000"], "too few"),
+        (["--dropout", "1"], "--dropout must be at least 0 and below 1"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_writes_nothing(

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from rnnserve.export.checkpoint import load_checkpoint
 from rnnserve.export.onnx_export import Form, export_onnx
+from rnnserve.export.runs import BEST, CURVE, RunResult, run_training
 from rnnserve.export.tasks import TaskOptions
-from rnnserve.export.train import BEST, CURVE, RunResult, TrainConfig, run_training, say
+from rnnserve.export.train import TrainConfig, say
 from rnnserve.manifest import Manifest, write_atomic
 
 _CHAR = TaskOptions(batch_size=64, bptt=100, embedding_dim=32)

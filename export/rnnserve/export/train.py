@@ -1,7 +1,7 @@
 """The training loop: Adam, gradient clipping, deterministic seeds, a checkpoint every epoch.
 
-``fit`` trains a model on a task for a number of epochs; ``run_training`` wraps it with a run
-folder (checkpoints, history, loss curve, summary) and ``--resume``.
+``fit`` trains a model on a task for a number of epochs; ``runs.run_training`` wraps it with a
+run folder (checkpoints, history, loss curve, summary) and ``--resume``.
 
 Determinism: the weights are initialised after ``torch.manual_seed(seed)``, and epoch ``e``
 draws its batches from ``numpy.random.default_rng([seed, e])`` alone. So an epoch's data does
@@ -11,38 +11,20 @@ and optimiser state) continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from rnnserve.export.cells import NotesLSTMCell, State, init_torch_lstm_forget_bias
-from rnnserve.export.checkpoint import (
-    CheckpointError,
-    check_spec,
-    read_checkpoint,
-    save_checkpoint,
-    scaling_to_dict,
-)
-from rnnserve.export.curves import plot_loss_curve
 from rnnserve.export.model import RecurrentModel, build_model
 from rnnserve.export.spec import ModelSpec
-from rnnserve.export.tasks import Task, TaskOptions, make_task
-from rnnserve.manifest import write_atomic
+from rnnserve.export.tasks import Task, TaskOptions
 from torch import Tensor
 from tqdm import tqdm
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-HISTORY = "history.json"
-CURVE = "loss.png"
 
 
 @dataclass(frozen=True)
@@ -75,6 +57,9 @@ class TrainConfig:
     #: "cosine": the learning rate falls from lr to lr/10 along a half cosine over the epochs;
     #: "constant": lr throughout. A function of the epoch only, so resuming needs no state.
     schedule: str = "cosine"
+    #: in training only, zeroes this share of the embedding's outputs and of the top layer's
+    #: activation before the head (scaling the rest up); the model and its export are unchanged
+    dropout: float = 0.0
     options: TaskOptions = field(default_factory=TaskOptions)
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +166,9 @@ def train_epoch(
         if config.activation_penalty
         else None
     )
+    hooks = [hook] if hook is not None else []
+    if config.dropout:
+        hooks += _dropout_hooks(model, config.dropout)
     bar = tqdm(
         task.batches(rng, device),
         desc=f"epoch {epoch}/{config.epochs}",
@@ -210,9 +198,26 @@ def train_epoch(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
-    if hook is not None:
-        hook.remove()
+    for h in hooks:
+        h.remove()
     return losses
+
+
+def _dropout_hooks(model: RecurrentModel, p: float) -> list[torch.utils.hooks.RemovableHandle]:
+    """Dropout on what the first layer reads (the embedding's output) and on what the head
+    reads, as hooks that live for one epoch of training."""
+
+    def on_head(_m: torch.nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (torch.nn.functional.dropout(args[0], p, training=True), *args[1:])
+
+    hooks = [model.head.register_forward_pre_hook(on_head)]
+    if model.embedding is not None:
+        hooks.append(
+            model.embedding.register_forward_hook(
+                lambda _m, _args, out: torch.nn.functional.dropout(out, p, training=True)
+            )
+        )
+    return hooks
 
 
 def fit(
@@ -265,137 +270,3 @@ def fit(
             on_epoch(model, optimizer, record)
     model.eval()
     return model.cpu(), history
-
-
-@dataclass
-class RunResult:
-    """The outcome of ``run_training``: where things were written and the final numbers."""
-
-    out_dir: Path
-    spec: ModelSpec
-    history: list[EpochRecord]
-    best_epoch: int
-    best_metrics: dict[str, float]
-    seconds: float
-    metric: str
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written there (OSError if not)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe.")
-    os.close(fd)
-    Path(probe).unlink()
-
-
-def run_training(
-    config: TrainConfig,
-    out_dir: Path,
-    *,
-    resume: bool = False,
-    device: torch.device | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> RunResult:
-    """Train into ``out_dir``: ``checkpoint.pt`` every epoch, ``best.pt``, history, loss curve.
-
-    Raises ValueError (DataError, CheckpointError) for bad settings or data, and OSError when
-    ``out_dir`` cannot be written, before anything is written. With ``resume``, continues the
-    run in ``out_dir`` from its last checkpoint, which must hold the same architecture.
-    """
-    log = log or say
-    out_dir = Path(out_dir)
-    task = make_task(config.task, config.options)
-    spec = task.spec(config.cell, config.hidden, config.layers, config.lstm_output)
-    start: dict[str, Any] | None = None
-    existing = out_dir / CHECKPOINT
-    if resume:
-        start = read_checkpoint(existing)
-        check_spec(ModelSpec.from_dict(start["spec"]), spec, existing)
-        saved = TrainConfig.from_dict(start["config"])
-        if replace(saved, epochs=config.epochs) != config:
-            raise CheckpointError(
-                f"{existing} was trained with other settings ({_diff(saved, config)}); "
-                "resume with the same options (only --epochs may change)"
-            )
-    elif existing.exists():
-        raise CheckpointError(
-            f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    check_writable(out_dir)
-    device = device or pick_device()
-    best: dict[str, Any] = {"epoch": 0, "value": math.inf, "metrics": {}}
-    if start is not None:
-        for h in start.get("history", []):
-            if h["metrics"][task.metric] < best["value"]:
-                best = {
-                    "epoch": h["epoch"],
-                    "value": h["metrics"][task.metric],
-                    "metrics": h["metrics"],
-                }
-    log(
-        f"training {spec.cell} on {task.name} ({task.facts.get('name', '')}): hidden "
-        f"{spec.hidden_size}, {spec.layers} layer(s), {config.epochs} epochs, seed {config.seed}, "
-        f"device {device}" + (f", resuming after epoch {start['epoch']}" if start else "")
-    )
-    t0 = time.perf_counter()
-    history: list[EpochRecord] = [EpochRecord(**h) for h in (start or {}).get("history", [])]
-
-    def on_epoch(model: RecurrentModel, optimizer: torch.optim.Optimizer, rec: EpochRecord) -> None:
-        history.append(rec)
-        payload = {
-            "spec": spec.to_dict(),
-            "config": config.to_dict(),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": _to_cpu(optimizer.state_dict()),
-            "epoch": rec.epoch,
-            "rng": {"torch": torch.get_rng_state(), "numpy_seed": [config.seed, rec.epoch + 1]},
-            "vocabulary": task.vocabulary,
-            "input_scaling": scaling_to_dict(task.input_scaling),
-            "output_scaling": scaling_to_dict(task.output_scaling),
-            "dataset": task.facts,
-            "metrics": rec.metrics,
-            "history": [asdict(h) for h in history],
-        }
-        save_checkpoint(out_dir / CHECKPOINT, payload)
-        if rec.metrics[task.metric] < best["value"]:
-            best.update(epoch=rec.epoch, value=rec.metrics[task.metric], metrics=rec.metrics)
-            save_checkpoint(out_dir / BEST, payload)
-        write_atomic(
-            out_dir / HISTORY,
-            json.dumps([asdict(h) for h in history], indent=1).encode(),
-        )
-        plot_loss_curve(history, out_dir / CURVE, title=f"{spec.cell} on {task.facts.get('name')}")
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in rec.metrics.items())
-        log(
-            f"epoch {rec.epoch}/{config.epochs}: train loss {rec.train_loss:.4f}, {shown} "
-            f"({rec.seconds:.1f} s)"
-        )
-
-    fit(task, config, device=device, progress=progress, start=start, on_epoch=on_epoch)
-    return RunResult(
-        out_dir=out_dir,
-        spec=spec,
-        history=history,
-        best_epoch=int(best["epoch"]),
-        best_metrics=dict(best["metrics"]),
-        seconds=time.perf_counter() - t0,
-        metric=task.metric,
-    )
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    return obj
-
-
-def _diff(a: TrainConfig, b: TrainConfig) -> str:
-    da, db = a.to_dict(), b.to_dict()
-    da.update(da.pop("options"))
-    db.update(db.pop("options"))
-    return ", ".join(f"{k} {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db.get(k))
