@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import numpy.typing as npt
@@ -116,22 +116,6 @@ def from_tensor(msg: pb.Tensor) -> npt.NDArray[np.generic]:
     return arr if _NATIVE_LE else arr.astype(dtype.newbyteorder("="))
 
 
-def to_tensor_map(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, pb.Tensor]:
-    """Encode named arrays (a memory cell) as a name -> Tensor mapping."""
-    return {name: to_tensor(a) for name, a in arrays.items()}
-
-
-def from_tensor_map(tensors: Mapping[str, pb.Tensor]) -> dict[str, npt.NDArray[np.generic]]:
-    """Decode a name -> Tensor mapping; TensorError names the tensor that is malformed."""
-    out = {}
-    for name, t in tensors.items():
-        try:
-            out[name] = from_tensor(t)
-        except TensorError as exc:
-            raise TensorError(f"state {name!r}: {exc}") from None
-    return out
-
-
 def chunk_digest(msg: pb.Tensor) -> bytes:
     """A 16-byte digest of a chunk's inputs (dtype, shape and bytes).
 
@@ -139,7 +123,22 @@ def chunk_digest(msg: pb.Tensor) -> bytes:
     answered from the cache while a different chunk that reuses the seq is refused. It travels in
     snapshots, so every replica must compute it the same way: this function is that definition.
     """
+    return _digest(msg.dtype, msg.shape, msg.raw_data)
+
+
+def array_digest(array: npt.NDArray[np.generic]) -> bytes:
+    """``chunk_digest`` of the Tensor ``to_tensor(array)`` would make, without making it."""
+    arr = np.asarray(array)
+    code = _CODE_OF.get(arr.dtype)
+    if code is None:
+        code = dtype_to_proto(arr.dtype)
+    if not (_NATIVE_LE and arr.dtype.isnative):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return _digest(code, arr.shape, arr.tobytes())
+
+
+def _digest(dtype: int, shape: Iterable[int], raw: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{msg.dtype}:{','.join(map(str, msg.shape))}:".encode())
-    h.update(msg.raw_data)
+    h.update(f"{dtype}:{','.join(map(str, shape))}:".encode())
+    h.update(raw)
     return h.digest()

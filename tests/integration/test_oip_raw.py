@@ -162,6 +162,19 @@ async def test_a_stream_keeps_each_sequences_order_with_errors_in_band(stub: Any
     assert [s for s in seen if s.startswith("b")] == ["b0", "b1"]
 
 
+class _Collect:
+    """A chunk's sink that appends its outputs or its error to a list."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+
+    def step_done(self, work: Work, outputs: Any, state: Any) -> None:
+        self.answers.append(outputs)
+
+    def step_failed(self, work: Work, err: Exception) -> None:
+        self.answers.append(err)
+
+
 async def test_oip_and_v1_chunks_share_an_engine_run(server: Any, model_repo: Path) -> None:
     """An OIP request and an rnnserve.v1 chunk submitted in one loop tick run as one batch."""
     srv = server.server
@@ -171,9 +184,10 @@ async def test_oip_and_v1_chunks_share_an_engine_run(server: Any, model_repo: Pa
     answers: list[Any] = []
     batch = model.metrics.batch_size
     before = batch.counts[:]
-    model.batcher.submit(Work(s1, 0, x, False, answers.append))  # runs at once, alone
+    sink = _Collect(answers)
+    model.batcher.submit(Work(s1, 0, x, False, sink))  # runs at once, alone
     srv.oip.accept(_request(x, 8, start=True), Caller("peer:test"), answers.append, 0.0)
-    model.batcher.submit(Work(s2, 0, x, False, answers.append))  # joins the OIP chunk
+    model.batcher.submit(Work(s2, 0, x, False, sink))  # joins the OIP chunk
     while len(answers) < 3:
         await asyncio.sleep(0.01)
     assert all(not isinstance(a, Exception) for a in answers)

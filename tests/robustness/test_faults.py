@@ -28,10 +28,10 @@ def _poisoned(x: np.ndarray) -> bool:
 
 
 def _inject(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make ``model``'s engine raise for any run that carries a poisoned value (both the
-    batched and the one-chunk path); returns a list that counts the injected failures."""
+    """Make ``model``'s engine raise for any run that carries a poisoned value; returns a list
+    that counts the injected failures."""
     engine = model.engine
-    run, run_one = engine.run, engine.run_one
+    run = engine.run
     fired: list[int] = []
 
     def failing_run(x: np.ndarray, states: Any, lengths: Any = None) -> Any:
@@ -40,14 +40,7 @@ def _inject(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
             raise RuntimeError("injected engine fault")
         return run(x, states, lengths)
 
-    def failing_run_one(x: np.ndarray, pool: Any, slot: int) -> Any:
-        if _poisoned(x):
-            fired.append(1)
-            raise RuntimeError("injected engine fault")
-        return run_one(x, pool, slot)
-
     monkeypatch.setattr(engine, "run", failing_run)
-    monkeypatch.setattr(engine, "run_one", failing_run_one)
     return fired
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from rnnserve.server.batcher import Work
+from rnnserve.server import codec
+from rnnserve.server.batcher import FrameWork, Work
 from rnnserve.server.errors import ServingError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
@@ -28,10 +29,24 @@ async def _served(tmp_path: Path, inline_max_steps: int, **model_args):
     return folder, model, SessionManager(metrics, 60.0, 100)
 
 
-def _submit(model, session, seq: int, x: np.ndarray) -> asyncio.Future:
-    fut = asyncio.get_running_loop().create_future()
-    model.batcher.submit(Work(session, seq, x, False, fut.set_result))
-    return fut
+class _Sink:
+    """A chunk's sink that resolves a future with its StepResponse or error."""
+
+    def __init__(self) -> None:
+        self.future = asyncio.get_running_loop().create_future()
+
+    def step_done(self, work: Work, outputs: np.ndarray, state) -> None:
+        reply = codec.step_response(pb.StepResponse(), work.session.id, work.seq, outputs, state)
+        self.future.set_result(reply)
+
+    def step_failed(self, work: Work, err: ServingError) -> None:
+        self.future.set_result(err)
+
+
+def _submit(model, session, seq: int, x: np.ndarray, digest=b"") -> asyncio.Future:
+    sink = _Sink()
+    model.batcher.submit(Work(session, seq, x, False, sink, digest))
+    return sink.future
 
 
 def _runs(model) -> int:
@@ -75,7 +90,7 @@ async def test_seq_checked_when_taken(tmp_path: Path):
     x = np.ones((2, 3), np.float32)
     first, dup, gap = _submit(model, s, 0, x), _submit(model, s, 0, x), _submit(model, s, 9, x)
     a, b, c = await asyncio.gather(first, dup, gap)
-    assert b is a  # the cached reply, not a second application
+    assert b == a  # the cached reply, not a second application
     assert isinstance(c, ServingError) and c.next_seq == 2
     assert model.metrics.chunk_length.sum == 2  # rnnserve_steps_total
 
@@ -133,11 +148,10 @@ async def test_applied_chunk_digest_matches_the_wire_definition(tmp_path: Path, 
     _, model, sessions = await _served(tmp_path, 1000)
     s = sessions.open(model)
     t = to_tensor(np.ones((steps, 3), np.float32))
-    fut = asyncio.get_running_loop().create_future()
-    model.batcher.submit(Work(s, 0, model.decode_chunk(t), False, fut.set_result, t))
-    reply = await fut
+    reply = await _submit(model, s, 0, model.decode_chunk(t), t)
     assert s.last_digest == chunk_digest(t)
-    assert s.check_seq(0, t) is reply and s.check_seq(0, chunk_digest(t)) is reply
+    np.testing.assert_array_equal(s.check_seq(0, t), _out(reply))
+    assert s.check_seq(0, chunk_digest(t)) is s.check_seq(0, t)
     other = to_tensor(np.zeros((steps, 3), np.float32))
     with pytest.raises(ServingError, match="already applied with other inputs"):
         s.check_seq(0, other)
@@ -186,7 +200,7 @@ async def test_a_lone_chunk_that_cannot_run_at_once_is_answered_as_in_a_batch(tm
     applied = await _submit(model, s, 0, x)
     await asyncio.sleep(0)
     retry = _submit(model, s, 0, x)
-    assert retry.done() and retry.result() is applied and _runs(model) == 1
+    assert retry.done() and retry.result() == applied and _runs(model) == 1
     await asyncio.sleep(0)
     gap = _submit(model, s, 5, x)
     assert gap.done() and isinstance(gap.result(), ServingError)
@@ -231,9 +245,8 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
 
     if where == "engine":
         monkeypatch.setattr(model.engine, "run", boom)
-        monkeypatch.setattr(model.engine, "run_one", boom)
     else:
-        monkeypatch.setattr(Batcher, "_build", staticmethod(boom))
+        monkeypatch.setattr(Batcher, "_wanted_states", boom)
     futs = [_submit(model, s, 2, x) for s in opened]
     results = await asyncio.wait_for(asyncio.gather(*futs), 10)
     assert calls["n"] >= 1
@@ -245,3 +258,91 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
     monkeypatch.undo()
     replies = await asyncio.wait_for(asyncio.gather(*[_submit(model, s, 2, x) for s in opened]), 10)
     assert all(r.next_seq == 4 for r in replies)
+
+
+class _FrameSink:
+    """A frame's sink that records each entry's answer."""
+
+    def __init__(self, n: int, steps: int, width: int) -> None:
+        self.outputs = np.zeros((n, steps, width), np.float32)
+        self.errors: dict[int, ServingError] = {}
+        self.answered = 0
+
+    def entries_done(self, rows, outputs) -> None:
+        self.outputs[rows] = outputs
+        self.answered += len(rows)
+
+    def entry_done(self, row, outputs) -> None:
+        self.outputs[row] = outputs
+        self.answered += 1
+
+    def entry_failed(self, row, err) -> None:
+        self.errors[row] = err
+        self.answered += 1
+
+
+def _frame(sink, sessions, seqs, x) -> FrameWork:
+    return FrameWork(sink, list(sessions), list(seqs), list(range(len(sessions))), x, 0.0)
+
+
+@pytest.mark.parametrize("inline_max_steps", [1000, 0], ids=["inline", "worker-thread"])
+async def test_a_frame_runs_as_one_batch_and_each_entry_stands_alone(
+    tmp_path: Path, inline_max_steps: int
+):
+    """A frame's entries run in one engine run (outputs as each session alone would get), a
+    session twice in a frame applies in order over two runs, and bad entries are answered
+    without touching the others: an ended session, a seq gap, a retry of the last chunk."""
+    from rnnserve.server.sessions import CLOSED
+
+    folder, model, sessions = await _served(tmp_path, inline_max_steps)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 2, 3)).astype(np.float32)
+    x[5] = x[1]  # a true retry: the same chunk again
+    s = [sessions.open(model) for _ in range(4)]
+    sink = _FrameSink(6, 2, model.manifest.output_size)
+    # Entries: s0, s1, s2, s0 again (its next chunk), s3 at a gap, s1 at seq 0 again (a
+    # duplicate within the frame: applied once, then its retry answered from the cache).
+    model.batcher.submit(_frame(sink, [s[0], s[1], s[2], s[0], s[3], s[1]], [0, 0, 0, 2, 7, 0], x))
+    for _ in range(50):
+        if sink.answered == 6:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.answered == 6
+    assert set(sink.errors) == {4} and sink.errors[4].next_seq == 0
+    for sess, steps in [(s[0], 4), (s[1], 2), (s[2], 2)]:
+        assert sess.next_seq == steps and not sess.busy
+    want0, _ = reference_run(folder, np.concatenate([x[0], x[3]]))
+    np.testing.assert_allclose(sink.outputs[0], want0[:2], atol=1e-5)
+    np.testing.assert_allclose(sink.outputs[3], want0[2:], atol=1e-5)
+    for i in (1, 2):
+        want, _ = reference_run(folder, x[i])
+        np.testing.assert_allclose(sink.outputs[i], want, atol=1e-5)
+    np.testing.assert_array_equal(sink.outputs[5], sink.outputs[1])  # the cached outputs
+    # An ended session's entry fails alone.
+    sessions.end(s[2], CLOSED)
+    again = _FrameSink(2, 2, model.manifest.output_size)
+    model.batcher.submit(_frame(again, [s[2], s[1]], [2, 2], x[:2]))
+    for _ in range(50):
+        if again.answered == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert set(again.errors) == {0} and again.errors[0].code.name == "NOT_FOUND"
+    assert s[1].next_seq == 4
+
+
+async def test_a_frame_larger_than_max_batch_runs_in_parts(tmp_path: Path):
+    folder, model, sessions = await _served(tmp_path, 1000)
+    model.batcher.max_batch = 3
+    s = [sessions.open(model) for _ in range(8)]
+    x = np.random.default_rng(4).normal(size=(8, 1, 3)).astype(np.float32)
+    sink = _FrameSink(8, 1, model.manifest.output_size)
+    model.batcher.submit(_frame(sink, s, [0] * 8, x))
+    for _ in range(50):
+        if sink.answered == 8:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.answered == 8 and not sink.errors
+    assert _runs(model) == 3 and model.metrics.batch_size.sum == 8
+    for i in range(8):
+        want, _ = reference_run(folder, x[i])
+        np.testing.assert_allclose(sink.outputs[i], want, atol=1e-5)

@@ -129,35 +129,23 @@ def test_a_graph_whose_outputs_differ_from_the_manifest_runs_unbound(tmp_path: P
     assert y.shape == (2, 1, 3)
 
 
-@pytest.mark.parametrize("bind", [True, False], ids=["bound", "plain"])
-def test_run_one_equals_a_batch_of_one_and_writes_the_state_back(tmp_path: Path, bind: bool):
+def test_bound_runs_of_one_session_match_plain_runs_as_shapes_come_back(tmp_path: Path):
+    """Bound shapes share buffers: a shape bound again after others (and after a run with a
+    shorter sequence_lens) still gives exactly the plain run's answer."""
     folder = write_model(tmp_path, "m", cell="lstm", layers=2)
     engine = Engine(folder, load_manifest(folder), [CPU])
-    engine._bind = bind
     m = engine.manifest
     rng = np.random.default_rng(3)
-    # A pool of three slots; the session is in slot 1 and the others must stay untouched.
-    pool = {s.name: rng.standard_normal((3, *s.shape)).astype(np.float32) for s in m.states}
-    others = {name: a[[0, 2]].copy() for name, a in pool.items()}
-    slot = {name: a[1] for name, a in pool.items()}
+    state = {s.input: rng.standard_normal((2, 1, 8)).astype(np.float32) for s in m.states}
     for steps in (3, 1, 3):  # a new shape, then bound shapes again (lengths kept right)
-        x = rng.standard_normal((steps, 3)).astype(np.float32)
-        batched = {s.input: np.expand_dims(slot[s.name], s.batch_axis) for s in m.states}
-        y_ref, new_ref = _plain_run(engine, x[:, None], batched, np.array([steps], np.int32))
-        # A general run of the same shape with a shorter sequence_lens in between must not
-        # leave its lengths behind in the bound buffer.
-        engine.run(x[:, None], batched, np.array([1], np.int32))
-        before = {name: a.copy() for name, a in pool.items()}
-        y, new = engine.run_one(x, pool, 1)
-        np.testing.assert_array_equal(y, y_ref[:, 0])
-        for name, a in pool.items():  # run_one only reads the pool: the caller commits
-            np.testing.assert_array_equal(a, before[name])
-        for s in m.states:
-            expected = np.take(new_ref[s.output], 0, s.batch_axis)
-            np.testing.assert_array_equal(new[s.name], expected)
-            pool[s.name][1] = new[s.name]
-    for name, before in others.items():
-        np.testing.assert_array_equal(pool[name][[0, 2]], before)
+        x = rng.standard_normal((steps, 1, 3)).astype(np.float32)
+        y_ref, new_ref = _plain_run(engine, x, state, np.array([steps], np.int32))
+        engine.run(x, state, np.array([1], np.int32))
+        y, new = engine.run(x, state, np.array([steps], np.int32))
+        np.testing.assert_array_equal(y, y_ref)
+        for name, value in new_ref.items():
+            np.testing.assert_array_equal(new[name], value)
+        state = {s.input: new_ref[s.output].copy() for s in m.states}
 
 
 def test_a_batch_too_large_to_bind_runs_plain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

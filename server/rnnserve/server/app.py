@@ -139,6 +139,7 @@ class RnnServer:
             settings.max_stream_inflight,
             self.durable,
             open_rate=OpenRate(settings.principal_open_rate),
+            max_frame=settings.max_frame_sessions,
         )
         # The Open Inference Protocol (KServe v2, Triton's sequences) on the same port.
         self.oip = OipServicer(

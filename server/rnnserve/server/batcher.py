@@ -7,6 +7,12 @@ tick. A session has at most one chunk in a batch, so its chunks apply in arrival
 seq is checked when the chunk is taken into a batch, after the one before has been applied.
 Chunks of different lengths share a batch through the model's ``sequence_lens`` input (padded
 to the longest); without one, a batch holds one length only.
+
+Two kinds of work wait here: a ``Work`` is one session's chunk (a Step, a Stream message, an
+OIP request); a ``FrameWork`` is many sessions' chunks that came in one frame, kept columnar
+(sessions, seqs and one inputs array) so a frame costs a few numpy calls, not a Python object
+per entry. Either answers to its ``sink``; the batcher builds no protobuf and moves no seq
+itself: a session commits its own chunk (``Session.commit``).
 """
 
 from __future__ import annotations
@@ -15,77 +21,152 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from rnnserve.server.errors import ServingError, as_serving_error, not_found
-from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import to_tensor
 
 if TYPE_CHECKING:
-    from rnnserve.server.model import ServedModel
-    from rnnserve.server.sessions import Session
+    from rnnserve.manifest import StateSpec
+    from rnnserve.server.engine import Engine
+    from rnnserve.server.metrics import ModelMetrics
+    from rnnserve.server.sessions import Digest, Session
+    from rnnserve.server.state import SlotPool
 
 LE_FLOAT32 = np.dtype("<f4")
 log = logging.getLogger("rnnserve.server")
 
-#: Called once with the chunk's reply or its error; runs on the event loop.
-Reply = Callable[[pb.StepResponse | ServingError], None]
+Array = npt.NDArray[Any]
+#: A chunk's outputs: float32 ``[T, outputs]``, read-only (shared with the session's cache).
+Rows = npt.NDArray[np.float32]
+States = dict[str, npt.NDArray[np.float32]]
+
+
+class StepSink(Protocol):
+    """Where a ``Work``'s answer goes (a Step call's future, a stream, an OIP request)."""
+
+    def step_done(self, work: Work, outputs: Rows, state: States | None) -> None:
+        """The chunk was applied (or was a retry of the last applied chunk): its outputs and,
+        when it asked, the session's state after it."""
+
+    def step_failed(self, work: Work, err: ServingError) -> None:
+        """The chunk was not applied."""
+
+
+class FrameSink(Protocol):
+    """Where the answers of a frame's entries go (stream.py's frame reply)."""
+
+    def entries_done(self, rows: list[int], outputs: Array) -> None:
+        """Entries ``rows`` (indices in the frame) were applied; ``outputs[i]`` is the outputs
+        ``[T, outputs]`` of entry ``rows[i]``."""
+
+    def entry_done(self, row: int, outputs: Rows) -> None:
+        """Entry ``row`` repeated its session's last applied chunk: its cached outputs."""
+
+    def entry_failed(self, row: int, err: ServingError) -> None:
+        """Entry ``row`` was not applied."""
 
 
 class Work:
     """One chunk waiting for, or in, a batch. ``digest`` is the chunk's
     rnnserve.wire.chunk_digest, or its input tensor, digested only if a retry or a snapshot
-    needs it."""
+    needs it. A sink may subclass it to carry what it needs to answer."""
 
-    __slots__ = ("digest", "done", "enqueued", "inputs", "seq", "session", "want_state")
+    __slots__ = ("digest", "enqueued", "inputs", "seq", "session", "sink", "want_state")
 
     def __init__(
         self,
         session: Session,
         seq: int,
-        inputs: npt.NDArray[np.generic],
+        inputs: Array,
         want_state: bool,
-        done: Reply,
-        digest: bytes | pb.Tensor = b"",
+        sink: StepSink,
+        digest: Digest = b"",
         enqueued: float = 0.0,
     ) -> None:
         self.session = session
         self.seq = seq
         self.inputs = inputs
         self.want_state = want_state
-        self.done = done
+        self.sink = sink
         self.digest = digest
         #: perf_counter() when the chunk was received (now, unless the caller read the clock).
         self.enqueued = enqueued or time.perf_counter()
 
-    def new_reply(self) -> pb.StepResponse:
-        """An empty reply for the batcher to fill; a subclass may hand out one that is part of
-        a larger message, so the reply is built in place and never copied."""
-        return pb.StepResponse()
 
-    def answer(self, result: pb.StepResponse | ServingError) -> None:
-        """Hand the chunk's reply or error to its caller (``done``); a subclass may answer
-        another way, without a callback made per chunk."""
-        self.done(result)
+class FrameWork:
+    """Entries of one frame whose sessions run on this model: ``sessions[i]`` at ``seqs[i]``
+    with ``inputs[i]`` (``[T, ...]``), entry ``rows[i]`` of the frame."""
+
+    __slots__ = ("enqueued", "inputs", "rows", "seqs", "sessions", "sink")
+
+    def __init__(
+        self,
+        sink: FrameSink,
+        sessions: list[Session],
+        seqs: list[int],
+        rows: list[int],
+        inputs: Array,
+        enqueued: float,
+    ) -> None:
+        self.sink = sink
+        self.sessions = sessions
+        self.seqs = seqs
+        self.rows = rows
+        self.inputs = inputs
+        self.enqueued = enqueued
+
+    def part(self, picked: list[int]) -> FrameWork:
+        """The entries at positions ``picked`` (all of them: this one)."""
+        if len(picked) == len(self.sessions):
+            return self
+        return FrameWork(
+            self.sink,
+            [self.sessions[j] for j in picked],
+            [self.seqs[j] for j in picked],
+            [self.rows[j] for j in picked],
+            self.inputs[np.array(picked, dtype=np.intp)],
+            self.enqueued,
+        )
+
+
+Item = Work | FrameWork
 
 
 class Batcher:
-    """Runs a model version's pending chunks, one batch at a time.
+    """Runs a model version's pending chunks, one batch at a time, through one route into the
+    engine (gather the batch's states, ``Engine.run``, store the new states).
 
     Small runs happen on the event loop itself (``inline_max_steps``), larger ones on the
-    model's worker thread; either way a batch is taken from what is pending when the loop gets
+    ``executor`` thread; either way a batch is taken from what is pending when the loop gets
     to it, and the next batch forms while one runs in the thread. Plain callbacks, not tasks:
     this is the per-step path.
     """
 
-    def __init__(self, model: ServedModel, max_batch: int, inline_max_steps: int = 0) -> None:
-        self.model = model
+    def __init__(
+        self,
+        engine: Engine,
+        pool: SlotPool,
+        metrics: ModelMetrics,
+        executor: Executor,
+        *,
+        label: str,
+        max_batch: int,
+        inline_max_steps: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.pool = pool
+        self.metrics = metrics
+        self.executor = executor
+        self.label = label
         self.max_batch = max_batch
         self.inline_max_steps = inline_max_steps
-        self._pending: deque[Work] = deque()
+        #: Without sequence_lens a batch holds chunks of one length only.
+        self.fixed_length = not engine.manifest.sequence_lens
+        self.specs: list[StateSpec] = list(engine.manifest.states)
+        self._pending: deque[Item] = deque()
         self._scheduled = False
         self._running = False
         #: Run a chunk as it arrives while the load is low (the last batch held one chunk);
@@ -93,50 +174,32 @@ class Batcher:
         self._eager = True
         self._ran_this_tick = False
         self._idle_waiters: list[asyncio.Future[None]] = []
-        self._lengths: dict[int, npt.NDArray[np.int32]] = {}
         #: The event loop it serves, from the first submit (asyncio.get_running_loop makes a
         #: system call on Python 3.11, once per call).
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, work: Work) -> None:
-        """Queue a chunk; its ``answer`` is called from the event loop when it is answered
-        (possibly before ``submit`` returns)."""
+    def submit(self, item: Item) -> None:
+        """Queue a chunk or a frame's entries; each is answered through its sink from the
+        event loop (possibly before ``submit`` returns)."""
         if self._scheduled or self._running:
-            self._pending.append(work)
+            self._pending.append(item)
             return
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        if self._eager and not self._ran_this_tick and not self._pending:
+        self._pending.append(item)
+        if self._eager and not self._ran_this_tick and len(self._pending) == 1:
             # Low load: nothing else is waiting, so run now rather than a loop tick later.
             self._ran_this_tick = True
             loop.call_soon(self._tick_over)
-            self._run_alone(work)
+            self._dispatch()
             return
-        self._pending.append(work)
         if self._ran_this_tick:
             self._eager = False  # a second chunk in one tick: batch from now on
         # Dispatch on the next loop tick, after the callbacks already ready in this one:
         # every chunk that arrives in the same tick joins the batch.
         self._scheduled = True
         loop.call_soon(self._dispatch)
-
-    def _run_alone(self, work: Work) -> None:
-        """An eager chunk with nothing else pending: what ``_dispatch`` would do with a batch of
-        it, without building one (the per-step path of a lone session)."""
-        session = work.session
-        if (
-            session.ended is None
-            and work.seq == session.next_seq
-            and work.inputs.shape[0] <= self.inline_max_steps
-        ):
-            session.busy = True
-            self._run_one(work)
-            if self._idle_waiters:
-                self._wake_idle_waiters()
-            return
-        self._pending.append(work)  # an ended session, a retry, a seq error, a long chunk
-        self._dispatch()
 
     def _tick_over(self) -> None:
         self._ran_this_tick = False
@@ -157,256 +220,287 @@ class Batcher:
     def _dispatch(self) -> None:
         self._scheduled = False
         while self._pending and not self._running:
-            batch = self._take()
+            batch, sessions = self._take()
             if batch:
-                self._eager = len(batch) == 1
-                self._start(batch)
-        if not self._running:
+                self._eager = len(sessions) == 1
+                self._start(batch, sessions)
+        if not self._running and self._idle_waiters:
             self._wake_idle_waiters()
 
-    def _take(self) -> list[Work]:
-        """The next batch: at most one chunk per session, in arrival order. Duplicates and seq
-        errors are answered here and not run."""
-        batch: list[Work] = []
-        deferred: list[Work] = []
-        sessions: set[str] = set()
-        length = None
-        fixed_length = not self.model.manifest.sequence_lens
-        pending = self._pending
-        while pending and len(batch) < self.max_batch:
-            work = pending.popleft()
-            session = work.session
-            if session.id in sessions:
-                deferred.append(work)
-                continue
-            if session.ended is not None:
-                self._answer(
-                    work,
-                    not_found(f"session {session.id} ended ({session.ended}) before its chunk ran"),
-                )
-                continue
-            try:
-                cached = session.check_seq(work.seq, work.digest)
-            except ServingError as exc:
-                self._answer(work, exc)
-                continue
-            if cached is not None:
-                self._answer(work, cached)
-                continue
-            if fixed_length:
-                if length is None:
-                    length = work.inputs.shape[0]
-                elif work.inputs.shape[0] != length:
-                    deferred.append(work)
-                    continue
-            sessions.add(session.id)
-            session.busy = True
-            batch.append(work)
-        pending.extendleft(reversed(deferred))
-        return batch
+    # -- taking a batch -------------------------------------------------------------------
 
-    def _assemble(self, batch: list[Work]) -> tuple[npt.NDArray[np.generic], npt.NDArray[np.int32]]:
-        if len(batch) == 1:
-            x = batch[0].inputs[:, None]
-            return x, self._one_length(x.shape[0])
-        chunks = [w.inputs for w in batch]
-        counts = [c.shape[0] for c in chunks]
-        steps = max(counts)
+    def _take(self) -> tuple[list[Item], list[Session]]:
+        """The next batch and its sessions in batch order: at most one chunk per session, in
+        arrival order. Duplicates and seq errors are answered here and not run. (Nothing of
+        this model runs while a batch is taken, so a busy session is one taken just now.)"""
+        batch: list[Item] = []
+        sessions: list[Session] = []
+        deferred: list[Item] = []
+        length = -1
+        pending = self._pending
+        room = self.max_batch
+        while pending and room > 0:
+            item = pending.popleft()
+            if isinstance(item, FrameWork):
+                steps = item.inputs.shape[1]
+                if self.fixed_length and length not in (-1, steps):
+                    deferred.append(item)
+                    continue
+                taken, rest = self._take_frame(item, room)
+                if rest is not None:
+                    deferred.append(rest)
+                if taken is not None:
+                    length = steps
+                    batch.append(taken)
+                    sessions.extend(taken.sessions)
+                    room -= len(taken.sessions)
+                continue
+            session = item.session
+            if session.busy:
+                deferred.append(item)
+                continue
+            if not self._runnable(item):
+                continue
+            if self.fixed_length:
+                steps = item.inputs.shape[0]
+                if length == -1:
+                    length = steps
+                elif steps != length:
+                    deferred.append(item)
+                    continue
+            session.busy = True
+            batch.append(item)
+            sessions.append(session)
+            room -= 1
+        pending.extendleft(reversed(deferred))
+        return batch, sessions
+
+    def _runnable(self, w: Work) -> bool:
+        """Whether ``w`` is its session's next chunk; otherwise it is answered here (an ended
+        session, a retry of the last applied chunk, a seq error)."""
+        session = w.session
+        if session.ended is not None:
+            self._fail(
+                w, not_found(f"session {session.id} ended ({session.ended}) before its chunk ran")
+            )
+            return False
+        if w.seq == session.next_seq:
+            return True
+        try:
+            cached = session.check_seq(w.seq, w.digest)
+        except ServingError as exc:
+            self._fail(w, exc)
+            return False
+        if cached is None:
+            return True
+        state = self.pool.read(session.slot) if w.want_state else None
+        self._done(w, cached, state)
+        return False
+
+    def _take_frame(self, fw: FrameWork, room: int) -> tuple[FrameWork | None, FrameWork | None]:
+        """The entries of ``fw`` that run in this batch (at most ``room``) and those that wait
+        for the next one (a session's second entry, or no room); the others are answered."""
+        picked: list[int] = []
+        later: list[int] = []
+        sink = fw.sink
+        seqs = fw.seqs
+        for j, session in enumerate(fw.sessions):
+            if session.busy or len(picked) == room:
+                later.append(j)
+                continue
+            seq = seqs[j]
+            if seq != session.next_seq or session.ended is not None:
+                try:
+                    if session.ended is not None:
+                        raise not_found(
+                            f"session {session.id} ended ({session.ended}) before its chunk ran"
+                        )
+                    cached = session.check_seq(seq, fw.inputs[j])
+                except ServingError as exc:
+                    self._answer_entry(sink.entry_failed, fw.rows[j], exc)
+                    continue
+                if cached is not None:
+                    self._answer_entry(sink.entry_done, fw.rows[j], cached)
+                    continue
+            session.busy = True
+            picked.append(j)
+        taken = fw.part(picked) if picked else None
+        rest = fw.part(later) if later else None
+        return taken, rest
+
+    # -- running it -----------------------------------------------------------------------
+
+    def _assemble(self, batch: list[Item], count: int) -> tuple[Array, npt.NDArray[np.int32]]:
+        """The batch's inputs time-major ``[T, B, ...]`` and each row's length."""
+        blocks: list[Array] = []
+        counts: list[int] = []
+        for item in batch:
+            if isinstance(item, FrameWork):
+                blocks.append(item.inputs)
+                counts.extend([item.inputs.shape[1]] * len(item.sessions))
+            else:
+                blocks.append(item.inputs[None])
+                counts.append(item.inputs.shape[0])
         lengths = np.array(counts, dtype=np.int32)
+        steps = max(counts)
         if min(counts) == steps:
             # Equal lengths (the usual case): one concatenate, not one numpy assignment per
             # chunk (measured at 256 one-step chunks: 38 against 227 µs).
-            flat = np.concatenate(chunks)
+            joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
             if steps == 1:
-                return flat[None], lengths
-            joined = flat.reshape(len(batch), steps, *flat.shape[1:]).swapaxes(0, 1)
-            return np.ascontiguousarray(joined), lengths
-        first = chunks[0]
-        x = np.zeros((steps, len(batch), *first.shape[1:]), dtype=first.dtype)
-        for i, c in enumerate(chunks):
-            x[: c.shape[0], i] = c
+                return joined.reshape(1, count, *joined.shape[2:]), lengths
+            return np.ascontiguousarray(joined.swapaxes(0, 1)), lengths
+        first = blocks[0]
+        x = np.zeros((steps, count, *first.shape[2:]), dtype=first.dtype)
+        row = 0
+        for block in blocks:
+            x[: block.shape[1], row : row + block.shape[0]] = block.swapaxes(0, 1)
+            row += block.shape[0]
         return x, lengths
 
-    def _one_length(self, steps: int) -> npt.NDArray[np.int32]:
-        """``[steps]`` as the sequence_lens of a batch of one; shared and read-only."""
-        lengths = self._lengths.get(steps)
-        if lengths is None:
-            lengths = np.array([steps], dtype=np.int32)
-            lengths.flags.writeable = False
-            if len(self._lengths) < 1024:
-                self._lengths[steps] = lengths
-        return lengths
-
-    def _start(self, batch: list[Work]) -> None:
+    def _start(self, batch: list[Item], sessions: list[Session]) -> None:
         """Run a batch inline, or start it on the worker thread and return."""
-        model = self.model
-        if len(batch) == 1 and batch[0].inputs.shape[0] <= self.inline_max_steps:
-            self._run_one(batch[0])
-            return
-        slots = np.array([w.session.slot for w in batch], dtype=np.intp)
-        x, lengths = self._assemble(batch)
-        states = model.pool.gather(slots)
+        count = len(sessions)
+        slots = np.array([s.slot for s in sessions], dtype=np.intp)
+        x, lengths = self._assemble(batch, count)
+        states = self.pool.gather(slots)
         started = time.perf_counter()
-        queue_wait = model.metrics.queue_wait
-        for w in batch:
-            queue_wait.observe(started - w.enqueued)
-        run = model.engine.run
-        if x.shape[0] * x.shape[1] <= self.inline_max_steps:
+        queue_wait = self.metrics.queue_wait
+        for item in batch:
+            if isinstance(item, FrameWork):
+                queue_wait.observe(started - item.enqueued, len(item.sessions))
+            else:
+                queue_wait.observe(started - item.enqueued)
+        run = self.engine.run
+        if x.shape[0] * count <= self.inline_max_steps:
             try:
                 y, new = run(x, states, lengths)
             except Exception as exc:
-                self._failed(batch, exc)
+                self._failed(batch, sessions, exc)
             else:
-                self._finish(batch, slots, y, new, started)
+                self._finish(batch, sessions, slots, y, new, started)
             return
         self._running = True
         loop = self._loop or asyncio.get_running_loop()
-        fut = loop.run_in_executor(model.executor, run, x, states, lengths)
+        fut = loop.run_in_executor(self.executor, run, x, states, lengths)
 
         def finished(f: asyncio.Future[Any]) -> None:
             self._running = False
             try:
                 exc = None if f.cancelled() else f.exception()
                 if f.cancelled() or exc is not None:
-                    self._failed(batch, exc or RuntimeError("engine run cancelled"))
+                    self._failed(batch, sessions, exc or RuntimeError("engine run cancelled"))
                 else:
                     y, new = f.result()
-                    self._finish(batch, slots, y, new, started)
+                    self._finish(batch, sessions, slots, y, new, started)
             finally:
                 self._dispatch()  # the next batch runs whatever happened to this one
 
         fut.add_done_callback(finished)
 
-    def _run_one(self, w: Work) -> None:
-        """A batch of one chunk, on the event loop: the engine reads the session's slot, and
-        the new state is stored once the reply is built (nothing else runs meanwhile, so the
-        session cannot end and hand its slot on during the run)."""
-        model = self.model
-        started = time.perf_counter()
-        pool = model.pool.arrays
-        slot = w.session.slot
-        try:
-            y, new = model.engine.run_one(w.inputs, pool, slot)
-            n = w.inputs.shape[0]
-            model.metrics.run_of_one(started - w.enqueued, time.perf_counter() - started, n)
-            if y.dtype != LE_FLOAT32:
-                y = y.astype(LE_FLOAT32)
-            reply = self._build(w, n, y.shape[1], y.tobytes(), new if w.want_state else None)
-        except Exception as exc:
-            self._failed([w], exc)
-            return
-        for name, a in new.items():
-            pool[name][slot] = a
-        self._commit(w, reply)
-
-    def _failed(self, batch: list[Work], exc: BaseException) -> None:
+    def _failed(self, batch: list[Item], sessions: list[Session], exc: BaseException) -> None:
         """The run of ``batch`` failed: every chunk gets the error, no session's state or seq
         moved, and none stays busy."""
-        err = as_serving_error(exc, f"engine run of {self.model.label}")
-        for w in batch:
-            w.session.busy = False
-        for w in batch:
-            self._answer(w, err)
+        err = as_serving_error(exc, f"engine run of {self.label}")
+        for s in sessions:
+            s.busy = False
+        for item in batch:
+            if isinstance(item, FrameWork):
+                for row in item.rows:
+                    self._answer_entry(item.sink.entry_failed, row, err)
+            else:
+                self._fail(item, err)
 
     def _finish(
         self,
-        batch: list[Work],
+        batch: list[Item],
+        sessions: list[Session],
         slots: npt.NDArray[np.intp],
-        y: npt.NDArray[np.float32],
-        new: dict[str, npt.NDArray[np.float32]],
+        y: Array,
+        new: States,
         started: float,
     ) -> None:
-        """Build every chunk's reply, then store the new states and commit and send each.
-        Nothing is stored until every reply is built, so a failure leaves every session of the
+        """Store the new states, then commit and answer each chunk. The outputs are copied
+        out of the engine's buffers first, so a failure there leaves every session of the
         batch where it was."""
-        model = self.model
-        metrics = model.metrics
+        metrics = self.metrics
         metrics.compute.observe(time.perf_counter() - started)
-        metrics.batch_size.observe(len(batch))
+        metrics.batch_size.observe(len(sessions))
         try:
-            replies = self._build_all(batch, y, new)
+            # One copy of the whole output, session-major ``[B, T, O]``: each chunk's outputs
+            # are a view of it, read-only, kept by its session for a retry.
+            outputs = np.array(y.swapaxes(0, 1), dtype=LE_FLOAT32)
+            outputs.flags.writeable = False
+            wanted = self._wanted_states(batch, new)
         except Exception as exc:
-            self._failed(batch, exc)
+            self._failed(batch, sessions, exc)
             return
         # A session closed or evicted while its chunk ran may have handed its slot to another.
-        alive = [i for i, w in enumerate(batch) if w.session.ended is None]
-        if len(alive) == len(batch):
-            model.pool.scatter(slots, new)
+        alive = [i for i, s in enumerate(sessions) if s.ended is None]
+        if len(alive) == len(sessions):
+            self.pool.scatter(slots, new)
         elif alive:
             rows = np.array(alive, dtype=np.intp)
-            model.pool.scatter(slots[rows], new, rows)
-        for w, reply in zip(batch, replies, strict=True):
-            self._commit(w, reply)
+            self.pool.scatter(slots[rows], new, rows)
+        chunk_length = metrics.chunk_length
+        i = 0
+        for item in batch:
+            if isinstance(item, FrameWork):
+                k = len(item.sessions)
+                steps = item.inputs.shape[1]
+                block = outputs[i : i + k, :steps]
+                chunk_length.observe(steps, k)
+                for j, session in enumerate(item.sessions):
+                    session.commit(item.seqs[j], block[j], item.inputs[j])
+                try:
+                    item.sink.entries_done(item.rows, block)
+                except Exception:  # a bug in a reply sink: the sessions are consistent
+                    log.exception("answering a frame of %d entries failed", k)
+                i += k
+            else:
+                steps = item.inputs.shape[0]
+                chunk_length.observe(steps)
+                rows_out = outputs[i, :steps]
+                item.session.commit(item.seq, rows_out, item.digest)
+                self._done(item, rows_out, wanted.get(i))
+                i += 1
 
-    def _build_all(
-        self, batch: list[Work], y: npt.NDArray[np.float32], new: dict[str, npt.NDArray[np.float32]]
-    ) -> list[pb.StepResponse]:
-        """The replies of a batch's chunks, in batch order."""
-        # One copy of the whole output, session-major ([B, T, O] C order: a no-op view when
-        # T == 1), then each reply's bytes are a slice of it: no numpy call per reply.
-        if y.dtype != LE_FLOAT32:
-            y = y.astype(LE_FLOAT32)
-        steps_max, width = y.shape[0], y.shape[2]
-        flat = (y if steps_max == 1 else np.ascontiguousarray(y.swapaxes(0, 1))).tobytes()
-        row = width * LE_FLOAT32.itemsize
-        chunk_length = self.model.metrics.chunk_length
-        specs = self.model.manifest.states
-        replies = []
-        uniform = -1  # the chunk length shared by the whole batch, or 0 when they differ
-        for i, w in enumerate(batch):
-            n = w.inputs.shape[0]
-            if uniform != n:
-                if uniform == -1:
-                    uniform = n
-                else:
-                    if uniform:
-                        chunk_length.observe(uniform, i)  # the chunks before this one
-                    uniform = 0
-            if not uniform:
-                chunk_length.observe(n)
-            start = i * steps_max * row
-            state = None
-            if w.want_state:
-                state = {s.name: np.take(new[s.output], i, axis=s.batch_axis) for s in specs}
-            replies.append(self._build(w, n, width, flat[start : start + n * row], state))
-        if uniform > 0:
-            chunk_length.observe(uniform, len(batch))
-        return replies
+    def _wanted_states(self, batch: list[Item], new: States) -> dict[int, States]:
+        """The new state of each batch row whose chunk asked for it, by state name."""
+        wanted: dict[int, States] = {}
+        i = 0
+        for item in batch:
+            if isinstance(item, FrameWork):
+                i += len(item.sessions)
+                continue
+            if item.want_state:
+                wanted[i] = {
+                    s.name: np.take(new[s.output], i, axis=s.batch_axis) for s in self.specs
+                }
+            i += 1
+        return wanted
 
-    @staticmethod
-    def _build(
-        w: Work,
-        n: int,
-        width: int,
-        raw: bytes,
-        state: dict[str, npt.NDArray[np.float32]] | None,
-    ) -> pb.StepResponse:
-        """The reply of chunk ``w`` (``n`` steps): its outputs ``raw`` (float32
-        ``[n, width]``) and, when asked for, its new state by state name. Touches no session."""
-        reply = w.new_reply()
-        reply.session_id = w.session.id
-        reply.seq = w.seq
-        reply.next_seq = w.seq + n
-        out = reply.outputs
-        out.dtype = pb.DTYPE_FLOAT32
-        out.shape[:] = (n, width)
-        out.raw_data = raw
-        if state is not None:
-            for name, value in state.items():
-                to_tensor(value, reply.state[name])
-        return reply
-
-    def _commit(self, w: Work, reply: pb.StepResponse) -> None:
-        """The chunk is applied: the session takes its seq and caches the reply, then the
-        caller gets it."""
-        w.session.commit(reply, w.digest)
-        self._answer(w, reply)
+    # -- answering ------------------------------------------------------------------------
+    # A failing sink is logged and never stops the other chunks of the batch from being
+    # answered: the session itself is consistent.
 
     @staticmethod
-    def _answer(w: Work, result: pb.StepResponse | ServingError) -> None:
-        """Hand ``result`` to the chunk's caller; a failing caller is logged and never stops
-        the other chunks of the batch from being answered."""
+    def _done(w: Work, outputs: Rows, state: States | None) -> None:
         try:
-            w.answer(result)
-        except Exception:  # a bug in a reply sink: the session itself is consistent
+            w.sink.step_done(w, outputs, state)
+        except Exception:
             log.exception("answering a chunk of session %s failed", w.session.id)
+
+    @staticmethod
+    def _fail(w: Work, err: ServingError) -> None:
+        try:
+            w.sink.step_failed(w, err)
+        except Exception:
+            log.exception("answering a chunk of session %s failed", w.session.id)
+
+    @staticmethod
+    def _answer_entry(answer: Any, row: int, result: Any) -> None:
+        try:
+            answer(row, result)
+        except Exception:
+            log.exception("answering entry %d of a frame failed", row)

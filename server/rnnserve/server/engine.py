@@ -259,31 +259,6 @@ class Engine:
         outs = {s.output: results[i + 1] for i, s in enumerate(self.manifest.states)}
         return results[0], outs
 
-    def run_one(
-        self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
-    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
-        """Run one session's chunk: ``x`` ``[T, ...]`` without a batch axis, its state in row
-        ``slot`` of the arrays ``pool`` (by state name, slot-major: the slot pool's arrays).
-        Returns the outputs ``[T, outputs]`` and the new state by state name, each of its
-        per-session shape (both valid until the next run). The pool is only read: the caller
-        stores the new state once the chunk's reply is built, so a failure leaves it as it was.
-
-        The same as ``run`` at batch 1, in fewer numpy calls: the chunk and the state are
-        copied straight into the bound buffers and back (a lone session's step spends more
-        on each numpy call than on the arithmetic).
-        """
-        if self._bind:
-            bound = self._bindings.get(((x.shape[0], 1, *x.shape[1:]), x.dtype.char))
-            if bound is not None and bound.single is not None:
-                return bound.run_one(x, pool, slot)
-        m = self.manifest
-        batched = {}
-        for spec in m.states:
-            batched[spec.input] = np.expand_dims(pool[spec.name][slot], spec.batch_axis)
-        lengths = np.array([x.shape[0]], dtype=np.int32) if m.sequence_lens else None
-        y, new = self.run(x[:, None], batched, lengths)
-        return y[:, 0], {s.name: np.take(new[s.output], 0, axis=s.batch_axis) for s in m.states}
-
     def _bind_and_run(
         self,
         x: npt.NDArray[np.generic],
@@ -402,8 +377,6 @@ class _Bound:
         "names",
         "outputs",
         "session",
-        "single",
-        "single_state",
         "states",
         "x",
     )
@@ -445,19 +418,6 @@ class _Bound:
             else:
                 bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
         self.names = (m.output_name, [s.output for s in m.states])
-        #: For a batch of one (see run_one): views of the buffers without the batch axis: the
-        #: chunk, then (state name, input buffer, output buffer) per state, then the outputs.
-        self.single: tuple[npt.NDArray[Any], list[tuple[str, Any, Any]], npt.NDArray[Any]] | None
-        self.single = None
-        #: For a batch of one: the new state by state name (views of the output buffers).
-        self.single_state: dict[str, npt.NDArray[Any]] = {}
-        if batch == 1:
-            one = []
-            for s in m.states:
-                at = (slice(None),) * s.batch_axis + (0,)
-                one.append((s.name, self.states[s.input][at], self.outputs[s.output][at]))
-            self.single = (self.x[:, 0], one, self.outputs[m.output_name][:, 0])
-            self.single_state = {name: out for name, _, out in one}
 
     def run(
         self,
@@ -476,18 +436,3 @@ class _Bound:
         out = self.outputs
         y_name, state_names = self.names
         return out[y_name], {name: out[name] for name in state_names}
-
-    def run_one(
-        self, x: npt.NDArray[np.generic], pool: dict[str, npt.NDArray[np.float32]], slot: int
-    ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
-        """A batch of one, on row ``slot`` of the pool's arrays (see Engine.run_one)."""
-        assert self.single is not None
-        x1, views, y1 = self.single
-        if self.lengths is not None:
-            # Written every time: the buffer is shared with every other shape's binding.
-            self.lengths[0] = x1.shape[0]
-        x1[...] = x
-        for name, into, _ in views:
-            into[...] = pool[name][slot]
-        self.session.run_with_iobinding(self.binding, None)  # no RunOptions: see run
-        return y1, self.single_state

@@ -141,14 +141,6 @@ class ModelMetrics:
     active: Gauge
     state_bytes: Gauge
 
-    def run_of_one(self, queue_wait: float, compute: float, steps: int) -> None:
-        """Record an engine run of one chunk of ``steps`` steps: its queue wait, its compute
-        time, batch size 1 and its chunk length (also ``rnnserve_steps_total``)."""
-        self.queue_wait.observe(queue_wait)
-        self.compute.observe(compute)
-        self.batch_size.observe(1)
-        self.chunk_length.observe(steps)
-
 
 class Metrics:
     """The server's metrics. One instance per server, on its own registry."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 from rnnserve.manifest import Manifest
+from rnnserve.server.batcher import Batcher
 from rnnserve.server.engine import Engine
 from rnnserve.server.errors import invalid
 from rnnserve.server.metrics import ModelMetrics
@@ -48,7 +49,6 @@ class ServedModel:
         settings: Settings,
         metrics: ModelMetrics,
     ) -> None:
-        from rnnserve.server.batcher import Batcher  # batcher imports this module's type
 
         self.folder = folder
         self.manifest = manifest
@@ -65,7 +65,15 @@ class ServedModel:
         self.input_rank = 1 if self.tokens else 2
         self.step_bytes = self.input_dtype.itemsize * (1 if self.tokens else manifest.input_size)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.label}")
-        self.batcher = Batcher(self, settings.max_batch_size, settings.inline_max_steps)
+        self.batcher = Batcher(
+            engine,
+            self.pool,
+            metrics,
+            self.executor,
+            label=self.label,
+            max_batch=settings.max_batch_size,
+            inline_max_steps=settings.inline_max_steps,
+        )
         self._state_specs = {s.name: s for s in manifest.states}
         self.base_info = self._info(settings.max_chunk_length)
         metrics.state_bytes.set(self.pool.nbytes)

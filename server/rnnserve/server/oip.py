@@ -22,7 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
-from rnnserve.server.batcher import Work
+from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.limits import OpenRate
 from rnnserve.server.lockstep import next_message
@@ -39,7 +39,6 @@ from rnnserve.server.oip_sequences import Caller, Key, OipSequence, SequenceTabl
 from rnnserve.server.oip_stream import OipStream, stream_key
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
-from rnnserve.v1 import rnnserve_pb2 as pb
 
 #: The metrics' ``protocol`` label of this service's calls.
 PROTOCOL = "oip"
@@ -100,7 +99,7 @@ class _OipWork(Work):
         out: oip.ModelInferResponse | None,
     ) -> None:
         super().__init__(
-            seq.session, at, chunk, bool(decoded.states), _no_callback, decoded.inputs, started
+            seq.session, at, chunk, bool(decoded.states), self, decoded.inputs, started
         )
         self.table = table
         #: Its OIP sequence (``seq``, from Work, is the chunk's step number in the session).
@@ -112,25 +111,25 @@ class _OipWork(Work):
         self.out = out
         self.followers: list[Callable[[], None]] = []
 
-    def answer(self, result: pb.StepResponse | ServingError) -> None:
-        failed = isinstance(result, ServingError)
-        self.table.answered(self.sequence, failed)
-        if isinstance(result, ServingError):
-            if result.next_seq is not None:  # a chunk before it failed; this one never ran
-                result = invalid(
-                    "an earlier request of this sequence failed, so this one was not applied; "
-                    "send it again"
-                )
-            self.reply_to(result)
-        else:
-            model = self.session.model
-            self.reply_to(build_response(model, self.request, self.decoded, result, self.out))
+    def step_done(self, work: Work, outputs: Rows, state: States | None) -> None:
+        self.table.answered(self.sequence, False)
+        model = self.session.model
+        self.reply_to(build_response(model, self.request, self.decoded, outputs, state, self.out))
+        self._follow()
+
+    def step_failed(self, work: Work, err: ServingError) -> None:
+        self.table.answered(self.sequence, True)
+        if err.next_seq is not None:  # a chunk before it failed; this one never ran
+            err = invalid(
+                "an earlier request of this sequence failed, so this one was not applied; "
+                "send it again"
+            )
+        self.reply_to(err)
+        self._follow()
+
+    def _follow(self) -> None:
         for follow in self.followers:
             follow()
-
-
-def _no_callback(result: pb.StepResponse | ServingError) -> None:
-    raise AssertionError("an _OipWork answers through reply_to")
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):

@@ -5,7 +5,7 @@
 - ``decode_request``: a ModelInferRequest's one input as the model's chunk (an rnnserve.v1
   Tensor that ``ServedModel.decode_chunk`` then checks), which outputs it asks for, and its
   sequence parameters.
-- ``build_response``: a ModelInferResponse from the engine's StepResponse; the output's bytes
+- ``build_response``: a ModelInferResponse from a chunk's outputs and state; the output's bytes
   are the engine's, never converted.
 
 Errors are ``ServingError`` with the status and wording Triton gives for the same mistake.
@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from inference import grpc_service_pb2 as oip
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
@@ -212,7 +213,8 @@ def build_response(
     model: ServedModel,
     request: oip.ModelInferRequest,
     decoded: Decoded,
-    step: pb.StepResponse,
+    outputs: npt.NDArray[np.float32],
+    state: dict[str, npt.NDArray[np.float32]] | None,
     out: oip.ModelInferResponse | None = None,
 ) -> oip.ModelInferResponse:
     """The ModelInferResponse of one applied chunk (filled into ``out`` when given)."""
@@ -223,12 +225,12 @@ def build_response(
     reply.id = request.id
     lead = [1] if decoded.batched else []
     if decoded.want_output:
-        reply.outputs.add(name=m.output_name, datatype="FP32", shape=[*lead, *step.outputs.shape])
-        reply.raw_output_contents.append(step.outputs.raw_data)
+        reply.outputs.add(name=m.output_name, datatype="FP32", shape=[*lead, *outputs.shape])
+        reply.raw_output_contents.append(outputs.tobytes())
     for name in decoded.states:
-        state = step.state[name]
-        reply.outputs.add(name=name, datatype="FP32", shape=[*lead, *state.shape])
-        reply.raw_output_contents.append(state.raw_data)
+        value = np.asarray(state[name] if state is not None else (), dtype="<f4")
+        reply.outputs.add(name=name, datatype="FP32", shape=[*lead, *value.shape])
+        reply.raw_output_contents.append(value.tobytes())
     return reply
 
 

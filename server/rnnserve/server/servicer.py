@@ -11,20 +11,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 from google.protobuf.message import DecodeError, Message
-from rnnserve.server import snapshots
+from rnnserve.server import codec, snapshots
 from rnnserve.server.auth import current_principal
-from rnnserve.server.batcher import Work
+from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.durable import Durability
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, quoted, unavailable
 from rnnserve.server.limits import OpenRate
-from rnnserve.server.lockstep import next_message
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import (
@@ -36,8 +33,8 @@ from rnnserve.server.sessions import (
     check_seq_room,
     route_key,
 )
+from rnnserve.server.stream import Streams
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -73,14 +70,14 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     for method in service.methods:
         request = getattr(pb, method.input_type.name)
         response = getattr(pb, method.output_type.name)
-        behaviour = getattr(servicer, method.name)
-        if method.client_streaming:
+        if method.client_streaming:  # Stream, served by stream.py
+            behaviour = servicer.streams.serve
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
                 behaviour, request.FromString, response.SerializeToString
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                behaviour, _tolerant(request), response.SerializeToString
+                getattr(servicer, method.name), _tolerant(request), response.SerializeToString
             )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
@@ -116,191 +113,27 @@ def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
-class _Replies:
-    """The replies a Stream call has ready to send, and a wake-up for its writer. Lighter than
-    an asyncio.Queue on the per-message path."""
+class _StepWaiter:
+    """The sink of a unary Step's chunk: its answer, for the handler to await."""
 
-    __slots__ = ("ended", "items", "loop", "waiter")
+    __slots__ = ("future",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.items: list[pb.StreamResponse | None] = []
-        self.waiter: asyncio.Future[None] | None = None
-        self.ended = False
-        self.loop = loop
+        self.future: asyncio.Future[pb.StepResponse | ServingError] = loop.create_future()
 
-    def put(self, reply: pb.StreamResponse | None, last: bool = False) -> None:
-        self.items.append(reply)
-        self.ended = self.ended or last
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def step_done(self, work: Work, outputs: Rows, state: States | None) -> None:
+        if not self.future.done():  # the caller may have gone away
+            reply = codec.step_response(
+                pb.StepResponse(), work.session.id, work.seq, outputs, state
+            )
+            self.future.set_result(reply)
 
-    async def take(self) -> list[pb.StreamResponse | None]:
-        """Everything ready, waiting until there is something."""
-        while not self.items and not self.ended:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
-        items, self.items = self.items, []
-        return items
+    def step_failed(self, work: Work, err: ServingError) -> None:
+        if not self.future.done():
+            self.future.set_result(err)
 
 
-class _StreamWork(Work):
-    """A chunk that came on a Stream: it answers its call directly (no closure per chunk)."""
-
-    __slots__ = ("call", "reply", "rid", "started")
-
-    def __init__(
-        self,
-        call: _StreamCall,
-        rid: int,
-        started: float,
-        session: Session,
-        step: pb.StepRequest,
-        inputs: npt.NDArray[np.generic],
-    ) -> None:
-        super().__init__(
-            session, step.seq, inputs, step.want_state, _no_callback, step.inputs, started
-        )
-        self.call = call
-        self.rid = rid
-        self.started = started
-        #: The StreamResponse whose ``step`` new_reply handed out, once it has.
-        self.reply: pb.StreamResponse | None = None
-
-    def new_reply(self) -> pb.StepResponse:
-        self.reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
-        return self.reply.step
-
-    def answer(self, result: pb.StepResponse | ServingError) -> None:
-        if isinstance(result, ServingError):
-            reply = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
-            reply.error.CopyFrom(result.to_step_error())
-            self.call.answer(reply, self.started, result.code.name)
-            return
-        built = self.reply
-        if built is None:  # a cached reply (a retry), not one built for this chunk
-            built = pb.StreamResponse(request_id=self.rid, session_id=self.session.id)
-            built.step.CopyFrom(result)
-        self.call.answer(built, self.started, None)
-
-
-def _read_error(exc: BaseException) -> ServingError:
-    """The status a Stream ends with when reading from it fails."""
-    if isinstance(exc, DecodeError):
-        return invalid(f"a Stream message is not a valid rnnserve.v1.StreamRequest: {exc}")
-    return as_serving_error(exc, "Stream")
-
-
-def _no_callback(result: pb.StepResponse | ServingError) -> None:
-    raise AssertionError("a _StreamWork answers through its call")
-
-
-class _StreamCall:
-    """One Stream call's bookkeeping, shared by every chunk on it: the replies ready to send
-    and how many chunks are still unanswered."""
-
-    __slots__ = (
-        "later",
-        "limit",
-        "metrics",
-        "ok",
-        "outstanding",
-        "reading",
-        "replies",
-        "room",
-        "servicer",
-        "unsent",
-    )
-
-    def __init__(
-        self,
-        servicer: InferenceServicer,
-        limit: int,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.servicer = servicer
-        self.metrics = metrics = servicer.metrics
-        #: Chunks waiting for their session to be loaded from the store.
-        self.later: set[asyncio.Task[None]] = set()
-        self.ok = metrics.request_child("Stream", "OK")
-        self.replies = _Replies(loop)
-        self.outstanding = 0
-        self.reading = True
-        #: Chunks received and not yet handed back to gRPC, and the most the reader allows.
-        self.unsent = 0
-        self.limit = limit
-        self.room: asyncio.Future[None] | None = None
-
-    async def wait_for_room(self) -> None:
-        """Return once fewer than ``limit`` chunks of this call are unsent (backpressure)."""
-        while self.unsent >= self.limit:
-            self.room = self.replies.loop.create_future()
-            await self.room
-            self.room = None
-
-    def sent(self, count: int) -> None:
-        """``count`` replies went to gRPC; wake the reader if it waits for room."""
-        self.unsent -= count
-        room = self.room
-        if room is not None and not room.done() and self.unsent < self.limit:
-            room.set_result(None)
-
-    def accept(self, req: pb.StreamRequest) -> None:
-        """Decode one message and queue its chunk; a bad one is answered in-band at once. A
-        chunk whose session must first come from the store waits for it in a task."""
-        started = time.perf_counter()
-        self.outstanding += 1
-        self.unsent += 1
-        try:
-            session = self.servicer.local(req.step.session_id)
-            if session is None:
-                task = self.replies.loop.create_task(self._accept_later(req, started))
-                self.later.add(task)
-                task.add_done_callback(self.later.discard)
-                return
-            self._submit(req, session, started)
-        except Exception as exc:
-            self._refuse(req, started, exc)
-
-    async def _accept_later(self, req: pb.StreamRequest, started: float) -> None:
-        try:
-            session = await self.servicer.lookup(req.step.session_id)
-            self._submit(req, session, started)
-        except Exception as exc:
-            self._refuse(req, started, exc)
-
-    def _submit(self, req: pb.StreamRequest, session: Session, started: float) -> None:
-        step = req.step
-        inputs = session.model.decode_chunk(step.inputs)
-        check_seq_room(step.seq, inputs.shape[0])
-        session.model.batcher.submit(
-            _StreamWork(self, req.request_id, started, session, step, inputs)
-        )
-
-    def _refuse(self, req: pb.StreamRequest, started: float, exc: Exception) -> None:
-        err = as_serving_error(exc, "Stream")
-        reply = pb.StreamResponse(
-            request_id=req.request_id, session_id=req.step.session_id, error=err.to_step_error()
-        )
-        self.answer(reply, started, err.code.name)
-
-    def answer(self, reply: pb.StreamResponse, started: float, code: str | None) -> None:
-        """Queue ``reply``; ``code`` None means OK."""
-        if code is None:
-            self.ok.observe(time.perf_counter() - started)
-        else:
-            self.metrics.observe_request("Stream", code, time.perf_counter() - started)
-        self.outstanding -= 1
-        self.replies.put(reply, last=not self.reading and self.outstanding == 0)
-
-    def end_of_input(self) -> None:
-        self.reading = False
-        if self.outstanding == 0:
-            self.replies.put(None, last=True)
-
-
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
+class InferenceServicer:
     """rnnserve.v1.InferenceService over a repository and a session manager."""
 
     def __init__(
@@ -312,6 +145,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         durable: Durability | None = None,
         open_rate: OpenRate | None = None,
         snapshot_key: bytes = b"",
+        max_frame: int = 4096,
     ) -> None:
         self.repository = repository
         #: Each principal's budget of opens, forks and restores per second.
@@ -320,14 +154,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.snapshot_key = snapshot_key
         self.sessions = sessions
         self.metrics = metrics
-        self.max_stream_inflight = max_stream_inflight
         #: The durable store's side, when the server has a store (see durable.py).
         self.durable = durable
         self._draining = False
-        self._readers: set[asyncio.Task[None]] = set()
-        #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
-        self._lockstep: set[asyncio.Task[Any]] = set()
-        self._closing = False
+        self.streams = Streams(self.local, self.lookup, metrics, max_stream_inflight, max_frame)
 
     def begin_drain(self) -> None:
         """From now on every call about a session is answered UNAVAILABLE (the client retries,
@@ -371,9 +201,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def begin_shutdown(self) -> None:
         """Stop reading from open streams; each ends with UNAVAILABLE once its in-flight chunks
         are answered."""
-        self._closing = True
-        for task in [*self._readers, *self._lockstep]:
-            task.cancel()
+        self.streams.begin_shutdown()
 
     @unary("ListModels")
     async def ListModels(
@@ -416,115 +244,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         session = self.local(sid) or await self.lookup(sid)
         inputs = session.model.decode_chunk(request.inputs)
         check_seq_room(request.seq, inputs.shape[0])
-        fut: asyncio.Future[pb.StepResponse | ServingError] = (
-            asyncio.get_running_loop().create_future()
-        )
-
-        def done(result: pb.StepResponse | ServingError) -> None:
-            if not fut.done():  # the caller may have gone away
-                fut.set_result(result)
-
+        waiter = _StepWaiter(asyncio.get_running_loop())
         session.model.batcher.submit(
-            Work(session, request.seq, inputs, request.want_state, done, request.inputs)
+            Work(session, request.seq, inputs, request.want_state, waiter, request.inputs)
         )
-        result = await fut
+        result = await waiter.future
         if isinstance(result, ServingError):
             raise result
         return result
 
-    async def Stream(
-        self,
-        request_iterator: AsyncIterator[pb.StreamRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[pb.StreamResponse]:
-        """Two ways to serve a stream, picked by what it carries.
-
-        Lockstep, while the stream names one session (what the SDK's Session does): read a
-        chunk, run it, send its reply, read the next. One task and no hand-offs, the shape of
-        the echo floor; a chunk still joins a batch with other streams' chunks of its loop
-        tick. The session has at most one chunk in a batch anyway, so a client that sends its
-        next chunk early loses no batching: it waits in gRPC's buffers.
-
-        Read-ahead, from the first message naming a second session (a multiplexer): a reader
-        task takes messages as they come, up to ``max_stream_inflight`` unsent, so a chunk
-        waiting in a batch does not hold up the next message, and this generator sends replies
-        as they are ready. (gRPC hands a stream's messages over one per loop tick, so on its
-        own one stream's chunks mostly run one by one: docs/server.md, Batcher.)
-        """
-        loop = asyncio.get_running_loop()
-        call = _StreamCall(self, self.max_stream_inflight, loop)
-        requests = request_iterator.__aiter__()
-        replies = call.replies
-        handler = asyncio.current_task()
-        reader: asyncio.Task[None] | None = None
-        sole = None  # the one session the stream has named so far
-        failed: BaseException | None = None  # why reading stopped, if not the end of input
-        try:
-            while not self._closing:
-                req, failed = await next_message(
-                    requests, handler, self._lockstep, lambda: self._closing
-                )
-                if req is None:
-                    break
-                sid = req.step.session_id
-                if sole is None:
-                    sole = sid
-                call.accept(req)
-                if sid != sole:
-                    reader = loop.create_task(self._read_ahead(call, requests))
-                    self._readers.add(reader)
-                    break
-                while call.outstanding or replies.items:
-                    ready = replies.items
-                    if ready:  # answered already (an eager run): no wait, no coroutine
-                        replies.items = []
-                    else:
-                        ready = await replies.take()
-                    for reply in ready:
-                        if reply is not None:
-                            yield reply
-                            call.sent(1)
-            if reader is None:
-                call.end_of_input()
-            while True:
-                batch = await replies.take()
-                for reply in batch:
-                    if reply is not None:
-                        yield reply
-                        call.sent(1)
-                if replies.ended and not replies.items:
-                    break
-        finally:
-            if reader is not None:
-                reader.cancel()
-                self._readers.discard(reader)
-        if self._closing:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "server is shutting down; reconnect and resume each session from its next_seq",
-            )
-        if reader is not None and not reader.cancelled():
-            failed = reader.exception()
-        if failed is not None:
-            err = _read_error(failed)
-            await context.abort(err.code, err.message)
-
     def _refuse_while_draining(self) -> None:
         if self._draining:
             raise unavailable("this replica is draining; retry (another replica will serve)")
-
-    async def _read_ahead(
-        self, call: _StreamCall, requests: AsyncIterator[pb.StreamRequest]
-    ) -> None:
-        """A multiplexed Stream's reader: accept messages as they come, with backpressure."""
-        accept = call.accept
-        try:
-            async for req in requests:
-                accept(req)
-                if call.unsent >= call.limit:
-                    await call.wait_for_room()
-        finally:
-            call.end_of_input()
 
     async def _settled(self, sid: str) -> Session:
         """The open session ``sid`` once none of its chunks is in an engine run; NOT_FOUND

@@ -30,7 +30,7 @@ from rnnserve.server.errors import (
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import ROUTE_HEADER, chunk_digest, route_of
+from rnnserve.wire import ROUTE_HEADER, array_digest, chunk_digest, route_of
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
 #: Ended here because another replica took the session over (see durable.py).
@@ -41,8 +41,11 @@ REPLACED = "replaced"
 MAX_TOMBSTONES = 100_000
 #: Inputs of at most this many bytes are kept undigested after a chunk (``Session.applied``).
 MAX_KEPT_INPUT_BYTES = 1024
-#: A chunk's digest (rnnserve.wire.chunk_digest), or its inputs to digest when needed.
-Digest = bytes | pb.Tensor
+#: A chunk's digest (rnnserve.wire.chunk_digest), or its inputs to digest when needed: the
+#: tensor it came in, or (a frame's entry) its row of the frame's inputs.
+Digest = bytes | pb.Tensor | npt.NDArray[np.generic]
+#: A chunk's outputs, float32 ``[T, outputs]``, read-only.
+Outputs = npt.NDArray[np.float32]
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
 #: A route key: what a proxy hashes on to send all of a session's calls to one replica.
@@ -96,8 +99,8 @@ class Checkpoints(Protocol):
 
 
 class Session:
-    """One session. ``last_reply`` is the reply of the last applied chunk, kept so a retry of
-    that chunk is answered again instead of applied twice."""
+    """One session. ``last_outputs`` are the outputs of the last applied chunk (at
+    ``last_seq``), kept so a retry of that chunk is answered again instead of applied twice."""
 
     __slots__ = (
         "_last_digest",
@@ -108,7 +111,8 @@ class Session:
         "ended",
         "epoch",
         "id",
-        "last_reply",
+        "last_outputs",
+        "last_seq",
         "model",
         "next_seq",
         "principal",
@@ -124,10 +128,12 @@ class Session:
         self.model = model
         self.slot = slot
         self.next_seq = 0
-        self.last_reply: pb.StepResponse | None = None
+        self.last_seq = 0
+        #: None until a chunk is applied (or a snapshot restores one).
+        self.last_outputs: Outputs | None = None
         self._last_digest = b""
         #: The last applied chunk's inputs, not yet digested (see ``last_digest``).
-        self._last_inputs: pb.Tensor | None = None
+        self._last_inputs: pb.Tensor | npt.NDArray[np.generic] | None = None
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
@@ -149,8 +155,11 @@ class Session:
     @property
     def last_digest(self) -> bytes:
         """rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown)."""
-        if self._last_inputs is not None:
-            self._last_digest = chunk_digest(self._last_inputs)
+        kept = self._last_inputs
+        if kept is not None:
+            self._last_digest = (
+                chunk_digest(kept) if isinstance(kept, pb.Tensor) else array_digest(kept)
+            )
             self._last_inputs = None
         return self._last_digest
 
@@ -166,33 +175,41 @@ class Session:
         keeps no more than a small record."""
         if isinstance(inputs, bytes):
             self.last_digest = inputs
-        elif len(inputs.raw_data) <= MAX_KEPT_INPUT_BYTES:
+        elif isinstance(inputs, pb.Tensor):
+            if len(inputs.raw_data) <= MAX_KEPT_INPUT_BYTES:
+                self._last_inputs = inputs
+            else:
+                self.last_digest = chunk_digest(inputs)
+        elif inputs.nbytes <= MAX_KEPT_INPUT_BYTES:
             self._last_inputs = inputs
         else:
-            self.last_digest = chunk_digest(inputs)
+            self.last_digest = array_digest(inputs)
 
-    def commit(self, reply: pb.StepResponse, inputs: Digest) -> None:
-        """The chunk answered by ``reply`` was applied (its new state is stored): move to its
-        next_seq, keep the reply for a retry, and leave the engine."""
-        self.next_seq = reply.next_seq
-        self.last_reply = reply
+    def commit(self, seq: int, outputs: Outputs, inputs: Digest) -> None:
+        """The chunk at ``seq`` was applied (its new state is stored) and made ``outputs``:
+        move past it, keep its outputs for a retry, and leave the engine."""
+        self.next_seq = seq + outputs.shape[0]
+        self.last_seq = seq
+        self.last_outputs = outputs
         self.applied(inputs)
         self.busy = False
         checkpoints = self.checkpoints
         if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
             checkpoints.mark(self)
 
-    def check_seq(self, seq: int, digest: Digest = b"") -> pb.StepResponse | None:
-        """The cached reply when ``seq`` and the inputs' ``digest`` repeat the last applied
+    def check_seq(self, seq: int, digest: Digest = b"") -> Outputs | None:
+        """The cached outputs when ``seq`` and the inputs' ``digest`` repeat the last applied
         chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
         An empty digest (on either side) matches by seq alone; ``digest`` may be the chunk's
-        tensor, digested only when needed."""
+        tensor or array, digested only when needed."""
         if seq == self.next_seq:
             return None
-        last = self.last_reply
-        if last is not None and seq == last.seq:
-            if not isinstance(digest, bytes):
+        last = self.last_outputs
+        if last is not None and seq == self.last_seq:
+            if isinstance(digest, pb.Tensor):
                 digest = chunk_digest(digest)
+            elif not isinstance(digest, bytes):
+                digest = array_digest(digest)
             if digest and self.last_digest and digest != self.last_digest:
                 raise seq_error(
                     f"chunk seq {seq} was already applied with other inputs (a retry must resend "
@@ -405,11 +422,9 @@ class SessionManager:
         child = self.open(source.model, route=route_of(source.id), principal=source.principal)
         source.model.pool.copy(source.slot, child.slot)
         child.next_seq = source.next_seq
-        if source.last_reply is not None:
-            reply = pb.StepResponse()
-            reply.CopyFrom(source.last_reply)
-            reply.session_id = child.id
-            child.last_reply = reply
+        if source.last_outputs is not None:  # read-only: shared, not copied
+            child.last_seq = source.last_seq
+            child.last_outputs = source.last_outputs
             child.last_digest = source.last_digest
         return child
 

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     client back: a client that pipelines without reading cannot grow the server's memory. (A
     stream that names one session is read one chunk at a time anyway; this bounds streams
     that carry several.)"""
+    max_frame_sessions: int = Field(default=4096, ge=1)
+    """The most entries (sessions' chunks) one Stream frame may carry; a larger frame is refused
+    with INVALID_ARGUMENT. (max_message_bytes bounds a frame's size too.)"""
     inline_max_steps: int = Field(default=256, ge=0)
     """Engine runs of at most this many steps (sessions x chunk length) run on the event loop
     itself; larger ones go to the model's worker thread. Handing a run to a thread and back

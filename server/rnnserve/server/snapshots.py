@@ -33,9 +33,9 @@ def take(session: Session) -> pb.SessionSnapshot:
     snap = pb.SessionSnapshot(model=m.name, version=m.version, next_seq=session.next_seq)
     for name, value in model.pool.read(session.slot).items():
         to_tensor(value, snap.state[name])
-    if session.last_reply is not None:
-        snap.last_seq = session.last_reply.seq
-        snap.last_outputs.CopyFrom(session.last_reply.outputs)
+    if session.last_outputs is not None:
+        snap.last_seq = session.last_seq
+        to_tensor(session.last_outputs, snap.last_outputs)
         snap.last_inputs_digest = session.last_digest
     return snap
 
@@ -47,9 +47,10 @@ class Restored:
     model: ServedModel
     state: dict[str, npt.NDArray[np.float32]]
     next_seq: int
-    #: The last applied chunk's reply (its session_id still to be set), so a retry of it stays
-    #: idempotent; None when the snapshot has none.
-    last_reply: pb.StepResponse | None
+    #: The last applied chunk's seq and outputs (read-only), so a retry of it stays
+    #: idempotent; outputs None when the snapshot has none.
+    last_seq: int
+    last_outputs: npt.NDArray[np.float32] | None
     last_digest: bytes
 
 
@@ -62,7 +63,7 @@ def check(snap: pb.SessionSnapshot, repository: Repository) -> Restored:
     state = model.decode_state(snap.state)
     if snap.next_seq > MAX_SEQ:
         raise invalid(f"snapshot.next_seq {snap.next_seq} is past the largest seq {MAX_SEQ}")
-    last_reply = None
+    last_outputs = None
     if snap.HasField("last_outputs"):
         outputs = _last_outputs(model, snap.last_outputs)
         end = snap.last_seq + outputs.shape[0]
@@ -76,9 +77,11 @@ def check(snap: pb.SessionSnapshot, repository: Repository) -> Restored:
                 f"snapshot.last_inputs_digest has {len(snap.last_inputs_digest)} bytes; "
                 f"it is {DIGEST_BYTES} bytes (or empty)"
             )
-        last_reply = pb.StepResponse(seq=snap.last_seq, next_seq=snap.next_seq)
-        last_reply.outputs.CopyFrom(snap.last_outputs)
-    return Restored(model, state, snap.next_seq, last_reply, snap.last_inputs_digest)
+        last_outputs = outputs.astype(np.float32, copy=True)
+        last_outputs.flags.writeable = False
+    return Restored(
+        model, state, snap.next_seq, snap.last_seq, last_outputs, snap.last_inputs_digest
+    )
 
 
 def _last_outputs(model: ServedModel, tensor: pb.Tensor) -> npt.NDArray[np.generic]:
@@ -135,9 +138,7 @@ def resume(session: Session, restored: Restored) -> None:
     """Give a freshly opened ``session`` (holding ``restored.state``) the snapshot's seq and
     last reply."""
     session.next_seq = restored.next_seq
-    if restored.last_reply is not None:
-        reply = pb.StepResponse()
-        reply.CopyFrom(restored.last_reply)
-        reply.session_id = session.id
-        session.last_reply = reply
+    if restored.last_outputs is not None:
+        session.last_seq = restored.last_seq
+        session.last_outputs = restored.last_outputs
         session.last_digest = restored.last_digest
