@@ -17,6 +17,7 @@ from .errors import (
     SeqConflict,
     ServerUnavailable,
     SessionLost,
+    StepManyError,
 )
 from .models import ModelInfo, TensorInfo
 from .mux import Multiplexer
@@ -40,5 +41,6 @@ __all__ = [
     "Session",
     "SessionLost",
     "Snapshot",
+    "StepManyError",
     "TensorInfo",
 ]

@@ -11,7 +11,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import to_tensor
 
 from ._convert import Array, decode_outputs
-from ._ledger import SeqLedger
+from ._ledger import Chunk, SeqLedger
 from ._retry import Backoff
 from .errors import (
     IN_DOUBT_CODES,
@@ -56,11 +56,16 @@ class ChunkDriver:
         self._target = target
         self._refusals = 0
 
-    def request(self) -> pb.StepRequest:
-        """The next StepRequest to send (a replayed chunk, or the one in flight)."""
+    def chunk(self) -> Chunk:
+        """The next chunk to send (a replayed one, or the one in flight)."""
         chunk = self._ledger.to_send()
         if chunk is None:
             raise RuntimeError("no chunk in flight")
+        return chunk
+
+    def request(self) -> pb.StepRequest:
+        """The next StepRequest to send (a replayed chunk, or the one in flight)."""
+        chunk = self.chunk()
         return pb.StepRequest(
             session_id=self._ledger.session_id, seq=chunk.seq, inputs=to_tensor(chunk.inputs)
         )
@@ -77,6 +82,19 @@ class ChunkDriver:
         outputs = decode_outputs(self._model, reply.outputs, chunk.steps)
         self._refusals = 0
         return self._ledger.on_outputs(reply.seq, outputs)
+
+    def on_outputs(self, outputs: Array, next_seq: int) -> Array | None:
+        """A frame entry's outputs arrived (decoded and shape-checked with the frame): the
+        caller's outputs, or None to send the next request (a replayed chunk was answered)."""
+        chunk = self._ledger.to_send()
+        if chunk is None or next_seq != chunk.end:
+            raise SeqConflict(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {self._ledger.session_id}: the server is at seq {next_seq} after the "
+                f"chunk, expected {None if chunk is None else chunk.end}",
+            )
+        self._refusals = 0
+        return self._ledger.on_outputs(chunk.seq, outputs)
 
     def on_failure(
         self,

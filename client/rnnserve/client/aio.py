@@ -114,16 +114,21 @@ class AsyncClient:
         resp = await self._call(self._stub.PutState, req, session_id or None, route)
         return await self._session(resp.session)
 
-    def multiplexer(self, streams: int = 4) -> Multiplexer:
+    def multiplexer(
+        self, streams: int = 4, *, max_frame: int = 256, max_inflight: int = 1024
+    ) -> Multiplexer:
         """A helper that drives many sessions over a few bidi streams (``async with`` it).
 
         One stream per route key: sessions opened with ``Multiplexer.session`` share ``streams``
         route keys (so behind a proxy they live on the replica of their stream); a session
-        opened elsewhere gets a stream of its own route key.
+        opened elsewhere gets a stream of its own route key. Steps pending in the same loop
+        tick on one stream go out as one frame of at most ``max_frame`` sessions (keep it
+        within the server's ``max_frame_sessions``); at most ``max_inflight`` session-chunks
+        are unanswered on one stream, more wait in the client.
         """
         from .mux import Multiplexer
 
-        return Multiplexer(self, streams)
+        return Multiplexer(self, streams, max_frame=max_frame, max_inflight=max_inflight)
 
     async def _session(self, info: pb.SessionInfo) -> AsyncSession:
         return AsyncSession(self, info, await self.model(info.model, info.version))

@@ -9,6 +9,8 @@ original stays in ``__cause__``. Errors found before a call (bad input) carry
 from __future__ import annotations
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 from rnnserve.wire import NEXT_SEQ_KEY
 
 
@@ -51,6 +53,30 @@ class SessionLost(RnnserveError):
 
 class SeqConflict(RnnserveError):
     """The server's seq does not fit this client's history: another client drove the session."""
+
+
+class StepManyError(RnnserveError):
+    """Some entries of a ``Multiplexer.step_many`` failed; the others succeeded.
+
+    ``errors`` maps each failed entry's index to the exception a single step of that session
+    would have raised; ``outputs`` holds every entry's outputs, with NaN in the rows of the
+    failed ones. ``code`` and the message are those of the first failed entry.
+    """
+
+    def __init__(self, outputs: npt.NDArray[np.generic], errors: dict[int, RnnserveError]) -> None:
+        first = min(errors)
+        err = errors[first]
+        super().__init__(
+            err.code,
+            f"{len(errors)} of {len(outputs)} entries failed; entry {first}: {err.message}",
+        )
+        self.outputs = outputs
+        self.errors = errors
+
+    @property
+    def failed(self) -> list[int]:
+        """The indices of the failed entries, ascending."""
+        return sorted(self.errors)
 
 
 #: Codes after which the server may or may not have applied a chunk.

@@ -9,58 +9,43 @@ sessions on ``streams`` route keys, round robin; a session opened elsewhere gets
 own key. Why more than one stream by default: grpc.aio handles one stream's messages one at a
 time on each side, so a single shared stream is a sequential pipe (docs/benchmarks.md measured
 0.4-0.6x the throughput of one stream per session; four streams recovered it).
-Replies are matched to requests by ``request_id``; each session still has one chunk in flight,
-so the resume logic is the same as for a single session. When a stream breaks, every step
-waiting on it reconnects (one new stream for the lane) and resends its chunk.
+
+Steps travel as frames (rnnserve.proto, StepFrame): the chunks that the sessions of a lane have
+pending in the same event-loop tick go out as one message, and ``step_many`` sends a whole
+batch the caller already holds (_frames.py, _many.py). Each session still has one chunk in
+flight, so the resume logic is the same as for a single session: when a stream breaks, every
+entry waiting on it reconnects (one new stream for the lane) and is sent again at its seq.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 import grpc
-import grpc.aio
 import numpy as np
 import numpy.typing as npt
-from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import route_of
 
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
 from ._driver import STREAM_RETRY_CODES, ChunkDriver
-from ._routing import Metadata, new_route_key, routed
+from ._frames import Lane, Part, StreamBroken, frame_key, settle_entry
+from ._many import step_many
+from ._routing import new_route_key, routed
 from .aio_session import AsyncSession
-from .errors import RnnserveError, rpc_code, rpc_message
+from .errors import RnnserveError
 from .models import ModelInfo
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
 
-_StreamCall = grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamResponse]
-
-
-class _StreamBroken(Exception):
-    """The shared stream ended while a request was waiting on it."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _Lane:
-    """One Stream call of a multiplexer (for one route key), the task reading its replies, and
-    its write lock."""
-
-    __slots__ = ("call", "metadata", "reader", "write_lock")
-
-    def __init__(self, metadata: Metadata) -> None:
-        self.metadata = metadata
-        self.call: _StreamCall | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.write_lock = asyncio.Lock()
+#: The most entries the multiplexer puts in one frame by default (the server's
+#: ``max_frame_sessions`` must allow it).
+DEFAULT_MAX_FRAME = 256
+#: The most entries written and not yet answered on one stream by default.
+DEFAULT_MAX_INFLIGHT = 1024
 
 
 class Multiplexer:
@@ -68,22 +53,35 @@ class Multiplexer:
 
     >>> async with client.multiplexer() as mux:
     ...     outs = await asyncio.gather(*(mux.step(s, x) for s, x in zip(sessions, xs)))
+    ...     ys = await mux.step_many(sessions, xs)     # the same, as one call
 
     ``step(session, x)`` has the contract of ``AsyncSession.step``; steps of different sessions
-    run concurrently on the stream, steps of one session in order. Use it from one event loop.
+    run concurrently on the stream, steps of one session in order. Steps pending in the same
+    event-loop tick on one stream go out as one frame. Use it from one event loop.
     """
 
-    def __init__(self, client: AsyncClient, streams: int = 4) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        streams: int = 4,
+        *,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
+    ) -> None:
         """Internal: use ``AsyncClient.multiplexer()``. Each stream opens at its first step."""
         if streams < 1:
             raise ValueError(f"streams must be at least 1, got {streams}")
+        if max_frame < 1 or max_inflight < 1:
+            raise ValueError(
+                f"max_frame and max_inflight must be at least 1, got {max_frame}, {max_inflight}"
+            )
         self._client = client
         #: The route keys of the sessions this multiplexer opens, one stream each.
         self._keys = [new_route_key() for _ in range(streams)]
         self._opened = 0
-        self._lanes: dict[str, _Lane] = {}
-        self._waiting: dict[int, tuple[_StreamCall, asyncio.Future[pb.StreamResponse]]] = {}
-        self._next_id = 0
+        self._lanes: dict[str, Lane] = {}
+        self._max_frame = max_frame
+        self._max_inflight = max_inflight
         self._closed = False
 
     async def __aenter__(self) -> Multiplexer:
@@ -101,14 +99,7 @@ class Multiplexer:
         """End the streams; steps still waiting fail with CANCELLED. Sessions stay open."""
         self._closed = True
         for lane in self._lanes.values():
-            call, reader = lane.call, lane.reader
-            lane.call = lane.reader = None
-            if call is not None:
-                call.cancel()
-            if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-        self._fail_waiting(None, grpc.StatusCode.CANCELLED, "the multiplexer was closed")
+            await lane.close()
 
     async def session(
         self,
@@ -135,82 +126,67 @@ class Multiplexer:
                 parts.append(await self._drive(session))
         return join_outputs(parts, single)
 
-    async def _drive(self, session: AsyncSession) -> Array:
-        driver = ChunkDriver(
-            session._ledger, session.model, self._client._backoff(), self._client.options.target
-        )
+    async def step_many(self, sessions: Sequence[AsyncSession], inputs: object) -> Array:
+        """One chunk for each of ``sessions``, sent as frames; their outputs, row by row.
+
+        ``inputs``: one array with a row per session, ``[N, T, features]`` (``[N, features]``
+        for one step each) for feature models, ``[N, T]`` token ids (``[N]``, or N strings of
+        equal length) for token models. Returns ``[N, T, outputs]`` (``[N, outputs]``). The
+        sessions' models must take and return the same shapes; each session appears once.
+
+        Each entry behaves as ``step(session, row)`` would: it resumes after a broken stream
+        and fails with the exception a single step would raise. If some entries fail, the
+        others still complete and ``StepManyError`` is raised, with ``.errors`` (entry index
+        -> exception) and ``.outputs`` (all rows, NaN for the failed ones).
+        """
+        if self._closed:
+            raise _closed_error()
+        return await step_many(self, sessions, inputs)
+
+    def _lane(self, session: AsyncSession) -> Lane:
         key = route_of(session.id)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane(routed(self._client.options, route=key))
+            metadata = routed(self._client.options, route=key)
+            stub = self._client._stub
+            lane = self._lanes[key] = Lane(
+                lambda: stub.Stream(metadata=metadata), self._max_frame, self._max_inflight
+            )
+        return lane
+
+    async def _drive(self, session: AsyncSession) -> Array:
+        """Take the session's chunk in flight (replays first) to its outputs, one entry of the
+        lane's next frame at a time."""
+        driver = ChunkDriver(
+            session._ledger, session.model, self._client._backoff(), self._client.options.target
+        )
+        if self._closed:
+            raise _closed_error()
+        lane = self._lane(session)
+        loop = asyncio.get_running_loop()
         while True:
+            chunk = driver.chunk()
+            part = Part(
+                [session.id],
+                [chunk.seq],
+                chunk.inputs[np.newaxis],
+                frame_key(session.model, chunk.steps),
+                loop,
+            )
             try:
-                reply = await self._exchange(lane, driver.request())
-            except _StreamBroken as exc:
+                reply, offset = await lane.submit(part)
+            except StreamBroken as exc:
                 delay = driver.on_failure(
                     exc.code, exc.message, None, retry_codes=STREAM_RETRY_CODES
                 )
                 await asyncio.sleep(delay)
                 continue
-            result = driver.on_stream_reply(reply)
+            result = settle_entry(driver, reply, offset)
             if isinstance(result, np.ndarray):
-                return result
+                return np.array(result)
             if result is not None:
                 await asyncio.sleep(result)
 
-    async def _exchange(self, lane: _Lane, request: pb.StepRequest) -> pb.StreamResponse:
-        """Send one request on the lane's stream and wait for its reply."""
-        call = self._ensure_call(lane)
-        request_id = self._next_id
-        self._next_id += 1
-        reply: asyncio.Future[pb.StreamResponse] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = (call, reply)
-        try:
-            async with lane.write_lock:
-                try:
-                    await call.write(pb.StreamRequest(step=request, request_id=request_id))
-                except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-                    self._break(lane, call, exc)
-            return await reply
-        finally:
-            self._waiting.pop(request_id, None)
 
-    def _ensure_call(self, lane: _Lane) -> _StreamCall:
-        if self._closed:
-            raise RnnserveError(grpc.StatusCode.CANCELLED, "the multiplexer is closed")
-        if lane.call is None:
-            # No await between the check and the assignment: concurrent steps share one call.
-            call = self._client._stub.Stream(metadata=lane.metadata)
-            lane.call = call
-            lane.reader = asyncio.create_task(self._read(lane, call))
-        return lane.call
-
-    async def _read(self, lane: _Lane, call: _StreamCall) -> None:
-        """Hand each reply to the step waiting for it, until the stream ends."""
-        try:
-            while True:
-                reply = await call.read()
-                if not isinstance(reply, pb.StreamResponse):
-                    self._break(lane, call, None)
-                    return
-                entry = self._waiting.get(reply.request_id)
-                if entry is not None and not entry[1].done():
-                    entry[1].set_result(reply)
-        except grpc.RpcError as exc:
-            self._break(lane, call, exc)
-
-    def _break(self, lane: _Lane, call: _StreamCall, exc: BaseException | None) -> None:
-        """Forget a broken call and fail the steps waiting on it (they retry on a new one)."""
-        if lane.call is call:
-            lane.call = None
-            call.cancel()
-        if isinstance(exc, grpc.RpcError):
-            code, message = rpc_code(exc), rpc_message(exc)
-        else:
-            code, message = grpc.StatusCode.UNAVAILABLE, "the stream ended early"
-        self._fail_waiting(call, code, message)
-
-    def _fail_waiting(self, call: _StreamCall | None, code: grpc.StatusCode, message: str) -> None:
-        for owner, reply in list(self._waiting.values()):
-            if (call is None or owner is call) and not reply.done():
-                reply.set_exception(_StreamBroken(code, message))
+def _closed_error() -> RnnserveError:
+    return RnnserveError(grpc.StatusCode.CANCELLED, "the multiplexer is closed")
