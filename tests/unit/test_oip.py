@@ -24,8 +24,6 @@ from rnnserve.server.oip_sequences import SWEEP_EVERY, SequenceTable
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CLOSED, SessionManager
 from rnnserve.server.settings import Settings
-from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import to_tensor
 
 from tests.support.modelgen import make_repo
 
@@ -91,9 +89,8 @@ def test_a_batch_of_one_axis_round_trips(models: dict[str, ServedModel]) -> None
     decoded = decode_request(model, req, raw_inputs(req)[0])
     assert decoded.batched and decoded.states == ("h",) and not decoded.want_output
     assert list(decoded.inputs.shape) == [4, 3]
-    step = pb.StepResponse(outputs=to_tensor(np.zeros((4, 2), np.float32)))
-    step.state["h"].CopyFrom(to_tensor(np.ones((2, 8), np.float32)))
-    reply = build_response(model, req, decoded, step)
+    outputs = np.zeros((4, 2), np.float32)
+    reply = build_response(model, req, decoded, outputs, {"h": np.ones((2, 8), np.float32)})
     assert [(o.name, list(o.shape)) for o in reply.outputs] == [("h", [1, 2, 8])]
     assert reply.raw_output_contents[0] == np.ones((2, 8), np.float32).tobytes()
 

@@ -19,13 +19,11 @@ from importlib import metadata
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.limits import OpenRate
-from rnnserve.server.lockstep import next_message
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.oip_codec import (
     Decoded,
@@ -36,7 +34,7 @@ from rnnserve.server.oip_codec import (
     sequence_of,
 )
 from rnnserve.server.oip_sequences import Caller, Key, OipSequence, SequenceTable, caller_of
-from rnnserve.server.oip_stream import OipStream, stream_key
+from rnnserve.server.oip_stream import OipStreams
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
 
@@ -148,10 +146,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self.open_rate = open_rate or OpenRate(0)
         self.metrics = metrics
         self.table = SequenceTable(sessions)
-        self.max_stream_inflight = max_stream_inflight
-        self._readers: set[asyncio.Task[None]] = set()
-        #: Stream handlers waiting on a lockstep read, which a shutdown interrupts.
-        self._lockstep: set[asyncio.Task[Any]] = set()
+        self.streams = OipStreams(self, metrics, max_stream_inflight)
         self._closing = False
         try:
             self.version = metadata.version("rnnserve")
@@ -162,8 +157,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         """Not ready any more; open streams stop reading and end with UNAVAILABLE once their
         requests in flight are answered."""
         self._closing = True
-        for task in [*self._readers, *self._lockstep]:
-            task.cancel()
+        self.streams.begin_shutdown()
 
     @unary("ServerLive")
     async def ServerLive(self, request: oip.ServerLiveRequest, context: Any) -> Any:
@@ -301,75 +295,9 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """Requests of any number of sequences; each answered when its chunk is applied (in
-        order within a sequence), errors in-band. Lockstep while the stream carries one
-        sequence, reading ahead from the first request of a second (oip_stream.py)."""
-        loop = asyncio.get_running_loop()
-        try:
-            caller = caller_of(context)
-        except ServingError as bad:  # a malformed route key header
-            await context.abort(bad.code, bad.message)
-            raise AssertionError("unreachable: abort raises") from None
-        stream = OipStream(self, caller, self.metrics, self.max_stream_inflight, loop)
-        requests = request_iterator.__aiter__()
-        handler = asyncio.current_task()
-        reader: asyncio.Task[None] | None = None
-        sole: object = None  # the one sequence the stream has named so far
-        failed: BaseException | None = None  # why reading stopped, if not the end of input
-        try:
-            while not self._closing:
-                request, failed = await next_message(
-                    requests, handler, self._lockstep, lambda: self._closing
-                )
-                if request is None:
-                    break
-                key = stream_key(request)
-                if sole is None:
-                    sole = key
-                stream.accept(request)
-                if key != sole:
-                    reader = loop.create_task(self._read_ahead(stream, requests))
-                    self._readers.add(reader)
-                    break
-                while stream.outstanding or stream.items:
-                    for reply in await stream.take():
-                        yield reply
-                        stream.sent(1)
-            if reader is None:
-                stream.end_of_input()
-            while True:
-                for reply in await stream.take():
-                    yield reply
-                    stream.sent(1)
-                if stream.ended and not stream.items:
-                    break
-        finally:
-            if reader is not None:
-                reader.cancel()
-                self._readers.discard(reader)
-        if self._closing:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "server is shutting down; start each sequence again on another server",
-            )
-        if reader is not None and not reader.cancelled():
-            failed = reader.exception()
-        if failed is not None:
-            if isinstance(failed, DecodeError):
-                failed = invalid(f"a message is not a valid inference.ModelInferRequest: {failed}")
-            err = as_serving_error(failed, "ModelStreamInfer")
-            await context.abort(err.code, err.message)
-
-    async def _read_ahead(
-        self, stream: OipStream, requests: AsyncIterator[oip.ModelInferRequest]
-    ) -> None:
-        """A stream of several sequences: accept requests as they come, with backpressure."""
-        try:
-            async for request in requests:
-                stream.accept(request)
-                if stream.unsent >= stream.limit:
-                    await stream.wait_for_room()
-        finally:
-            stream.end_of_input()
+        order within a sequence), errors in-band (oip_stream.py)."""
+        async for reply in self.streams.serve(request_iterator, context):
+            yield reply
 
 
 def add_to_server(servicer: OipServicer, server: grpc.aio.Server) -> None:

@@ -1,26 +1,26 @@
-"""One ModelStreamInfer call: its replies waiting to be sent, and its backpressure.
-
-The servicer serves a stream the way rnnserve.v1's Stream is served. Lockstep while the stream
-carries one sequence (what a tritonclient app with one sequence per stream does): read a
-request, run it, send its reply, read the next; one task, no hand-offs. From the first request
-of a second sequence it reads ahead in a task of its own, up to ``max_stream_inflight`` replies
-unsent, so requests of several sequences batch together; replies are sent as they are ready,
-in order within each sequence.
+"""The Open Inference Protocol's ModelStreamInfer, served as rnnserve.v1's Stream is (bidi.py):
+lockstep while the stream carries one sequence (what a tritonclient app with one sequence per
+stream does), read-ahead from the first request of a second, up to ``max_stream_inflight``
+replies unsent, so requests of several sequences batch together; replies are sent as they are
+ready, in order within each sequence.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import grpc
+from google.protobuf.message import DecodeError
 from inference import grpc_service_pb2 as oip
-from rnnserve.server.errors import ServingError, as_serving_error
+from rnnserve.server.bidi import BidiCall, BidiServer
+from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.metrics import Metrics
+from rnnserve.server.oip_sequences import Caller, caller_of
 
 if TYPE_CHECKING:
     from rnnserve.server.oip import OipServicer
-    from rnnserve.server.oip_sequences import Caller
 
 PROTOCOL = "oip"
 METHOD = "ModelStreamInfer"
@@ -33,24 +33,10 @@ def stream_key(request: oip.ModelInferRequest) -> tuple[str, object]:
     return request.model_name, None if kind is None else getattr(p, kind)
 
 
-class OipStream:
-    """The replies of one ModelStreamInfer call and how many requests are unanswered."""
+class OipStream(BidiCall[oip.ModelInferRequest, oip.ModelStreamInferResponse]):
+    """One ModelStreamInfer call: its requests in, their replies out."""
 
-    __slots__ = (
-        "caller",
-        "ended",
-        "items",
-        "limit",
-        "loop",
-        "metrics",
-        "ok",
-        "outstanding",
-        "reading",
-        "room",
-        "servicer",
-        "unsent",
-        "waiter",
-    )
+    __slots__ = ("caller", "metrics", "ok", "servicer")
 
     def __init__(
         self,
@@ -60,27 +46,20 @@ class OipStream:
         limit: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        super().__init__(limit, loop)
         self.servicer = servicer
         self.caller = caller
         self.metrics = metrics
         self.ok = metrics.request_child(METHOD, "OK", PROTOCOL)
-        self.loop = loop
-        self.items: list[oip.ModelStreamInferResponse] = []
-        self.waiter: asyncio.Future[None] | None = None
-        self.ended = False
-        self.reading = True
-        self.outstanding = 0
-        #: Requests received and not yet handed back to gRPC, and the most the reader allows.
-        self.unsent = 0
-        self.limit = limit
-        self.room: asyncio.Future[None] | None = None
+
+    def key(self, request: oip.ModelInferRequest) -> object:
+        return stream_key(request)
 
     def accept(self, request: oip.ModelInferRequest) -> None:
         """Run one request; a bad one is answered in-band (after its sequence's earlier
         replies)."""
         started = time.perf_counter()
-        self.outstanding += 1
-        self.unsent += 1
+        self.received()
         reply = oip.ModelStreamInferResponse()
 
         def answer(result: oip.ModelInferResponse | ServingError) -> None:
@@ -105,41 +84,27 @@ class OipStream:
             self.metrics.observe_request(METHOD, result.code.name, elapsed, PROTOCOL)
         else:
             self.ok.observe(elapsed)
-        self.outstanding -= 1
-        self.items.append(reply)
-        self.ended = self.ended or (not self.reading and self.outstanding == 0)
-        self._wake()
+        self.put(reply)
 
-    def end_of_input(self) -> None:
-        self.reading = False
-        if self.outstanding == 0:
-            self.ended = True
-            self._wake()
 
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+class OipStreams(BidiServer[oip.ModelInferRequest, oip.ModelStreamInferResponse]):
+    """Serves ModelStreamInfer calls."""
 
-    async def take(self) -> list[oip.ModelStreamInferResponse]:
-        """Every reply ready, waiting until there is one (or the stream has ended)."""
-        while not self.items and not self.ended:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
-        items, self.items = self.items, []
-        return items
+    shutdown_message = "server is shutting down; start each sequence again on another server"
 
-    def sent(self, count: int) -> None:
-        """``count`` replies went to gRPC; wake the reader if it waits for room."""
-        self.unsent -= count
-        room = self.room
-        if room is not None and not room.done() and self.unsent < self.limit:
-            room.set_result(None)
+    def __init__(self, servicer: OipServicer, metrics: Metrics, limit: int) -> None:
+        super().__init__()
+        self.servicer = servicer
+        self.metrics = metrics
+        self.limit = limit
 
-    async def wait_for_room(self) -> None:
-        """Return once fewer than ``limit`` replies of this call are unsent (backpressure)."""
-        while self.unsent >= self.limit:
-            self.room = self.loop.create_future()
-            await self.room
-            self.room = None
+    def new_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> OipStream:
+        caller = caller_of(context)  # ServingError for a malformed route key header
+        return OipStream(
+            self.servicer, caller, self.metrics, self.limit, asyncio.get_running_loop()
+        )
+
+    def read_error(self, exc: BaseException) -> ServingError:
+        if isinstance(exc, DecodeError):
+            return invalid(f"a message is not a valid inference.ModelInferRequest: {exc}")
+        return as_serving_error(exc, METHOD)

@@ -1,0 +1,208 @@
+"""Frames on Stream: many sessions' chunks in one message (``StreamRequest.frame``).
+
+A frame is columnar (session ids, seqs, one inputs tensor) and stays so: its inputs are decoded
+and checked in a few numpy calls, its entries go to the batcher as one ``FrameWork`` per model,
+and its reply is one outputs tensor filled in as the entries are answered, sent once all are.
+Each entry stands alone: its own seq, exactly-once retry and error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from rnnserve.server import codec
+from rnnserve.server.batcher import FrameWork, Rows
+from rnnserve.server.errors import ServingError, as_serving_error, invalid
+from rnnserve.server.model import ServedModel
+from rnnserve.server.sessions import MAX_SEQ, Session, check_seq_room
+from rnnserve.v1 import rnnserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from rnnserve.server.stream import StreamCall
+
+METHOD = "Stream"
+#: An entry's session, the error that kept it from being found, or None: ask the store.
+Found = Session | BaseException | None
+
+
+class FrameReply:
+    """One frame's reply, filled in as its entries are answered and sent once all are."""
+
+    __slots__ = ("call", "errors", "next_seqs", "outputs", "remaining", "rid", "seqs", "started")
+
+    def __init__(self, call: StreamCall, rid: int, seqs: list[int], started: float) -> None:
+        self.call = call
+        self.rid = rid
+        self.seqs = seqs
+        self.started = started
+        self.remaining = len(seqs)
+        self.next_seqs = np.zeros(len(seqs), dtype=np.uint64)
+        self.errors: list[tuple[int, ServingError]] = []
+        #: float32 [N, T, outputs] once the shape is known (an entry's session was found).
+        self.outputs: npt.NDArray[np.float32] | None = None
+
+    def shape(self, steps: int, width: int) -> None:
+        self.outputs = np.zeros((len(self.seqs), steps, width), dtype=np.float32)
+
+    def entries_done(self, rows: list[int], outputs: npt.NDArray[Any]) -> None:
+        index = np.array(rows, dtype=np.intp)
+        assert self.outputs is not None
+        self.outputs[index] = outputs
+        self.next_seqs[index] = (
+            np.array([self.seqs[r] for r in rows], dtype=np.uint64) + (outputs.shape[1])
+        )
+        self._answered(len(rows))
+
+    def entry_done(self, row: int, outputs: Rows) -> None:
+        assert self.outputs is not None
+        if outputs.shape != self.outputs.shape[1:]:
+            self.entry_failed(
+                row,
+                invalid(
+                    f"entry {row} repeats seq {self.seqs[row]}, which was applied with "
+                    f"{outputs.shape[0]} steps, not {self.outputs.shape[1]}; send the same chunk"
+                ),
+            )
+            return
+        self.outputs[row] = outputs
+        self.next_seqs[row] = self.seqs[row] + outputs.shape[0]
+        self._answered(1)
+
+    def entry_failed(self, row: int, err: ServingError) -> None:
+        self.errors.append((row, err))
+        self.next_seqs[row] = err.next_seq or 0
+        self._answered(1)
+
+    def _answered(self, count: int) -> None:
+        self.remaining -= count
+        if self.remaining == 0:
+            self.call.answer(self.reply(), self.started, None)
+
+    def reply(self) -> pb.StreamResponse:
+        reply = pb.StreamResponse(request_id=self.rid)
+        frame = reply.frame
+        if self.outputs is not None:
+            out = frame.outputs
+            out.dtype = pb.DTYPE_FLOAT32
+            out.shape[:] = self.outputs.shape
+            out.raw_data = self.outputs.tobytes()
+        frame.next_seqs[:] = self.next_seqs.tolist()
+        for row, err in sorted(self.errors, key=lambda e: e[0]):
+            frame.errors.add(index=row, error=err.to_step_error())
+        return reply
+
+
+def accept(call: StreamCall, req: pb.StreamRequest, started: float) -> None:
+    """Look up a frame's sessions, then run it (after the store, for sessions not here)."""
+    frame = req.frame
+    try:
+        sids = list(frame.session_ids)
+        seqs = list(frame.seqs)
+        if not sids or len(seqs) != len(sids):
+            raise invalid(
+                f"a frame needs one seq per session id and at least one entry; it has "
+                f"{len(sids)} session_ids and {len(seqs)} seqs"
+            )
+        if len(sids) > call.max_frame:
+            raise invalid(
+                f"a frame holds at most {call.max_frame} entries (max_frame_sessions); "
+                f"this one has {len(sids)}: split it"
+            )
+    except Exception as exc:
+        call.refuse(req.request_id, "", started, exc)
+        return
+    reply = FrameReply(call, req.request_id, seqs, started)
+    sessions: list[Found] = []
+    waiting = False
+    local = call.local
+    for sid in sids:
+        try:
+            found = local(sid)
+        except Exception as exc:
+            sessions.append(exc)
+            continue
+        waiting = waiting or found is None
+        sessions.append(found)
+    if waiting:
+        call.later(_after_store(call, req, reply, sids, sessions))
+    else:
+        _run(call, req, reply, sessions)
+
+
+async def _after_store(
+    call: StreamCall,
+    req: pb.StreamRequest,
+    reply: FrameReply,
+    sids: list[str],
+    sessions: list[Found],
+) -> None:
+    for i, found in enumerate(sessions):
+        if found is None:
+            try:
+                sessions[i] = await call.lookup(sids[i])
+            except Exception as exc:
+                sessions[i] = exc
+    _run(call, req, reply, sessions)
+
+
+def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: list[Found]) -> None:
+    """Decode the frame's inputs for the model of its first session found, then submit its
+    entries to their models' batchers; every entry that cannot run is answered."""
+    failed: list[tuple[int, ServingError]] = []
+    groups: dict[ServedModel, list[int]] = {}
+    first: ServedModel | None = None
+    for i, found in enumerate(sessions):
+        if isinstance(found, Session):
+            if first is None:
+                first = found.model
+            groups.setdefault(found.model, []).append(i)
+        else:
+            failed.append((i, as_serving_error(found or RuntimeError("no session"), METHOD)))
+    inputs = None
+    if first is not None:
+        try:
+            inputs = codec.frame_inputs(first, req.frame.inputs, len(sessions))
+        except Exception as exc:
+            call.refuse(req.request_id, "", reply.started, exc)
+            return
+        reply.shape(inputs.shape[1], first.manifest.output_size)
+    for row, err in failed:
+        reply.entry_failed(row, err)
+    if inputs is None:
+        return
+    assert first is not None
+    steps = inputs.shape[1]
+    seqs = reply.seqs
+    for model, rows in groups.items():
+        if model is not first and not _same_shapes(model, first):
+            err = invalid(
+                f"the session runs {model.label}, whose input or output shape differs from "
+                f"{first.label} of the frame's first session: send it in another frame"
+            )
+            for row in rows:
+                reply.entry_failed(row, err)
+            continue
+        ok = []
+        for row in rows:
+            if seqs[row] > MAX_SEQ - steps:
+                try:
+                    check_seq_room(seqs[row], steps)
+                except ServingError as err:
+                    reply.entry_failed(row, err)
+            else:
+                ok.append(row)
+        if not ok:
+            continue
+        part = inputs if len(ok) == len(sessions) else inputs[np.array(ok, dtype=np.intp)]
+        picked = [s for s in (sessions[r] for r in ok) if isinstance(s, Session)]
+        model.batcher.submit(
+            FrameWork(reply, picked, [seqs[r] for r in ok], ok, part, reply.started)
+        )
+
+
+def _same_shapes(a: ServedModel, b: ServedModel) -> bool:
+    """Whether sessions of ``a`` can share a frame with those of ``b``."""
+    ma, mb = a.manifest, b.manifest
+    return (a.tokens, ma.input_size, ma.output_size) == (b.tokens, mb.input_size, mb.output_size)
