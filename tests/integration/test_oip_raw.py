@@ -15,8 +15,8 @@ import pytest
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 from rnnserve.manifest import load_manifest
-from rnnserve.server.batcher import Work
 from rnnserve.server.oip_sequences import Caller
+from rnnserve.server.work import Work
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import to_tensor
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 from rnnserve.server import codec
-from rnnserve.server.batcher import FrameWork, Work
 from rnnserve.server.errors import ServingError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
+from rnnserve.server.work import FrameWork, Work
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 from tests.support.modelgen import reference_run, write_model

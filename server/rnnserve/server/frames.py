@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 from rnnserve.server import codec
-from rnnserve.server.batcher import FrameWork, Rows
 from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.model import ServedModel
 from rnnserve.server.sessions import MAX_SEQ, Session, check_seq_room
+from rnnserve.server.work import FrameWork, Rows
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 if TYPE_CHECKING:

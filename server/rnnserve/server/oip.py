@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import grpc
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
-from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
@@ -37,6 +36,7 @@ from rnnserve.server.oip_sequences import Caller, Key, OipSequence, SequenceTabl
 from rnnserve.server.oip_stream import OipStreams
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
+from rnnserve.server.work import Rows, States, Work
 
 #: The metrics' ``protocol`` label of this service's calls.
 PROTOCOL = "oip"

@@ -18,7 +18,6 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from rnnserve.server import codec, snapshots
 from rnnserve.server.auth import current_principal
-from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.durable import Durability
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, quoted, unavailable
 from rnnserve.server.limits import OpenRate
@@ -34,6 +33,7 @@ from rnnserve.server.sessions import (
     route_key,
 )
 from rnnserve.server.stream import Streams
+from rnnserve.server.work import Rows, States, Work
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 Req = TypeVar("Req")

@@ -19,11 +19,11 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 from rnnserve.server import codec, frames
-from rnnserve.server.batcher import Rows, States, Work
 from rnnserve.server.bidi import MANY, BidiCall, BidiServer
 from rnnserve.server.errors import ServingError, as_serving_error, invalid
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.sessions import Session, check_seq_room
+from rnnserve.server.work import Rows, States, Work
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 #: Session ``sid`` now, or None when it must first come from the store (servicer.local).
