@@ -120,23 +120,23 @@ async def test_decode_chunk_checks_small_and_large_chunks_alike(tmp_path: Path, 
     _, feats, _ = await _served(tmp_path / "f", 0, input_size=3)
     _, toks, _ = await _served(tmp_path / "t", 0, input_kind="tokens", input_size=20)
     x = np.random.default_rng(steps).normal(size=(steps, 3)).astype(np.float32)
-    np.testing.assert_array_equal(feats.decode_chunk(to_tensor(x)), x)
+    np.testing.assert_array_equal(codec.decode_chunk(feats, to_tensor(x)), x)
     for bad in (np.nan, np.inf, -np.inf):
         y = x.copy()
         y[-1, 1] = bad
         with pytest.raises(ServingError, match=f"NaN or Inf at step {steps - 1}"):
-            feats.decode_chunk(to_tensor(y))
+            codec.decode_chunk(feats, to_tensor(y))
     y = x.copy()
     y[0, 0], y[-1, 2] = np.inf, -np.inf  # sums to NaN: still refused
     with pytest.raises(ServingError, match="NaN or Inf at step 0"):
-        feats.decode_chunk(to_tensor(y))
+        codec.decode_chunk(feats, to_tensor(y))
     ids = np.arange(steps, dtype=np.int64) % 20
-    np.testing.assert_array_equal(toks.decode_chunk(to_tensor(ids)), ids)
+    np.testing.assert_array_equal(codec.decode_chunk(toks, to_tensor(ids)), ids)
     for bad in (-1, 20, 2**62):
         bad_ids = ids.copy()
         bad_ids[-1] = bad
         with pytest.raises(ServingError, match=f"token id {bad} at step {steps - 1} is outside"):
-            toks.decode_chunk(to_tensor(bad_ids))
+            codec.decode_chunk(toks, to_tensor(bad_ids))
 
 
 @pytest.mark.parametrize("steps", [2, 300], ids=["kept", "digested-at-once"])
@@ -148,7 +148,7 @@ async def test_applied_chunk_digest_matches_the_wire_definition(tmp_path: Path, 
     _, model, sessions = await _served(tmp_path, 1000)
     s = sessions.open(model)
     t = to_tensor(np.ones((steps, 3), np.float32))
-    reply = await _submit(model, s, 0, model.decode_chunk(t), t)
+    reply = await _submit(model, s, 0, codec.decode_chunk(model, t), t)
     assert s.last_digest == chunk_digest(t)
     np.testing.assert_array_equal(s.check_seq(0, t), _out(reply))
     assert s.check_seq(0, chunk_digest(t)) is s.check_seq(0, t)

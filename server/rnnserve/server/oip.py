@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
+from rnnserve.server import codec
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, unavailable
 from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
@@ -262,7 +263,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                 )
         raws = raw_inputs(request)
         decoded = decode_request(model, request, raws[0] if raws else None)
-        chunk = model.decode_chunk(decoded.inputs)
+        chunk = codec.decode_chunk(model, decoded.inputs)
         if sequence.start:
             self.open_rate.take(caller.principal)
             seq = self.table.start(key, model, caller.principal, caller.route)

@@ -222,7 +222,7 @@ class InferenceServicer:
     ) -> pb.OpenSessionResponse:
         self._refuse_while_draining()
         model = self.repository.resolve(request.model, request.version)
-        state = model.decode_state(request.initial_state) if request.initial_state else None
+        state = codec.decode_state(model, request.initial_state) if request.initial_state else None
         principal = current_principal()
         self.open_rate.take(principal)
         session = self.sessions.open(
@@ -242,7 +242,7 @@ class InferenceServicer:
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         sid = request.session_id
         session = self.local(sid) or await self.lookup(sid)
-        inputs = session.model.decode_chunk(request.inputs)
+        inputs = codec.decode_chunk(session.model, request.inputs)
         check_seq_room(request.seq, inputs.shape[0])
         waiter = _StepWaiter(asyncio.get_running_loop())
         session.model.batcher.submit(

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
+from rnnserve.server import codec
 from rnnserve.server.errors import (
     ServingError,
     invalid,
@@ -438,7 +439,7 @@ class SessionManager:
             model=m.name,
             version=m.version,
             expires_at=expires,
-            states=session.model.state_specs(),
+            states=codec.state_specs(session.model),
             next_seq=session.next_seq,
             checkpoint_every=self.checkpoints.every if self.checkpoints is not None else 0,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from rnnserve.server import codec
 from rnnserve.server.errors import invalid
 from rnnserve.server.model import ServedModel
 from rnnserve.server.repository import Repository
@@ -60,7 +61,7 @@ def check(snap: pb.SessionSnapshot, repository: Repository) -> Restored:
     if not snap.model:
         raise invalid("snapshot.model is empty; send a snapshot taken with GetState")
     model = repository.resolve(snap.model, snap.version)
-    state = model.decode_state(snap.state)
+    state = codec.decode_state(model, snap.state)
     if snap.next_seq > MAX_SEQ:
         raise invalid(f"snapshot.next_seq {snap.next_seq} is past the largest seq {MAX_SEQ}")
     last_outputs = None

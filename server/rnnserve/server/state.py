@@ -1,13 +1,27 @@
 """The memory cells of a model version's sessions: one slot pool of numpy arrays per state.
 
-Each state tensor (h, and c for an LSTM) is stored as ``[capacity, *per-session shape]``; a
+Each state tensor (h, and c for an LSTM) is stored as ``[slots, *per-session shape]``; a
 session owns one slot index. A batch gathers its sessions' slots into the graph's layout (batch
-at the manifest's ``batch_axis``) and scatters the new state back. The pool grows by doubling,
-so an idle session costs its state bytes and nothing else. Not thread-safe: the event loop
-owns it; engine runs get gathered copies.
+at the manifest's ``batch_axis``) and scatters the new state back.
+
+Memory: each array is a view of an anonymous memory map reserving ``max_slots`` slots up
+front (the server passes its session capacity). Reserving costs address space only; the kernel
+backs a page when a slot in it is first written, so the pool never copies itself to grow and
+opening a session never stalls the event loop. Live slots are kept packed at the front: when a
+session ends, the session in the last used slot moves into the freed one (the pool tells its
+owner, ``SlotOwner.slot``), unless that session has a chunk in an engine run (``busy``), in
+which case the freed slot waits for the next open. Pages past the last used slot are handed
+back to the kernel (``madvise(MADV_DONTNEED)``) a few MiB per release, so memory returns when
+sessions end without a long pause. Not thread-safe: the event loop owns it; engine runs get
+gathered copies.
 """
 
 from __future__ import annotations
+
+import mmap
+import platform
+import sys
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -15,17 +29,71 @@ from rnnserve.manifest import StateSpec
 
 Array = npt.NDArray[np.float32]
 
+#: Slots reserved when the caller names no limit.
+DEFAULT_MAX_SLOTS = 1 << 20
+#: Pages past the last used slot are handed back once they hold more than this many bytes (or
+#: an eighth of the used bytes, if more), at most ``GIVE_BACK_STEP`` bytes per release.
+GIVE_BACK_SLACK = 1 << 20
+GIVE_BACK_STEP = 4 << 20
+_PAGE = mmap.PAGESIZE
+#: Linux's MAP_NORESERVE (Python's mmap module does not export it): reserve address space
+#: without counting it against the overcommit heuristic (it is counted when pages are used).
+_NORESERVE = (
+    0x4000
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "arm64", "i686")
+    else 0
+)
+
+
+class SlotOwner(Protocol):
+    """What holds a slot (a Session): the pool moves it to a lower slot while it is not
+    ``busy`` (no chunk of it in an engine run) and updates ``slot``."""
+
+    slot: int
+    busy: bool
+
+
+class _Pinned:
+    """The owner of a slot allocated without one: it never moves."""
+
+    slot = -1
+    busy = True
+
+
+_PINNED = _Pinned()
+
+
+def _reserve(nbytes: int) -> mmap.mmap:
+    """An anonymous private mapping of ``nbytes`` (at least one page), zero-filled on demand."""
+    size = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    try:
+        return mmap.mmap(-1, size, flags=flags | _NORESERVE)
+    except OSError:
+        if not _NORESERVE:
+            raise
+        return mmap.mmap(-1, size, flags=flags)
+
 
 class SlotPool:
     """Slots of per-session state for one model version."""
 
-    def __init__(self, specs: list[StateSpec], initial_capacity: int = 16) -> None:
+    def __init__(
+        self,
+        specs: list[StateSpec],
+        initial_capacity: int = 16,
+        max_slots: int = DEFAULT_MAX_SLOTS,
+    ) -> None:
         self.specs = list(specs)
-        self._arrays: dict[str, Array] = {
-            s.name: np.zeros((initial_capacity, *s.shape), dtype=np.dtype(s.dtype))
+        self._row_bytes = {
+            s.name: int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
             for s in self.specs
         }
-        self._capacity = initial_capacity
+        self._row_total = max(1, sum(self._row_bytes.values()))
+        self._maps: dict[str, mmap.mmap] = {}
+        self._arrays: dict[str, Array] = {}
+        self._max = 0
+        self._map(max(max_slots, initial_capacity, 1))
         # Axis orders pool <-> graph layout, computed once (np.moveaxis costs microseconds).
         self._to_graph: dict[str, tuple[int, ...]] = {}
         self._to_pool: dict[str, tuple[int, ...]] = {}
@@ -34,44 +102,107 @@ class SlotPool:
             order.insert(spec.batch_axis, 0)
             self._to_graph[spec.name] = tuple(order)
             self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
-        # Lowest slots first, so a small pool's live sessions stay packed at the front.
-        self._free = list(range(initial_capacity - 1, -1, -1))
+        #: Each used slot's owner, by slot; its length is the number of slots in use or
+        #: waiting as holes (``_top``): every slot from it on is free.
+        self._owners: list[SlotOwner | None] = []
+        #: Free slots below ``_top`` (left when the last slot's owner could not move).
+        self._holes: list[int] = []
+        self._in_use = 0
+        #: Slots whose pages may be resident (written since their pages were last handed back).
+        self._touched = 0
+
+    def _map(self, slots: int) -> None:
+        """(Re)reserve ``slots`` slots, keeping the used ones (a copy: only past max_slots)."""
+        used = self._touched if self._maps else 0
+        for s in self.specs:
+            mm = _reserve(slots * self._row_bytes[s.name])
+            count = slots * self._row_bytes[s.name] // np.dtype(s.dtype).itemsize
+            flat: Array = np.frombuffer(mm, dtype=np.dtype(s.dtype), count=count)
+            arr = flat.reshape(slots, *s.shape)
+            if used:
+                arr[:used] = self._arrays[s.name][:used]
+            self._maps[s.name] = mm
+            self._arrays[s.name] = arr
+        self._max = slots
 
     @property
     def capacity(self) -> int:
-        """Slots allocated (used and free)."""
-        return self._capacity
+        """Slots the pool holds without growing (its reservation)."""
+        return self._max
 
     @property
     def in_use(self) -> int:
-        return self._capacity - len(self._free)
+        return self._in_use
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the pool's arrays."""
-        return sum(a.nbytes for a in self._arrays.values())
+        """Bytes of the pool's arrays that may be resident (pages written and not handed back)."""
+        return sum(-(-self._touched * row // _PAGE) * _PAGE for row in self._row_bytes.values())
 
-    def allocate(self) -> int:
-        """A free slot holding zeros; doubles the pool when none is free."""
-        if not self._free:
-            self._grow()
-        slot = self._free.pop()
+    def allocate(self, owner: SlotOwner | None = None) -> int:
+        """A free slot holding zeros, the lowest free one. With ``owner`` the pool may later
+        move it to a lower slot (see ``release``); without, the slot never moves."""
+        owners = self._owners
+        slot = -1
+        holes = self._holes
+        while holes:
+            s = holes.pop()
+            if s < len(owners) and owners[s] is None:
+                slot = s
+                break
+        if slot < 0:
+            slot = len(owners)
+            if slot == self._max:
+                self._map(2 * self._max)  # past the reservation: the one growth that copies
+            owners.append(None)
+            if slot >= self._touched:
+                self._touched = slot + 1
+        owners[slot] = _PINNED if owner is None else owner
+        self._in_use += 1
         for a in self._arrays.values():
             a[slot] = 0
         return slot
 
     def release(self, slot: int) -> None:
-        self._free.append(slot)
+        """Free ``slot``. The owner of the last used slot moves into it unless busy, so the
+        used slots stay packed; then some of the pages past them go back to the kernel."""
+        owners = self._owners
+        owners[slot] = None
+        self._in_use -= 1
+        last = len(owners) - 1
+        if slot < last:
+            mover = owners[last]
+            if mover is not None and not mover.busy:
+                for a in self._arrays.values():
+                    a[slot] = a[last]
+                owners[slot] = mover
+                owners[last] = None
+                mover.slot = slot
+            else:
+                self._holes.append(slot)
+        while owners and owners[-1] is None:
+            owners.pop()
+        if len(self._holes) > 64 and len(self._holes) > 2 * (len(owners) - self._in_use):
+            self._holes = [s for s in set(self._holes) if s < len(owners) and owners[s] is None]
+            self._holes.sort(reverse=True)
+        self._give_back()
 
-    def _grow(self) -> None:
-        old = self._capacity
-        new = old * 2
-        for name, a in self._arrays.items():
-            grown = np.zeros((new, *a.shape[1:]), dtype=a.dtype)
-            grown[:old] = a
-            self._arrays[name] = grown
-        self._free.extend(range(new - 1, old - 1, -1))
-        self._capacity = new
+    def _give_back(self) -> None:
+        """Hand pages past the used slots back to the kernel once more than GIVE_BACK_SLACK
+        bytes (or an eighth of the used bytes) lie there: at most GIVE_BACK_STEP bytes per
+        call, so a mass close never pauses the loop for long."""
+        used = len(self._owners)
+        touched = self._touched
+        row = self._row_total
+        if (touched - used) * row <= max(GIVE_BACK_SLACK, used * row // 8):
+            return
+        keep = max(used, touched - max(1, GIVE_BACK_STEP // row))
+        for name, size in self._row_bytes.items():
+            start = -(-keep * size // _PAGE) * _PAGE
+            end = -(-touched * size // _PAGE) * _PAGE
+            if start < end:
+                self._maps[name].madvise(mmap.MADV_DONTNEED, start, end - start)
+        self._touched = keep
 
     def gather(self, slots: npt.NDArray[np.intp]) -> dict[str, Array]:
         """The states of ``slots`` in graph layout (batch at each state's batch_axis), as
@@ -106,7 +237,8 @@ class SlotPool:
     @property
     def arrays(self) -> dict[str, Array]:
         """The pool by state name: ``[capacity, *per-session shape]`` arrays, slot-major. The
-        dict stays the same object; growing replaces its arrays, so index it afresh each time."""
+        dict stays the same object; growing past the reservation replaces its arrays, so index
+        it afresh each time."""
         return self._arrays
 
     def read(self, slot: int) -> dict[str, Array]:

@@ -109,7 +109,7 @@ class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
 
     def _submit(self, request: pb.StreamRequest, session: Session, started: float) -> None:
         step = request.step
-        inputs = session.model.decode_chunk(step.inputs)
+        inputs = codec.decode_chunk(session.model, step.inputs)
         check_seq_room(step.seq, inputs.shape[0])
         session.model.batcher.submit(
             _StreamWork(self, request.request_id, started, session, step, inputs)
