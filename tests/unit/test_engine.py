@@ -14,6 +14,7 @@ from rnnserve.server.engine import (
     choose_providers,
     cuda_device_present,
 )
+from rnnserve.server.golden import self_check
 
 from tests.support.modelgen import write_model
 
@@ -34,7 +35,7 @@ def test_node_placement_and_self_check(tmp_path: Path):
     engine = Engine(folder, load_manifest(folder), [CPU])
     assert engine.provider == CPU
     assert engine.node_providers == {f"lstm{i}": CPU for i in range(3)}
-    assert engine.self_check(1e-5) == 0.0
+    assert self_check(engine, 1e-5) == 0.0
 
 
 def test_self_check_refuses_a_model_that_disagrees(tmp_path: Path):
@@ -44,7 +45,7 @@ def test_self_check_refuses_a_model_that_disagrees(tmp_path: Path):
     np.savez(folder / "golden.npz", **golden)
     engine = Engine(folder, load_manifest(folder), [CPU])
     with pytest.raises(ModelLoadError, match=r"self-check failed: max abs difference 0\.001"):
-        engine.self_check(1e-4)
+        self_check(engine, 1e-4)
 
 
 def test_graph_that_lacks_a_manifest_name(tmp_path: Path):

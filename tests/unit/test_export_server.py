@@ -12,6 +12,7 @@ from rnnserve.export.onnx_export import export_onnx
 from rnnserve.export.parity import one_torch_thread
 from rnnserve.manifest import load_manifest
 from rnnserve.server.engine import Engine
+from rnnserve.server.golden import self_check
 from rnnserve.server.settings import Settings
 
 from tests.support.torch_models import VOCAB, tiny_model
@@ -47,7 +48,7 @@ def test_server_engine_loads_and_self_checks(
     folder = tmp_path / "m" / "1"
     manifest = load_manifest(folder)
     engine = Engine(folder, manifest, ["CPUExecutionProvider"])
-    worst = engine.self_check(Settings().self_check_tolerance)
+    worst = self_check(engine, Settings().self_check_tolerance)
     assert worst is not None and worst <= 1e-4
 
     # A batch of two sessions with different chunk lengths, as the server's batcher sends it.

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from rnnserve.manifest import MANIFEST_FILE, MODEL_FILE, ManifestError, load_manifest
+from rnnserve.server import golden
 from rnnserve.server.engine import Engine, ModelLoadError, choose_providers
 from rnnserve.server.errors import not_found, quoted
 from rnnserve.server.metrics import Metrics
@@ -62,7 +63,7 @@ class Repository:
         providers = choose_providers(self.settings.provider_list())
         engine = Engine(folder, manifest, providers, self.settings.intra_op_threads)
         diff = (
-            engine.self_check(self.settings.self_check_tolerance)
+            golden.self_check(engine, self.settings.self_check_tolerance)
             if self.settings.self_check
             else None
         )
