@@ -5,7 +5,9 @@ It speaks enough of rnnserve.v1 for ``rnnserve bench`` to run against it unchang
 a StreamResponse of the same size the real server sends: outputs float32 ``[T, outputs]``
 (zeros) for a chunk of T steps, the session id, seq and next seq. No sessions are kept, no
 input is decoded and no model runs, so what it costs per message is what the gRPC stack and
-protobuf cost: the floor under any Python server on the same stack.
+protobuf cost: the floor under any Python server on the same stack. A frame (a message carrying
+N sessions' chunks of T steps) gets a FrameResponse of the real size: outputs float32
+``[N, T, outputs]`` (zeros) and each entry's next seq.
 
 With ``--busy-us N`` it spins for N µs on each message before answering: a stand-in for a
 model run of that length that keeps the CPU busy as a run does, but touches no memory. Set to
@@ -93,6 +95,25 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
             self._zeros[steps] = raw
         return raw
 
+    def _frame_reply(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        """A FrameResponse of the real size: outputs float32 ``[N, T, outputs]`` (zeros) and
+        every entry's next seq, for a frame whose inputs are ``[N, T]`` or ``[N, T, F]``."""
+        frame = request.frame
+        shape = frame.inputs.shape
+        rows = len(frame.session_ids)
+        steps = int(shape[1]) if len(shape) > 1 else 1
+        return pb.StreamResponse(
+            request_id=request.request_id,
+            frame=pb.FrameResponse(
+                outputs=pb.Tensor(
+                    dtype=pb.DTYPE_FLOAT32,
+                    shape=(rows, steps, self._output_size),
+                    raw_data=self._outputs(rows * steps),
+                ),
+                next_seqs=[seq + steps for seq in frame.seqs],
+            ),
+        )
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -128,6 +149,11 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
         async for request in request_iterator:
+            if request.HasField("frame"):
+                if self._busy_s:
+                    _spin(self._busy_s)
+                yield self._frame_reply(request)
+                continue
             step = request.step
             # A chunk is [T, F] or [T] (tokens): T is the first dimension either way.
             steps = int(step.inputs.shape[0]) if step.inputs.shape else 1

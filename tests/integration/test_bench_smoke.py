@@ -18,13 +18,14 @@ from rnnserve.client.commands.bench import LoadConfig, LoadResult, run_load
 
 from tests.conftest import RunningServer
 
-ECHO_SERVER = Path(__file__).resolve().parents[2] / "bench" / "echo_server.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+ECHO_SERVER = BENCH / "echo_server.py"
 
 
-def _check(result: LoadResult, chunk: int) -> None:
+def _check(result: LoadResult, chunk: int, frame: int = 0) -> None:
     assert result.errors == {}
     assert result.messages > 0
-    assert result.steps == result.messages * chunk
+    assert result.steps == result.messages * chunk * (frame or 1)
     assert 0 < result.p50_us <= result.p90_us <= result.p99_us <= result.max_us
     assert result.window_s > 0
     assert result.steps_per_s == pytest.approx(result.steps / result.window_s)
@@ -59,6 +60,28 @@ async def test_steps_mode_applies_exactly_the_asked_steps(server: RunningServer)
     assert result.steps == 3 * 10
 
 
+async def test_frames_apply_every_entry_on_the_real_server(server: RunningServer) -> None:
+    # Three frames of four feature-model sessions in flight, then two of three token-model
+    # sessions on one shared stream: every entry applied (the server checks each seq).
+    config = LoadConfig(
+        target=server.address, model="tiny-gru", sessions=12, frame=4, seconds=0.5, warmup=0.1
+    )
+    _check(await run_load(config), chunk=1, frame=4)
+    config = LoadConfig(
+        target=server.address,
+        model="tiny-char",
+        sessions=6,
+        frame=3,
+        streams=1,
+        chunk=2,
+        steps=6,
+        warmup=0.1,
+    )
+    result = await run_load(config)
+    _check(result, chunk=2, frame=3)
+    assert result.steps == 6 * 6
+
+
 def test_cli_prints_the_percentiles(
     server_thread: RunningServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -66,6 +89,15 @@ def test_cli_prints_the_percentiles(
     assert main([*argv, "--sessions", "2", "--seconds", "0.5", "--warmup", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "p50" in out and "p99" in out and "steps/s" in out
+
+
+def test_cli_a_frame_must_divide_the_sessions(
+    server_thread: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--server", server_thread.address, "--model", "tiny-gru"]
+    assert main([*argv, "--sessions", "6", "--frame", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "multiple of --frame" in err
 
 
 def test_cli_bad_input_is_one_line_and_non_zero(
@@ -117,3 +149,66 @@ def test_a_negative_busy_time_is_one_line_on_stderr(model_repo: Path) -> None:
     done = subprocess.run([*argv, "--busy-us", "-1"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == "echo_server: --busy-us must be 0 or more, not -1"
+
+
+async def test_the_echo_answers_frames_of_the_real_size(echo_address: str) -> None:
+    # Two frames of four sessions each, in flight at once, two steps per entry.
+    config = LoadConfig(
+        target=echo_address, model="tiny-char", sessions=8, frame=4, chunk=2, seconds=0.5
+    )
+    _check(await run_load(config), chunk=2, frame=4)
+
+
+def _bench(script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, str(BENCH / script), *map(str, args)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240)
+
+
+def _section(doc: Path, name: str) -> str:
+    text = doc.read_text()
+    start, end = text.index(f"<!-- {name}:begin"), text.index(f"<!-- {name}:end -->")
+    return text[start:end]
+
+
+def test_ab_quick_run_writes_its_section(model_repo: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    done = _bench(
+        "ab.py", "--quick", "--before", "HEAD", "--models", model_repo, "--model", "tiny-char",
+        "--sessions", "1", "--out", doc,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    section = _section(doc, "ab")
+    assert "| 1 | " in section and "after / before" in section.lower()
+    assert "kept" in doc.read_text()  # another script's section stays
+
+
+def test_ab_names_an_unknown_commit(model_repo: Path, tmp_path: Path) -> None:
+    done = _bench("ab.py", "--before", "no-such-commit", "--models", model_repo, "--model",
+                  "tiny-char", "--out", tmp_path / "b.md")  # fmt: skip
+    assert done.returncode == 2
+    assert "no-such-commit" in done.stderr and not (tmp_path / "b.md").exists()
+
+
+def test_startup_quick_run_times_a_start(model_repo: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    done = _bench("startup.py", "--quick", "--models", model_repo, "--out", doc)
+    assert done.returncode == 0, done.stderr
+    section = _section(doc, "startup")
+    assert "median of 3 runs" in section
+    assert "load tiny-gru/1" in section and "imports" in section
+
+
+def test_frames_quick_run_checks_both_targets_and_plots(tmp_path: Path) -> None:
+    doc, png = tmp_path / "benchmarks.md", tmp_path / "img" / "frames.png"
+    done = _bench(
+        "frames.py", "--quick", "--hidden", "128", "--frames", "8,64", "--out", doc,
+        "--plot", png,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    section = _section(doc, "frames")
+    for model in ("GRU-128", "LSTM-128"):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {model} | "))
+        assert row.count("PASS") + row.count("MISS") == 2  # both targets judged
+    assert "](img/frames.png)" in section
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
