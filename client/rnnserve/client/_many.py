@@ -137,11 +137,11 @@ async def step_many(mux: Multiplexer, sessions: Sequence[AsyncSession], x: objec
             locks.append(lock)
         in_doubt = []
         for i, session in enumerate(sessions):
-            if session._closed:
+            if session._core.closed:
                 errors[i] = RnnserveError(
                     grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is closed"
                 )
-            elif session._ledger.pending is not None:
+            elif session._core.ledger.pending is not None:
                 in_doubt.append(i)
         if in_doubt:  # a chunk left in doubt by an earlier failure goes first, as for step()
             settled = await asyncio.gather(
@@ -188,20 +188,16 @@ async def _round(
     errors whose ``next_seqs`` are all as expected is recorded without the ChunkDriver, which
     is made only for an entry that fails or replays.
     """
-    client = mux._client
     loop = asyncio.get_running_loop()
     steps = int(piece.shape[1])
-    submitted = [sessions[i]._ledger.submit(piece[i]) for i in live]
+    submitted = [sessions[i]._core.ledger.submit(piece[i]) for i in live]
     fresh = dict(zip(live, submitted, strict=True))  # entries whose chunk is their submitted row
     drivers: dict[int, ChunkDriver] = {}
 
     def driver(i: int) -> ChunkDriver:
         found = drivers.get(i)
         if found is None:
-            session = sessions[i]
-            found = drivers[i] = ChunkDriver(
-                session._ledger, session.model, client._backoff(), client.options.target
-            )
+            found = drivers[i] = sessions[i]._core.driver()
         return found
 
     keys: dict[int, FrameKey] = {}
@@ -210,7 +206,7 @@ async def _round(
         groups: dict[tuple[str, int], tuple[list[int], list[Chunk]]] = {}
         for i in active:
             session = sessions[i]
-            chunk = session._ledger.to_send()
+            chunk = session._core.ledger.to_send()
             assert chunk is not None
             group = groups.get((session.id.partition(".")[0], chunk.steps))
             if group is None:
@@ -273,7 +269,7 @@ async def _round(
                 and reply.next_seqs[offset : offset + len(who)] == [c.end for c in what]
             ):  # every entry answered as expected: record them without drivers
                 for i, chunk in zip(who, what, strict=True):
-                    sessions[i]._ledger.on_outputs(chunk.seq, outputs)
+                    sessions[i]._core.ledger.on_outputs(chunk.seq, outputs)
                 out[who] = outputs[offset : offset + len(who)]
                 continue
             done_rows, done = [], []

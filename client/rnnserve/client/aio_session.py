@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import grpc.aio
-import numpy as np
 from rnnserve.v1 import rnnserve_pb2 as pb
 
-from ._convert import Array, encode_inputs, join_outputs, split_chunks
-from ._driver import STREAM_RETRY_CODES, ChunkDriver
-from ._ledger import SeqLedger
-from ._routing import replay_steps, routed
-from .errors import RnnserveError, rpc_code, rpc_message, rpc_next_seq
+from ._convert import Array
+from ._session_core import Exchange, Ops, Rpc, SessionCore, Sleep, Step, StreamFailure
+from .errors import rpc_code, rpc_message
 from .models import ModelInfo
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
 
-_Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
 _StreamCall = grpc.aio.StreamStreamCall[pb.StreamRequest, pb.StreamResponse]
 
 
@@ -92,13 +89,10 @@ class AsyncSession:
     def __init__(self, client: AsyncClient, info: pb.SessionInfo, model: ModelInfo) -> None:
         """Internal: sessions come from ``AsyncClient.session()``, ``attach()``, ``restore()``."""
         self._client = client
-        self.id: str = info.session_id
+        self._core = SessionCore(client.options, client._backoff, info, model)
+        self.id: str = self._core.id
         self.model: ModelInfo = model
-        self._ledger = SeqLedger(self.id, int(info.next_seq), replay_steps(client.options, info))
-        #: Every call of the session carries its route key (rnnserve.proto, Routing).
-        self._metadata = routed(client.options, self.id)
         self._lock = _TaskLock()
-        self._closed = False
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -117,19 +111,12 @@ class AsyncSession:
     @property
     def next_seq(self) -> int:
         """Steps this session has applied (the seq of its next chunk)."""
-        return self._ledger.next_seq
+        return self._core.ledger.next_seq
 
     async def step(self, x: object) -> Array:
         """Apply one step or a chunk and return its outputs (see ``Session.step``)."""
-        inputs, single = encode_inputs(self.model, x)
         async with self._lock:
-            self._check_open()
-            await self._settle()
-            parts = []
-            for piece in split_chunks(self.model, inputs):
-                self._ledger.submit(piece)
-                parts.append(await self._drive_unary())
-        return join_outputs(parts, single)
+            return await self._run(self._core.step(x))
 
     async def stream(
         self, inputs: Iterable[object] | AsyncIterable[object]
@@ -142,21 +129,16 @@ class AsyncSession:
         (``break``, or ``aclose()`` on a generator kept in a variable).
         """
         async with self._lock:
-            self._check_open()
+            self._core.check_open()
             holder: list[_StreamCall] = []
             try:
-                if self._ledger.pending is not None:
-                    await self._drive_stream(holder)
+                if self._core.ledger.pending is not None:
+                    await self._run(self._core.drive_stream(), holder)
                 async for item in _items(inputs):
-                    chunk, single = encode_inputs(self.model, item)
-                    parts = []
-                    for piece in split_chunks(self.model, chunk):
-                        self._ledger.submit(piece)
-                        parts.append(await self._drive_stream(holder))
-                    yield join_outputs(parts, single)
+                    yield await self._run(self._core.stream_item(item), holder)
             except GeneratorExit:  # the caller stopped early: a clean end if nothing is in flight
                 for call in holder:
-                    if self._ledger.pending is None:
+                    if self._core.ledger.pending is None:
                         await _finish(call)
                     call.cancel()
                 raise
@@ -167,85 +149,21 @@ class AsyncSession:
             for call in holder:
                 await _finish(call)
 
-    async def _drive_unary(self) -> Array:
-        driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)
-        stub, options = self._client._stub, self._client.options
-        while True:
-            try:
-                reply = await stub.Step(
-                    driver.request(), timeout=options.deadline_s, metadata=self._metadata
-                )
-            except grpc.RpcError as exc:
-                try:
-                    delay = driver.on_failure(rpc_code(exc), rpc_message(exc), rpc_next_seq(exc))
-                except RnnserveError as error:
-                    raise error from exc
-                await asyncio.sleep(delay)
-                continue
-            outputs = driver.on_reply(reply)
-            if outputs is not None:
-                return outputs
-
-    async def _drive_stream(self, holder: list[_StreamCall]) -> Array:
-        driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)
-        while True:
-            request = driver.request()
-            try:
-                if not holder:
-                    holder.append(self._client._stub.Stream(metadata=self._metadata))
-                call = holder[0]
-                await call.write(pb.StreamRequest(step=request, request_id=request.seq))
-                reply = await call.read()
-            except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-                code, message = await _why_ended(holder.pop(), exc)
-                try:
-                    delay = driver.on_failure(code, message, None, retry_codes=STREAM_RETRY_CODES)
-                except RnnserveError as error:
-                    raise error from exc
-                await asyncio.sleep(delay)
-                continue
-            if not isinstance(reply, pb.StreamResponse):  # EOF: the server ended the stream
-                holder.pop().cancel()
-                delay = driver.on_failure(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the server ended the stream early",
-                    None,
-                    retry_codes=STREAM_RETRY_CODES,
-                )
-                await asyncio.sleep(delay)
-                continue
-            result = driver.on_stream_reply(reply)
-            if isinstance(result, np.ndarray):
-                return result
-            if result is not None:
-                await asyncio.sleep(result)
-
     async def reset(self) -> None:
         """Set the memory cell back to zeros; seq numbering goes on."""
         async with self._lock:
-            self._check_open()
-            await self._settle()
-            req = pb.ResetSessionRequest(session_id=self.id)
-            await self._unary(self._client._stub.ResetSession, req)
-            self._ledger.forget_history()
+            await self._run(self._core.reset())
 
     async def fork(self) -> AsyncSession:
         """A new session starting from a copy of this one's memory cell and seq."""
         async with self._lock:
-            self._check_open()
-            await self._settle()
-            req = pb.ForkSessionRequest(session_id=self.id)
-            resp = await self._unary(self._client._stub.ForkSession, req)
-        return AsyncSession(self._client, resp.session, self.model)
+            info = await self._run(self._core.fork())
+        return AsyncSession(self._client, info, self.model)
 
     async def snapshot(self) -> Snapshot:
         """A portable copy of the session to restore elsewhere."""
         async with self._lock:
-            self._check_open()
-            await self._settle()
-            req = pb.GetStateRequest(session_id=self.id)
-            resp = await self._unary(self._client._stub.GetState, req)
-        return Snapshot(resp.snapshot)
+            return await self._run(self._core.snapshot())
 
     async def state(self) -> dict[str, Array]:
         """The current memory cell: state name -> array of its per-session shape."""
@@ -254,43 +172,57 @@ class AsyncSession:
     async def restore(self, snapshot: Snapshot) -> None:
         """Overwrite this session with a snapshot; it continues from the snapshot's seq."""
         async with self._lock:
-            self._check_open()
-            self._ledger.abandon()
-            req = pb.PutStateRequest(session_id=self.id, snapshot=snapshot.to_proto())
-            resp = await self._unary(self._client._stub.PutState, req)
-            replay = replay_steps(self._client.options, resp.session)
-            self._ledger = SeqLedger(self.id, int(resp.session.next_seq), replay)
+            await self._run(self._core.restore(snapshot))
 
     async def info(self) -> pb.SessionInfo:
         """The session as the server holds it (expiry, the seq it expects next)."""
-        req = pb.GetSessionRequest(session_id=self.id)
-        return (await self._unary(self._client._stub.GetSession, req)).session
+        return await self._run(self._core.info())
 
     async def close(self) -> None:
         """End the session on the server (idempotent; one the server dropped counts as closed)."""
         async with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+            await self._run(self._core.close())
+
+    # -- the transport --------------------------------------------------------------------------
+
+    async def _run(self, ops: Ops[_T], holder: list[_StreamCall] | None = None) -> _T:
+        """Run an operation with awaits (see _session_core)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
             try:
-                req = pb.CloseSessionRequest(session_id=self.id)
-                await self._unary(self._client._stub.CloseSession, req)
-            except RnnserveError as exc:
-                if exc.code != grpc.StatusCode.NOT_FOUND:
-                    raise
+                op = ops.send(result) if error is None else ops.throw(error)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            result, error = None, None
+            try:
+                result = await self._do(op, holder)
+            except Exception as exc:
+                error = exc
 
-    @property
-    def _target(self) -> str:
-        return self._client.options.target
-
-    async def _unary(self, method: Callable[..., Awaitable[_Resp]], request: Any) -> _Resp:
-        return await self._client._call(method, request, self.id)
-
-    async def _settle(self) -> None:
-        # See Session._settle: a chunk left in doubt is completed first.
-        if self._ledger.pending is not None:
-            await self._drive_unary()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RnnserveError(grpc.StatusCode.FAILED_PRECONDITION, f"session {self.id} is closed")
+    async def _do(self, op: Rpc | Step | Exchange | Sleep, holder: list[_StreamCall] | None) -> Any:
+        client = self._client
+        if isinstance(op, Step):
+            timeout = client.options.deadline_s
+            return await client._stub.Step(
+                op.request, timeout=timeout, metadata=self._core.metadata
+            )
+        if isinstance(op, Rpc):
+            return await client._call(getattr(client._stub, op.method), op.request, self.id)
+        if isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        assert holder is not None, "an Exchange outside a stream"
+        try:
+            if not holder:
+                holder.append(client._stub.Stream(metadata=self._core.metadata))
+            call = holder[0]
+            await call.write(op.request)
+            reply = await call.read()
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            code, message = await _why_ended(holder.pop(), exc)
+            raise StreamFailure(code, message) from exc
+        if not isinstance(reply, pb.StreamResponse):  # EOF: the server ended the stream
+            holder.pop().cancel()
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the server ended the stream early")
+        return reply

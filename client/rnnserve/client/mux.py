@@ -30,7 +30,7 @@ import numpy.typing as npt
 from rnnserve.wire import route_of
 
 from ._convert import Array, encode_inputs, join_outputs, split_chunks
-from ._driver import STREAM_RETRY_CODES, ChunkDriver
+from ._driver import STREAM_RETRY_CODES
 from ._frames import Lane, Part, StreamBroken, frame_key, settle_entry
 from ._many import step_many
 from ._routing import new_route_key, routed
@@ -117,12 +117,12 @@ class Multiplexer:
         """Apply one step or a chunk to ``session`` over the shared stream; its outputs."""
         inputs, single = encode_inputs(session.model, x)
         async with session._lock:
-            session._check_open()
-            if session._ledger.pending is not None:
+            session._core.check_open()
+            if session._core.ledger.pending is not None:
                 await self._drive(session)
             parts = []
             for piece in split_chunks(session.model, inputs):
-                session._ledger.submit(piece)
+                session._core.ledger.submit(piece)
                 parts.append(await self._drive(session))
         return join_outputs(parts, single)
 
@@ -157,9 +157,7 @@ class Multiplexer:
     async def _drive(self, session: AsyncSession) -> Array:
         """Take the session's chunk in flight (replays first) to its outputs, one entry of the
         lane's next frame at a time."""
-        driver = ChunkDriver(
-            session._ledger, session.model, self._client._backoff(), self._client.options.target
-        )
+        driver = session._core.driver()
         if self._closed:
             raise _closed_error()
         lane = self._lane(session)

@@ -5,26 +5,24 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import numpy as np
 from rnnserve.v1 import rnnserve_pb2 as pb
 
-from ._convert import Array, encode_inputs, join_outputs, split_chunks
-from ._driver import STREAM_RETRY_CODES, ChunkDriver
-from ._ledger import SeqLedger
-from ._routing import Metadata, replay_steps, routed
-from .errors import RnnserveError, rpc_code, rpc_message, rpc_next_seq
+from ._convert import Array
+from ._routing import Metadata
+from ._session_core import Exchange, Ops, Rpc, SessionCore, Sleep, Step, StreamFailure
+from .errors import RnnserveError, rpc_code, rpc_message
 from .models import ModelInfo
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from .client import Client
 
-_Resp = TypeVar("_Resp")
+_T = TypeVar("_T")
 
 
 class _BidiCall:
@@ -73,13 +71,10 @@ class Session:
     def __init__(self, client: Client, info: pb.SessionInfo, model: ModelInfo) -> None:
         """Internal: sessions come from ``Client.session()``, ``attach()`` and ``restore()``."""
         self._client = client
-        self.id: str = info.session_id
+        self._core = SessionCore(client.options, client._backoff, info, model)
+        self.id: str = self._core.id
         self.model: ModelInfo = model
-        self._ledger = SeqLedger(self.id, int(info.next_seq), replay_steps(client.options, info))
-        #: Every call of the session carries its route key (rnnserve.proto, Routing).
-        self._metadata = routed(client.options, self.id)
         self._lock = threading.RLock()
-        self._closed = False
 
     def __enter__(self) -> Session:
         return self
@@ -98,7 +93,7 @@ class Session:
     @property
     def next_seq(self) -> int:
         """Steps this session has applied (the seq of its next chunk)."""
-        return self._ledger.next_seq
+        return self._core.ledger.next_seq
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -114,15 +109,8 @@ class Session:
         DEADLINE_EXCEEDED), the session's next call completes that chunk exactly once before
         anything else; do not send it again.
         """
-        inputs, single = encode_inputs(self.model, x)
         with self._lock:
-            self._check_open()
-            self._settle()
-            parts = []
-            for piece in split_chunks(self.model, inputs):
-                self._ledger.submit(piece)
-                parts.append(self._drive_unary())
-        return join_outputs(parts, single)
+            return self._run(self._core.step(x))
 
     def stream(self, inputs: Iterable[object]) -> Iterator[Array]:
         """Send each item of ``inputs`` over one bidi stream, yielding its outputs in order.
@@ -134,21 +122,16 @@ class Session:
         of the loop); until then the session's other calls wait.
         """
         with self._lock:
-            self._check_open()
+            self._core.check_open()
             holder: list[_BidiCall] = []
             try:
-                if self._ledger.pending is not None:
-                    self._drive_stream(holder)
+                if self._core.ledger.pending is not None:
+                    self._run(self._core.drive_stream(), holder)
                 for item in inputs:
-                    chunk, single = encode_inputs(self.model, item)
-                    parts = []
-                    for piece in split_chunks(self.model, chunk):
-                        self._ledger.submit(piece)
-                        parts.append(self._drive_stream(holder))
-                    yield join_outputs(parts, single)
+                    yield self._run(self._core.stream_item(item), holder)
             except GeneratorExit:  # the caller stopped early: a clean end if nothing is in flight
                 for call in holder:
-                    call.close(graceful=self._ledger.pending is None)
+                    call.close(graceful=self._core.ledger.pending is None)
                 raise
             except BaseException:
                 for call in holder:
@@ -157,76 +140,23 @@ class Session:
             for call in holder:
                 call.close(graceful=True)
 
-    def _drive_unary(self) -> Array:
-        driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)
-        stub, options = self._client._stub, self._client.options
-        while True:
-            try:
-                reply = stub.Step(
-                    driver.request(), timeout=options.deadline_s, metadata=self._metadata
-                )
-            except grpc.RpcError as exc:
-                try:
-                    delay = driver.on_failure(rpc_code(exc), rpc_message(exc), rpc_next_seq(exc))
-                except RnnserveError as error:
-                    raise error from exc
-                time.sleep(delay)
-                continue
-            outputs = driver.on_reply(reply)
-            if outputs is not None:
-                return outputs
-
-    def _drive_stream(self, holder: list[_BidiCall]) -> Array:
-        driver = ChunkDriver(self._ledger, self.model, self._client._backoff(), self._target)
-        while True:
-            request = driver.request()
-            try:
-                if not holder:
-                    holder.append(_BidiCall(self._client, self._metadata))
-                reply = holder[0].exchange(pb.StreamRequest(step=request, request_id=request.seq))
-            except (grpc.RpcError, RnnserveError) as exc:
-                holder.pop().close()
-                code = exc.code if isinstance(exc, RnnserveError) else rpc_code(exc)
-                message = exc.message if isinstance(exc, RnnserveError) else rpc_message(exc)
-                try:
-                    delay = driver.on_failure(code, message, None, retry_codes=STREAM_RETRY_CODES)
-                except RnnserveError as error:
-                    raise error from exc
-                time.sleep(delay)
-                continue
-            result = driver.on_stream_reply(reply)
-            if isinstance(result, np.ndarray):
-                return result
-            if result is not None:
-                time.sleep(result)
-
     # -- session management -----------------------------------------------------------------
 
     def reset(self) -> None:
         """Set the memory cell back to zeros; seq numbering goes on."""
         with self._lock:
-            self._check_open()
-            self._settle()
-            self._unary(self._client._stub.ResetSession, pb.ResetSessionRequest(session_id=self.id))
-            self._ledger.forget_history()
+            self._run(self._core.reset())
 
     def fork(self) -> Session:
         """A new session starting from a copy of this one's memory cell and seq."""
         with self._lock:
-            self._check_open()
-            self._settle()
-            resp = self._unary(
-                self._client._stub.ForkSession, pb.ForkSessionRequest(session_id=self.id)
-            )
-        return Session(self._client, resp.session, self.model)
+            info = self._run(self._core.fork())
+        return Session(self._client, info, self.model)
 
     def snapshot(self) -> Snapshot:
         """A portable copy of the session (memory cell, seq, last reply) to restore elsewhere."""
         with self._lock:
-            self._check_open()
-            self._settle()
-            resp = self._unary(self._client._stub.GetState, pb.GetStateRequest(session_id=self.id))
-        return Snapshot(resp.snapshot)
+            return self._run(self._core.snapshot())
 
     def state(self) -> dict[str, Array]:
         """The current memory cell: state name -> array of its per-session shape."""
@@ -235,17 +165,11 @@ class Session:
     def restore(self, snapshot: Snapshot) -> None:
         """Overwrite this session with a snapshot; it continues from the snapshot's seq."""
         with self._lock:
-            self._check_open()
-            self._ledger.abandon()
-            req = pb.PutStateRequest(session_id=self.id, snapshot=snapshot.to_proto())
-            resp = self._unary(self._client._stub.PutState, req)
-            replay = replay_steps(self._client.options, resp.session)
-            self._ledger = SeqLedger(self.id, int(resp.session.next_seq), replay)
+            self._run(self._core.restore(snapshot))
 
     def info(self) -> pb.SessionInfo:
         """The session as the server holds it (expiry, the seq it expects next)."""
-        resp = self._unary(self._client._stub.GetSession, pb.GetSessionRequest(session_id=self.id))
-        return resp.session
+        return self._run(self._core.info())
 
     def close(self) -> None:
         """End the session on the server and free its state (idempotent).
@@ -253,30 +177,42 @@ class Session:
         A session the server already dropped counts as closed.
         """
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+            self._run(self._core.close())
+
+    # -- the transport --------------------------------------------------------------------------
+
+    def _run(self, ops: Ops[_T], holder: list[_BidiCall] | None = None) -> _T:
+        """Run an operation with blocking calls (see _session_core)."""
+        result: Any = None
+        error: Exception | None = None
+        while True:
             try:
-                self._unary(
-                    self._client._stub.CloseSession, pb.CloseSessionRequest(session_id=self.id)
-                )
-            except RnnserveError as exc:
-                if exc.code != grpc.StatusCode.NOT_FOUND:
-                    raise
+                op = ops.send(result) if error is None else ops.throw(error)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            result, error = None, None
+            try:
+                result = self._do(op, holder)
+            except Exception as exc:
+                error = exc
 
-    @property
-    def _target(self) -> str:
-        return self._client.options.target
-
-    def _unary(self, method: Callable[..., _Resp], request: object) -> _Resp:
-        return self._client._call(method, request, self.id)
-
-    def _settle(self) -> None:
-        # A chunk left in doubt by an earlier failure is completed before anything else, so
-        # that a reset, fork or snapshot sees the steps in the order they were sent.
-        if self._ledger.pending is not None:
-            self._drive_unary()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RnnserveError(grpc.StatusCode.FAILED_PRECONDITION, f"session {self.id} is closed")
+    def _do(self, op: Rpc | Step | Exchange | Sleep, holder: list[_BidiCall] | None) -> Any:
+        client = self._client
+        if isinstance(op, Step):
+            timeout = client.options.deadline_s
+            return client._stub.Step(op.request, timeout=timeout, metadata=self._core.metadata)
+        if isinstance(op, Rpc):
+            return client._call(getattr(client._stub, op.method), op.request, self.id)
+        if isinstance(op, Sleep):
+            time.sleep(op.seconds)
+            return None
+        assert holder is not None, "an Exchange outside a stream"
+        try:
+            if not holder:
+                holder.append(_BidiCall(client, self._core.metadata))
+            return holder[0].exchange(op.request)
+        except (grpc.RpcError, RnnserveError) as exc:
+            holder.pop().close()
+            code = exc.code if isinstance(exc, RnnserveError) else rpc_code(exc)
+            message = exc.message if isinstance(exc, RnnserveError) else rpc_message(exc)
+            raise StreamFailure(code, message) from exc
