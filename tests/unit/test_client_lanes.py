@@ -16,6 +16,7 @@ from rnnserve.client import (
     ClientOptions,
     InvalidInput,
     RetryPolicy,
+    RnnserveError,
     SessionLost,
     StepManyError,
 )
@@ -374,3 +375,33 @@ def test_encode_many_checks_the_whole_batch() -> None:
         encode_many(chars, ["ab", "c"], 2)
     with pytest.raises(InvalidInput, match="token id 3"):
         encode_many(chars, np.array([[0, 3]]), 1)
+
+
+async def test_step_many_cuts_long_chunks_to_the_server_limit(fake: Any) -> None:
+    client, server = fake
+    model = _model(max_chunk=2)
+    sessions = [_session(client, server, "k", model) for _ in range(3)]
+    xs = np.random.default_rng(5).normal(size=(3, 5, FEATURES)).astype(np.float32)
+    async with client.multiplexer() as mux:
+        got = await mux.step_many(sessions, xs)
+    assert [m.frame.inputs.shape[1] for m in server.messages] == [2, 2, 1]
+    for k in range(3):
+        np.testing.assert_allclose(got[k], _twin_outputs(xs[k]), rtol=1e-6)
+    assert [s.next_seq for s in sessions] == [5, 5, 5]
+
+
+async def test_closing_the_multiplexer_fails_waiting_steps(fake: Any) -> None:
+    client, server = fake
+    model = _model()
+    sessions = [_session(client, server, "k", model) for _ in range(3)]
+    mux = client.multiplexer()
+    server.hold = True
+    steps = asyncio.gather(
+        *(mux.step(s, np.ones(FEATURES, np.float32)) for s in sessions), return_exceptions=True
+    )
+    while not server.held:
+        await asyncio.sleep(0.001)
+    await mux.close()
+    results = await steps
+    assert all(isinstance(r, RnnserveError) for r in results)
+    assert {r.code for r in results if isinstance(r, RnnserveError)} == {grpc.StatusCode.CANCELLED}
