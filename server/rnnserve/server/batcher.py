@@ -324,8 +324,11 @@ class Batcher:
                 steps = item.inputs.shape[1]
                 block = outputs[i : i + k, :steps]
                 chunk_length.observe(steps, k)
-                for j, session in enumerate(item.sessions):
-                    session.commit(item.seqs[j], block[j], item.inputs[j])
+                # list() makes each row's view in one C loop, not one indexing per entry.
+                for session, seq, out, ins in zip(
+                    item.sessions, item.seqs, list(block), list(item.inputs), strict=True
+                ):
+                    session.commit(seq, out, ins)
                 try:
                     item.sink.entries_done(item.rows, block)
                 except Exception:  # a bug in a reply sink: the sessions are consistent

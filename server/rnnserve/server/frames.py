@@ -47,12 +47,16 @@ class FrameReply:
         self.outputs = np.zeros((len(self.seqs), steps, width), dtype=np.float32)
 
     def entries_done(self, rows: list[int], outputs: npt.NDArray[Any]) -> None:
-        index = np.array(rows, dtype=np.intp)
         assert self.outputs is not None
-        self.outputs[index] = outputs
-        self.next_seqs[index] = (
-            np.array([self.seqs[r] for r in rows], dtype=np.uint64) + (outputs.shape[1])
-        )
+        steps = outputs.shape[1]
+        if len(rows) == len(self.seqs):  # the whole frame in one run (the usual case)
+            self.outputs[...] = outputs
+            self.next_seqs = np.array(self.seqs, dtype=np.uint64) + steps
+        else:
+            index = np.array(rows, dtype=np.intp)
+            self.outputs[index] = outputs
+            seqs = self.seqs
+            self.next_seqs[index] = np.array([seqs[r] for r in rows], dtype=np.uint64) + steps
         self._answered(len(rows))
 
     def entry_done(self, row: int, outputs: Rows) -> None:
@@ -114,18 +118,8 @@ def accept(call: StreamCall, req: pb.StreamRequest, started: float) -> None:
         call.refuse(req.request_id, "", started, exc)
         return
     reply = FrameReply(call, req.request_id, seqs, started)
-    sessions: list[Found] = []
-    waiting = False
-    local = call.local
-    for sid in sids:
-        try:
-            found = local(sid)
-        except Exception as exc:
-            sessions.append(exc)
-            continue
-        waiting = waiting or found is None
-        sessions.append(found)
-    if waiting:
+    sessions = call.local_many(sids)
+    if None in sessions:
         call.later(_after_store(call, req, reply, sids, sessions))
     else:
         _run(call, req, reply, sessions)
@@ -150,31 +144,24 @@ async def _after_store(
 def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: list[Found]) -> None:
     """Decode the frame's inputs for the model of its first session found, then submit its
     entries to their models' batchers; every entry that cannot run is answered."""
-    failed: list[tuple[int, ServingError]] = []
-    groups: dict[ServedModel, list[int]] = {}
-    first: ServedModel | None = None
-    for i, found in enumerate(sessions):
-        if isinstance(found, Session):
-            if first is None:
-                first = found.model
-            groups.setdefault(found.model, []).append(i)
-        else:
-            failed.append((i, as_serving_error(found or RuntimeError("no session"), METHOD)))
-    inputs = None
-    if first is not None:
-        try:
-            inputs = codec.frame_inputs(first, req.frame.inputs, len(sessions))
-        except Exception as exc:
-            call.refuse(req.request_id, "", reply.started, exc)
-            return
-        reply.shape(inputs.shape[1], first.manifest.output_size)
-    for row, err in failed:
-        reply.entry_failed(row, err)
-    if inputs is None:
+    groups = _by_model(sessions)
+    if not groups:  # no session of the frame was found
+        for row, found in enumerate(sessions):
+            reply.entry_failed(row, _error(found))
         return
-    assert first is not None
+    first = next(iter(groups))
+    try:
+        inputs = codec.frame_inputs(first, req.frame.inputs, len(sessions))
+    except Exception as exc:
+        call.refuse(req.request_id, "", reply.started, exc)
+        return
     steps = inputs.shape[1]
+    reply.shape(steps, first.manifest.output_size)
     seqs = reply.seqs
+    if len(groups[first]) < len(sessions):
+        for row, found in enumerate(sessions):
+            if not isinstance(found, Session):
+                reply.entry_failed(row, _error(found))
     for model, rows in groups.items():
         if model is not first and not _same_shapes(model, first):
             err = invalid(
@@ -184,22 +171,48 @@ def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: l
             for row in rows:
                 reply.entry_failed(row, err)
             continue
-        ok = []
-        for row in rows:
-            if seqs[row] > MAX_SEQ - steps:
-                try:
-                    check_seq_room(seqs[row], steps)
-                except ServingError as err:
-                    reply.entry_failed(row, err)
-            else:
-                ok.append(row)
-        if not ok:
-            continue
-        part = inputs if len(ok) == len(sessions) else inputs[np.array(ok, dtype=np.intp)]
-        picked = [s for s in (sessions[r] for r in ok) if isinstance(s, Session)]
-        model.batcher.submit(
-            FrameWork(reply, picked, [seqs[r] for r in ok], ok, part, reply.started)
-        )
+        if max(seqs[r] for r in rows) > MAX_SEQ - steps:
+            rows = _in_range(reply, rows, steps)
+            if not rows:
+                continue
+        if len(rows) == len(sessions):  # the usual frame: every entry, one model
+            picked, part, at = sessions, inputs, seqs
+        else:
+            picked = [sessions[r] for r in rows]
+            part, at = inputs[np.array(rows, dtype=np.intp)], [seqs[r] for r in rows]
+        model.batcher.submit(FrameWork(reply, picked, at, rows, part, reply.started))  # type: ignore[arg-type]
+
+
+def _by_model(sessions: list[Found]) -> dict[ServedModel, list[int]]:
+    """The rows of the sessions found, by model, in the frame's order of first appearance."""
+    first = sessions[0]
+    if isinstance(first, Session):
+        model = first.model
+        if all(isinstance(s, Session) and s.model is model for s in sessions):
+            return {model: list(range(len(sessions)))}
+    groups: dict[ServedModel, list[int]] = {}
+    for row, found in enumerate(sessions):
+        if isinstance(found, Session):
+            groups.setdefault(found.model, []).append(row)
+    return groups
+
+
+def _error(found: Found) -> ServingError:
+    """Why an entry whose session was not found cannot run."""
+    return as_serving_error(found if isinstance(found, BaseException) else RuntimeError(), METHOD)
+
+
+def _in_range(reply: FrameReply, rows: list[int], steps: int) -> list[int]:
+    """``rows`` whose chunk ends within the largest seq; the others are answered OUT_OF_RANGE."""
+    ok = []
+    for row in rows:
+        try:
+            check_seq_room(reply.seqs[row], steps)
+        except ServingError as err:
+            reply.entry_failed(row, err)
+        else:
+            ok.append(row)
+    return ok
 
 
 def _same_shapes(a: ServedModel, b: ServedModel) -> bool:

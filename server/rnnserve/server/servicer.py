@@ -113,6 +113,10 @@ def unary(method: str) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     return wrap
 
 
+def _draining() -> ServingError:
+    return unavailable("this replica is draining; retry (the session continues on another replica)")
+
+
 class _StepWaiter:
     """The sink of a unary Step's chunk: its answer, for the handler to await."""
 
@@ -157,7 +161,9 @@ class InferenceServicer:
         #: The durable store's side, when the server has a store (see durable.py).
         self.durable = durable
         self._draining = False
-        self.streams = Streams(self.local, self.lookup, metrics, max_stream_inflight, max_frame)
+        self.streams = Streams(
+            self.local, self.local_many, self.lookup, metrics, max_stream_inflight, max_frame
+        )
 
     def begin_drain(self) -> None:
         """From now on every call about a session is answered UNAVAILABLE (the client retries,
@@ -169,9 +175,7 @@ class InferenceServicer:
         asked first (it is not here but may be in the store, or its ownership is suspect).
         NOT_FOUND saying why it does not exist; UNAVAILABLE while draining."""
         if self._draining:
-            raise unavailable(
-                "this replica is draining; retry (the session continues on another replica)"
-            )
+            raise _draining()
         try:
             session = self.sessions.get(sid, current_principal())
         except ServingError:
@@ -183,6 +187,26 @@ class InferenceServicer:
                 return None
             raise
         return None if session.suspect else session
+
+    def local_many(self, sids: list[str]) -> list[Session | BaseException | None]:
+        """``local`` of each id of a frame: the session, None when the store must be asked
+        first, or the error that says why it cannot be used."""
+        if self._draining:
+            return [_draining() for _ in sids]
+        principal = current_principal()
+        get = self.sessions.get
+        found: list[Session | BaseException | None] = []
+        for sid in sids:
+            try:
+                session = get(sid, principal)
+            except ServingError as exc:
+                try:
+                    found.append(self.local(sid))  # the store may hold it; or why it is missing
+                except ServingError:
+                    found.append(exc)
+                continue
+            found.append(None if session.suspect else session)
+        return found
 
     async def lookup(self, sid: str) -> Session:
         """Session ``sid``, loaded from the store when it is not here (see ``local``)."""

@@ -104,8 +104,7 @@ class Session:
     ``last_seq``), kept so a retry of that chunk is answered again instead of applied twice."""
 
     __slots__ = (
-        "_last_digest",
-        "_last_inputs",
+        "_digest",
         "busy",
         "checkpoints",
         "deadline",
@@ -119,7 +118,6 @@ class Session:
         "principal",
         "saved_at",
         "saved_seq",
-        "share",
         "slot",
         "suspect",
     )
@@ -132,17 +130,14 @@ class Session:
         self.last_seq = 0
         #: None until a chunk is applied (or a snapshot restores one).
         self.last_outputs: Outputs | None = None
-        self._last_digest = b""
-        #: The last applied chunk's inputs, not yet digested (see ``last_digest``).
-        self._last_inputs: pb.Tensor | npt.NDArray[np.generic] | None = None
+        #: The last applied chunk's digest, or its inputs not yet digested (``last_digest``).
+        self._digest: Digest = b""
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
-        #: Who opened the session (authentication's principal; "" when it is off).
+        #: Who opened the session (authentication's principal; "" when it is off). The
+        #: SessionManager counts it in this principal's fair share.
         self.principal = ""
-        #: The principal whose fair share the session counts in (SessionManager keeps it
-        #: equal to ``principal``).
-        self.share = ""
         #: The durable store's bookkeeping (durable.py), when the server has a store: where a
         #: commit reports unsaved steps, this replica's ownership epoch of the session, the seq
         #: of its last checkpoint (-1: none yet) and when it was written (monotonic), and
@@ -156,18 +151,17 @@ class Session:
     @property
     def last_digest(self) -> bytes:
         """rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown)."""
-        kept = self._last_inputs
-        if kept is not None:
-            self._last_digest = (
-                chunk_digest(kept) if isinstance(kept, pb.Tensor) else array_digest(kept)
-            )
-            self._last_inputs = None
-        return self._last_digest
+        kept = self._digest
+        if isinstance(kept, bytes):
+            return kept
+        digest = self._digest = (
+            chunk_digest(kept) if isinstance(kept, pb.Tensor) else array_digest(kept)
+        )
+        return digest
 
     @last_digest.setter
     def last_digest(self, digest: bytes) -> None:
-        self._last_digest = digest
-        self._last_inputs = None
+        self._digest = digest
 
     def applied(self, inputs: Digest) -> None:
         """Remember the inputs of the chunk just applied: its digest, or its tensor. A small
@@ -175,16 +169,16 @@ class Session:
         digest costs microseconds per step); a large one is digested now, so an idle session
         keeps no more than a small record."""
         if isinstance(inputs, bytes):
-            self.last_digest = inputs
+            self._digest = inputs
         elif isinstance(inputs, pb.Tensor):
             if len(inputs.raw_data) <= MAX_KEPT_INPUT_BYTES:
-                self._last_inputs = inputs
+                self._digest = inputs
             else:
-                self.last_digest = chunk_digest(inputs)
+                self._digest = chunk_digest(inputs)
         elif inputs.nbytes <= MAX_KEPT_INPUT_BYTES:
-            self._last_inputs = inputs
+            self._digest = inputs
         else:
-            self.last_digest = array_digest(inputs)
+            self._digest = array_digest(inputs)
 
     def commit(self, seq: int, outputs: Outputs, inputs: Digest) -> None:
         """The chunk at ``seq`` was applied (its new state is stored) and made ``outputs``:
@@ -248,6 +242,7 @@ class SessionManager:
         self._shares: dict[str, OrderedDict[str, Session]] = {}
         #: The most sessions one principal may hold open (0: no limit but ``capacity``).
         self.principal_max = principal_max
+        self._last_deadline = 0.0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -279,12 +274,13 @@ class SessionManager:
             )
         while len(self._open) >= self.capacity:
             self._evict_one()
-        slot = model.pool.allocate()
-        if state is not None:
-            model.pool.write(slot, dict(state))
         if not sid:
             sid = f"{route or secrets.token_urlsafe(ROUTE_BYTES)}.{secrets.token_urlsafe(ID_BYTES)}"
-        session = Session(sid, model, slot, time.monotonic() + self.ttl)
+        session = Session(sid, model, -1, self._deadline(time.monotonic()))
+        # The pool may move the session to a lower slot later (keeping slots packed).
+        slot = session.slot = model.pool.allocate(session)
+        if state is not None:
+            model.pool.write(slot, dict(state))
         checkpoints = self.checkpoints
         if checkpoints is not None:
             session.checkpoints = checkpoints
@@ -292,7 +288,7 @@ class SessionManager:
                 session.epoch = epoch
                 checkpoints.mark(session)
         self._open[sid] = session
-        session.principal = session.share = principal
+        session.principal = principal
         self._shares.setdefault(principal, OrderedDict())[sid] = session
         self._ended.pop(sid, None)
         model.metrics.opened.inc()
@@ -314,15 +310,30 @@ class SessionManager:
         """Count ``session`` in its principal's share (after its principal was set later, as
         a takeover from the store does)."""
         self._unshare(session)
-        session.share = session.principal
-        self._shares.setdefault(session.share, OrderedDict())[session.id] = session
+        self._shares.setdefault(session.principal, OrderedDict())[session.id] = session
 
     def _unshare(self, session: Session) -> None:
-        share = self._shares.get(session.share)
-        if share is not None:
-            share.pop(session.id, None)
-            if not share:
-                del self._shares[session.share]
+        """Take ``session`` out of the share it counts in: its principal's, or (its principal
+        was set after it opened) whichever holds it."""
+        sid, key = session.id, session.principal
+        share = self._shares.get(key)
+        if share is None or share.pop(sid, None) is None:
+            found = next(((p, sh) for p, sh in self._shares.items() if sid in sh), None)
+            if found is None:
+                return
+            key, share = found
+            del share[sid]
+        if not share:
+            del self._shares[key]
+
+    def _deadline(self, now: float) -> float:
+        """``now`` + ttl, as a float object shared by the sessions used within the same
+        millisecond (an idle session then holds no float of its own; its deadline is at most
+        a millisecond early)."""
+        deadline = self._last_deadline
+        if now + self.ttl - deadline > 0.001:
+            deadline = self._last_deadline = now + self.ttl
+        return deadline
 
     def get(self, sid: str, principal: str | None = None) -> Session:
         """The open session ``sid``, its idle clock restarted; NOT_FOUND saying why not. With
@@ -336,13 +347,12 @@ class SessionManager:
         if session.deadline < now and not session.busy:
             self.end(session, IDLE)
             raise not_found(self._why_missing(sid))
-        session.deadline = now + self.ttl
+        session.deadline = self._deadline(now)
         self._open.move_to_end(sid)
-        if session.share != session.principal:
+        try:
+            self._shares[session.principal].move_to_end(sid)
+        except KeyError:  # its principal was set after it opened (a takeover)
             self._reshare(session)
-        share = self._shares.get(session.share)
-        if share is not None:
-            share.move_to_end(sid)
         return session
 
     def foreign(self, sid: str) -> ServingError:
@@ -397,7 +407,9 @@ class SessionManager:
         self._unshare(session)
         if session.checkpoints is not None:  # before the slot is handed on: it may save it
             session.checkpoints.ended(session, reason)
-        session.model.pool.release(session.slot)
+        pool = session.model.pool
+        pool.release(session.slot)
+        session.model.metrics.state_bytes.set(pool.nbytes)
         self._ended[session.id] = reason
         while len(self._ended) > MAX_TOMBSTONES:
             self._ended.popitem(last=False)

@@ -28,6 +28,8 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 
 #: Session ``sid`` now, or None when it must first come from the store (servicer.local).
 Local = Callable[[str], Session | None]
+#: ``Local`` of each id of a frame, or the error about it (servicer.local_many).
+LocalMany = Callable[[list[str]], list[Session | BaseException | None]]
 #: Session ``sid``, from the store if need be (servicer.lookup).
 Lookup = Callable[[str], Awaitable[Session]]
 METHOD = "Stream"
@@ -54,11 +56,12 @@ class _StreamWork(Work):
 class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
     """One Stream call: its messages in, their replies out; the sink of its chunks."""
 
-    __slots__ = ("local", "lookup", "max_frame", "metrics", "ok", "pending")
+    __slots__ = ("local", "local_many", "lookup", "max_frame", "metrics", "ok", "pending")
 
     def __init__(
         self,
         local: Local,
+        local_many: LocalMany,
         lookup: Lookup,
         metrics: Metrics,
         limit: int,
@@ -67,6 +70,7 @@ class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
     ) -> None:
         super().__init__(limit, loop)
         self.local = local
+        self.local_many = local_many
         self.lookup = lookup
         self.metrics = metrics
         self.max_frame = max_frame
@@ -152,6 +156,7 @@ class Streams(BidiServer[pb.StreamRequest, pb.StreamResponse]):
     def __init__(
         self,
         local: Local,
+        local_many: LocalMany,
         lookup: Lookup,
         metrics: Metrics,
         max_inflight: int = 1024,
@@ -159,6 +164,7 @@ class Streams(BidiServer[pb.StreamRequest, pb.StreamResponse]):
     ) -> None:
         super().__init__()
         self.local = local
+        self.local_many = local_many
         self.lookup = lookup
         self.metrics = metrics
         self.max_inflight = max_inflight
@@ -167,6 +173,7 @@ class Streams(BidiServer[pb.StreamRequest, pb.StreamResponse]):
     def new_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> StreamCall:
         return StreamCall(
             self.local,
+            self.local_many,
             self.lookup,
             self.metrics,
             self.max_inflight,
