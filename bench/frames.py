@@ -12,7 +12,8 @@ plot.
 
 The load is ``rnnserve bench``'s closed loop (``--frame K``): ``--inflight`` frames in flight,
 each on its own Stream with its own K sessions, the next frame of a group sent when its reply is
-in. Per run: session-steps/s, latency p50/p99 per message (a frame's round trip), and the
+in (and, for the targets' frame size, one frame alone in flight: as many sessions as the
+echo's 64). Per run: session-steps/s, latency p50/p99 per message (a frame's round trip), and the
 server process's CPU time per session-step (utime + stime from /proc over the window). All
 settings of one model run back to back per round, the order reversed every other round (ABBA),
 so each target ratio is taken within a round, then the median over rounds with the range.
@@ -128,6 +129,8 @@ Setting = tuple[str, int, int]  # (server label, sessions, frame)
 def settings_of(model_index: int, args: argparse.Namespace) -> list[Setting]:
     """What one round measures for a model: the first model gets the plot's points too."""
     frames = [("rnnserve", args.inflight * k, k) for k in args.frames]
+    if args.inflight > 1:  # also one frame of the target size alone: as many sessions as the echo
+        frames.append(("rnnserve", args.target_frame, args.target_frame))
     if model_index > 0:
         return [("echo", 64, 0), ("rnnserve", 64, 0), *frames]
     curve = [(label, n, 0) for label in ("echo", "rnnserve") for n in args.curve]
@@ -176,6 +179,7 @@ def run_model(
             )
     k = args.target_frame
     frames = done[("rnnserve", args.inflight * k, k)]
+    alone = done[("rnnserve", k, k)]
     echo = done[("echo", 64, 0)]
     return ModelRun(
         model=model,
@@ -183,6 +187,9 @@ def run_model(
         points=[combine(points) for points in done.values()],
         vs_echo=spread([f.steps_per_s / e.steps_per_s for f, e in zip(frames, echo, strict=True)]),
         cpu=spread([f.server_cpu_us for f in frames]),
+        alone_vs_echo=spread(
+            [f.steps_per_s / e.steps_per_s for f, e in zip(alone, echo, strict=True)]
+        ),
     )
 
 
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         data = [
             {"model": asdict(r.model) | {"version_dir": str(r.model.version_dir)},
              "ort_us": r.ort_us, "points": [asdict(p) for p in r.points],
-             "vs_echo": r.vs_echo, "cpu": r.cpu}
+             "vs_echo": r.vs_echo, "cpu": r.cpu, "alone_vs_echo": r.alone_vs_echo}
             for r in runs
         ]  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2))

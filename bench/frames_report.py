@@ -47,6 +47,8 @@ class ModelRun:
     vs_echo: Spread
     #: Per round at the target frame size: server CPU µs per session-step.
     cpu: Spread
+    #: As ``vs_echo`` with one frame alone in flight (as many sessions as the echo's).
+    alone_vs_echo: Spread
 
 
 @dataclass
@@ -58,9 +60,9 @@ class Report:
     plot: Path
 
 
-def _layout(p: Point, inflight: int) -> str:
+def _layout(p: Point) -> str:
     if p.frame:
-        return f"frames of {p.frame} ({inflight} in flight)"
+        return f"frames of {p.frame} ({p.sessions // p.frame} in flight)"
     return "one step per message"
 
 
@@ -105,10 +107,12 @@ def render(report: Report, out: Path) -> str:
             f"{_pass(run.vs_echo[0] >= VS_ECHO_TARGET)} | {run.cpu[0]:.1f} ({run.cpu[1]:.1f}-"
             f"{run.cpu[2]:.1f}) | {budget:.1f} | {_pass(run.cpu[0] <= budget)} |"
         )
+    alone = "; ".join(f"{r.model.label} {ratio_text(r.alone_vs_echo)}" for r in report.runs)
     lines += [
         "",
         "Ratios and CPU: median over the rounds (lowest-highest round); each ratio within one "
-        "round's adjacent runs.",
+        f"round's adjacent runs. With one frame of {k} alone in flight ({k} sessions in all, as "
+        f"many as the echo's), session-steps/s over the echo's: {alone}.",
         "",
         "### Every setting",
         "",
@@ -121,7 +125,7 @@ def render(report: Report, out: Path) -> str:
             ort = f"{run.ort_us[p.frame] / p.frame:.1f}" if p.frame in run.ort_us else ""
             errors = f" ({p.errors} errors)" if p.errors else ""
             lines.append(
-                f"| {p.model} | {p.server}{errors} | {_layout(p, args['inflight'])} | "
+                f"| {p.model} | {p.server}{errors} | {_layout(p)} | "
                 f"{p.sessions} | {p.steps_per_s:,.0f} | {p.p50_us:,.0f} | {p.p99_us:,.0f} | "
                 f"{p.server_cpu_us:.1f} | {ort} |"
             )
@@ -153,6 +157,7 @@ def plot(report: Report, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.6))
     first = report.runs[0]
+    inflight = int(report.args.get("inflight", 1))
     styles = {
         ("echo", False): ("echo, one step per message", "tab:gray", "o--"),
         ("rnnserve", False): ("rnnserve, one step per message", "tab:blue", "o-"),
@@ -161,7 +166,13 @@ def plot(report: Report, path: Path) -> None:
     }
     for (server, framed), (label, color, style) in styles.items():
         points = sorted(
-            (p for p in first.points if p.server == server and bool(p.frame) == framed),
+            (
+                p
+                for p in first.points
+                if p.server == server
+                and bool(p.frame) == framed
+                and (not p.frame or p.sessions == inflight * p.frame)
+            ),
             key=lambda p: p.frame or p.sessions,
         )
         if not points:
@@ -172,16 +183,31 @@ def plot(report: Report, path: Path) -> None:
         for p, x, y in zip(points, xs, ys, strict=True):
             tag = f"K={p.frame}" if p.frame else f"N={p.sessions}"
             left.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    alone = [p for p in first.points if p.frame and p.sessions == p.frame and inflight > 1]
+    if alone:
+        left.plot(
+            [p.steps_per_s for p in alone],
+            [p.p50_us / 1000 for p in alone],
+            "D",
+            color="tab:purple",
+            label=f"rnnserve, one frame of {alone[0].frame} alone in flight",
+        )
     left.set_title(f"{first.model.label} ({first.model.name})")
     for run in report.runs:
         frames = sorted(
-            (p for p in run.points if p.server == "rnnserve" and p.frame), key=lambda p: p.frame
+            (
+                p
+                for p in run.points
+                if p.server == "rnnserve" and p.frame and p.sessions == inflight * p.frame
+            ),
+            key=lambda p: p.frame,
         )
         line = right.plot(
             [p.steps_per_s for p in frames],
             [p.p50_us / 1000 for p in frames],
             "s-",
-            label=f"{run.model.label}, frames (K={', '.join(str(p.frame) for p in frames)})",
+            label=f"{run.model.label}, frames of K={', '.join(str(p.frame) for p in frames)} "
+            f"({inflight} in flight)",
         )
         single = [
             p for p in run.points if p.server == "rnnserve" and not p.frame and p.sessions == 64
