@@ -62,7 +62,7 @@ def _encode_features(model: ModelInfo, x: object) -> tuple[Array, bool]:
     if chunk.shape[0] == 0:
         raise InvalidInput(f"{_expected(model)}; got an empty chunk (T = 0)")
     out = chunk.astype(model.input.dtype, copy=False)
-    if not np.all(np.isfinite(out)):
+    if not np.isfinite(out).all():
         bad = int(np.argwhere(~np.isfinite(out))[0][0])
         raise InvalidInput(f"model {model.name}: input step {bad} is NaN or infinite")
     return out, single
