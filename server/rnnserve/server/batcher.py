@@ -303,7 +303,9 @@ class Batcher:
         try:
             # One copy of the whole output, session-major ``[B, T, O]``: each chunk's outputs
             # are a view of it, read-only, kept by its session for a retry.
-            outputs = np.array(y.swapaxes(0, 1), dtype=LE_FLOAT32)
+            outputs = y.swapaxes(0, 1).copy()  # C order
+            if outputs.dtype != LE_FLOAT32:
+                outputs = outputs.astype(LE_FLOAT32)
             outputs.flags.writeable = False
             wanted = self._wanted_states(batch, new)
         except Exception as exc:
