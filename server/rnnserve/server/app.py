@@ -341,7 +341,3 @@ class RnnServer:
             httpd.server_close()
             thread.join(5)
             self._metrics_http = None
-
-    async def wait_stopped(self) -> None:
-        """Return once stop() has been called."""
-        await self._stopped.wait()
