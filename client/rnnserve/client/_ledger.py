@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 import grpc
 import numpy as np
@@ -43,7 +44,7 @@ class Chunk:
     seq: int
     inputs: Array
 
-    @property
+    @cached_property  # read several times per chunk on the step path
     def steps(self) -> int:
         """Number of steps T."""
         return int(self.inputs.shape[0])

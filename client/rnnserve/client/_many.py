@@ -40,9 +40,13 @@ def check_models(sessions: Sequence[AsyncSession]) -> ModelInfo:
         raise InvalidInput("step_many needs at least one session")
     model = sessions[0].model
     want = _shapes(model)
+    checked = {id(model)}  # sessions of one model often hold separate ModelInfo objects
     for k, session in enumerate(sessions):
         other = session.model
-        if other is not model and _shapes(other) != want:
+        if id(other) in checked:
+            continue
+        checked.add(id(other))
+        if _shapes(other) != want:
             raise InvalidInput(
                 f"step_many needs sessions whose models take and return the same shapes: "
                 f"session {k} runs {other.name} ({other.input.describe()} -> "
