@@ -405,3 +405,25 @@ async def test_closing_the_multiplexer_fails_waiting_steps(fake: Any) -> None:
     results = await steps
     assert all(isinstance(r, RnnserveError) for r in results)
     assert {r.code for r in results if isinstance(r, RnnserveError)} == {grpc.StatusCode.CANCELLED}
+
+
+async def test_step_many_completes_a_chunk_left_in_doubt_first(fake: Any) -> None:
+    """A step cancelled while its frame was out leaves its chunk in doubt; step_many sends it
+    again (the server answers from its cache) before the session's new row."""
+    client, server = fake
+    model = _model()
+    sessions = [_session(client, server, "k", model) for _ in range(2)]
+    xs = np.random.default_rng(6).normal(size=(2, 3, FEATURES)).astype(np.float32)
+    async with client.multiplexer() as mux:
+        server.hold = True
+        lost = asyncio.ensure_future(mux.step(sessions[0], xs[0, :2]))
+        while not server.held:
+            await asyncio.sleep(0.001)
+        lost.cancel()
+        server.hold = False
+        server.held.clear()  # its reply never arrives
+        assert sessions[0]._core.ledger.pending is not None
+        got = await mux.step_many(sessions, xs[:, 2:])
+    np.testing.assert_allclose(got[0], _twin_outputs(xs[0])[2:], rtol=1e-6)
+    np.testing.assert_allclose(got[1], _twin_outputs(xs[1, 2:]), rtol=1e-6)
+    assert server.sessions[sessions[0].id].next_seq == 3 == sessions[0].next_seq
