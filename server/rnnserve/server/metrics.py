@@ -212,7 +212,7 @@ class Metrics:
         )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
-            "Bytes of memory-cell slot pool resident for the model (grows by doubling).",
+            "Bytes of the model's memory-cell slot pool that may be resident (pages written).",
             ["model"],
             registry=r,
         )

@@ -35,7 +35,7 @@ class ServedModel:
         self.engine = engine
         self.label = f"{manifest.name}/{manifest.version}"
         self.metrics = metrics
-        self.pool = SlotPool(manifest.states)
+        self.pool = SlotPool(manifest.states, max_slots=settings.max_sessions)
         self.max_chunk = settings.max_chunk_length
         self.reject_nonfinite = settings.nan_policy == "reject"
         self.tokens = manifest.input_kind == "tokens"

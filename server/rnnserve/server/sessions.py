@@ -240,6 +240,10 @@ class SessionManager:
         self._ended: OrderedDict[str, str] = OrderedDict()
         #: Each principal's open sessions, least recently used first (fair eviction).
         self._shares: dict[str, OrderedDict[str, Session]] = {}
+        #: While every open session belongs to one principal (always, when authentication is
+        #: off), that principal: its share is ``_open`` itself and ``_shares`` stays empty, which
+        #: saves an entry per session; a second principal's session builds the shares once.
+        self._solo: str | None = None
         #: The most sessions one principal may hold open (0: no limit but ``capacity``).
         self.principal_max = principal_max
         self._last_deadline = 0.0
@@ -265,7 +269,7 @@ class SessionManager:
         sets the store's bookkeeping itself). The session belongs to ``principal``, who may hold
         at most ``principal_max`` sessions (RESOURCE_EXHAUSTED past it).
         """
-        held = len(self._shares.get(principal, ()))
+        held = self.held_by(principal)
         if self.principal_max and held >= self.principal_max:
             who = f"principal {quoted(principal)}" if principal else "the anonymous principal"
             raise resource_exhausted(
@@ -287,9 +291,14 @@ class SessionManager:
             if epoch:
                 session.epoch = epoch
                 checkpoints.mark(session)
+        if not self._open and not self._shares:
+            self._solo = principal
+        elif self._solo is not None and principal != self._solo:
+            self._split()
         self._open[sid] = session
         session.principal = principal
-        self._shares.setdefault(principal, OrderedDict())[sid] = session
+        if self._solo is None:
+            self._shares.setdefault(principal, OrderedDict())[sid] = session
         self._ended.pop(sid, None)
         model.metrics.opened.inc()
         model.metrics.active.inc()
@@ -300,11 +309,19 @@ class SessionManager:
         # Fair share: the principal holding the most sessions loses its least recently used
         # one, so one client opening sessions in a loop evicts its own, not everyone else's.
         # A session with a chunk in flight is skipped if possible.
-        share = max(self._shares.values(), key=len)
+        share = self._open if self._solo is not None else max(self._shares.values(), key=len)
         victim = next((s for s in share.values() if not s.busy), None)
         if victim is None:
             victim = next(iter(share.values()))
         self.end(victim, CAPACITY)
+
+    def _split(self) -> None:
+        """Build the per-principal shares from ``_open`` (once a second principal opens)."""
+        shares: dict[str, OrderedDict[str, Session]] = {}
+        for sid, session in self._open.items():
+            shares.setdefault(session.principal, OrderedDict())[sid] = session
+        self._shares = shares
+        self._solo = None
 
     def _reshare(self, session: Session) -> None:
         """Count ``session`` in its principal's share (after its principal was set later, as
@@ -315,6 +332,10 @@ class SessionManager:
     def _unshare(self, session: Session) -> None:
         """Take ``session`` out of the share it counts in: its principal's, or (its principal
         was set after it opened) whichever holds it."""
+        if self._solo is not None:
+            if not self._open:
+                self._solo = None
+            return
         sid, key = session.id, session.principal
         share = self._shares.get(key)
         if share is None or share.pop(sid, None) is None:
@@ -349,10 +370,13 @@ class SessionManager:
             raise not_found(self._why_missing(sid))
         session.deadline = self._deadline(now)
         self._open.move_to_end(sid)
-        try:
-            self._shares[session.principal].move_to_end(sid)
-        except KeyError:  # its principal was set after it opened (a takeover)
-            self._reshare(session)
+        if self._solo is None:
+            try:
+                self._shares[session.principal].move_to_end(sid)
+            except KeyError:  # its principal was set after it opened (a takeover)
+                self._reshare(session)
+        elif session.principal != self._solo:  # set after it opened (a takeover)
+            self._split()
         return session
 
     def foreign(self, sid: str) -> ServingError:
@@ -365,6 +389,8 @@ class SessionManager:
 
     def held_by(self, principal: str) -> int:
         """How many sessions ``principal`` holds open."""
+        if self._solo is not None:
+            return len(self._open) if principal == self._solo else 0
         return len(self._shares.get(principal, ()))
 
     def ended_reason(self, sid: str) -> str | None:
