@@ -107,6 +107,8 @@ class FakeServer:
         return call
 
     def answer(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        if request.HasField("step"):
+            return self.answer_step(request)
         frame = request.frame
         xs = from_tensor(frame.inputs)
         reply = pb.StreamResponse(request_id=request.request_id)
@@ -127,6 +129,23 @@ class FakeServer:
             next_seqs.append(session.next_seq)
         reply.frame.next_seqs[:] = next_seqs
         reply.frame.outputs.CopyFrom(to_tensor(outputs))
+        return reply
+
+    def answer_step(self, request: pb.StreamRequest) -> pb.StreamResponse:
+        step = request.step
+        reply = pb.StreamResponse(request_id=request.request_id, session_id=step.session_id)
+        session = self.sessions.get(step.session_id)
+        if session is None:
+            reply.error.code = grpc.StatusCode.NOT_FOUND.value[0]
+            reply.error.message = "unknown"
+            return reply
+        got = session.apply(int(step.seq), np.array(from_tensor(step.inputs)))
+        if isinstance(got, pb.StepError):
+            reply.error.CopyFrom(got)
+            return reply
+        reply.step.seq = step.seq
+        reply.step.next_seq = session.next_seq
+        reply.step.outputs.CopyFrom(to_tensor(got))
         return reply
 
     def release(self) -> None:
@@ -161,7 +180,7 @@ class FakeCall:
         server = self.server
         server.messages.append(request)
         reply = server.answer(request)
-        size = len(request.frame.session_ids)
+        size = len(request.frame.session_ids) or 1
         if server.hold:
             server.held.append((self, reply, size))
             server.unanswered += size
