@@ -25,8 +25,6 @@ The caller thus sees every output once, in order, and no step is applied twice.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from functools import cached_property
 
 import grpc
 import numpy as np
@@ -37,22 +35,23 @@ from .errors import SeqConflict, SessionLost
 Array = npt.NDArray[np.generic]
 
 
-@dataclass(frozen=True)
 class Chunk:
-    """One chunk of a session: its first step's ``seq`` and its encoded inputs ``[T, ...]``."""
+    """One chunk of a session: its first step's ``seq`` and its encoded inputs ``[T, ...]``.
 
-    seq: int
-    inputs: Array
+    ``steps`` (T) and ``end`` (the seq of the step after it) are worked out once: the step path
+    reads them several times per chunk. Treat a chunk as immutable.
+    """
 
-    @cached_property  # read several times per chunk on the step path
-    def steps(self) -> int:
-        """Number of steps T."""
-        return int(self.inputs.shape[0])
+    __slots__ = ("end", "inputs", "seq", "steps")
 
-    @property
-    def end(self) -> int:
-        """The seq of the step after this chunk."""
-        return self.seq + self.steps
+    def __init__(self, seq: int, inputs: Array) -> None:
+        self.seq = seq
+        self.inputs = inputs
+        self.steps = int(inputs.shape[0])
+        self.end = seq + self.steps
+
+    def __repr__(self) -> str:
+        return f"Chunk(seq={self.seq}, steps={self.steps})"
 
 
 class SeqLedger:

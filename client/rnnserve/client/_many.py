@@ -40,12 +40,13 @@ def check_models(sessions: Sequence[AsyncSession]) -> ModelInfo:
         raise InvalidInput("step_many needs at least one session")
     model = sessions[0].model
     want = _shapes(model)
-    checked = {id(model)}  # sessions of one model often hold separate ModelInfo objects
+    # Each distinct model version once (its sessions may hold separate ModelInfo objects).
+    checked = {(model.name, model.version)}
     for k, session in enumerate(sessions):
         other = session.model
-        if id(other) in checked:
+        if (other.name, other.version) in checked:
             continue
-        checked.add(id(other))
+        checked.add((other.name, other.version))
         if _shapes(other) != want:
             raise InvalidInput(
                 f"step_many needs sessions whose models take and return the same shapes: "
@@ -135,9 +136,11 @@ async def step_many(mux: Multiplexer, sessions: Sequence[AsyncSession], x: objec
     locks = []
     try:
         # A fixed order, so that two step_many calls sharing sessions cannot deadlock.
+        task = asyncio.current_task()
         for i in sorted(range(n), key=ids.__getitem__):
             lock = sessions[i]._lock
-            await lock.__aenter__()
+            if not lock.try_acquire(task):
+                await lock.__aenter__()
             locks.append(lock)
         in_doubt = []
         for i, session in enumerate(sessions):
@@ -168,7 +171,7 @@ async def step_many(mux: Multiplexer, sessions: Sequence[AsyncSession], x: objec
             await _round(mux, sessions, live, chunks[:, part], out[:, part], errors)
     finally:
         for lock in reversed(locks):
-            await lock.__aexit__(None, None, None)
+            lock.release()
     result = out[:, 0] if single else out
     if errors:
         raise StepManyError(result, errors)
