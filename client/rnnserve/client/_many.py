@@ -33,13 +33,15 @@ def _shapes(model: ModelInfo) -> tuple[str, tuple[int, ...], tuple[int, ...], in
     return (model.input.dtype.str, model.step_shape, model.output.shape[1:], vocabulary)
 
 
-def check_models(sessions: Sequence[AsyncSession]) -> ModelInfo:
-    """The model every session's inputs are checked against; InvalidInput when the sessions'
-    models take or return other shapes than the first one's."""
+def check_models(sessions: Sequence[AsyncSession]) -> tuple[ModelInfo, int]:
+    """The model every session's inputs are checked against, and the longest chunk every
+    session's server takes (0: no limit); InvalidInput when the sessions' models take or return
+    other shapes than the first one's."""
     if not sessions:
         raise InvalidInput("step_many needs at least one session")
     model = sessions[0].model
     want = _shapes(model)
+    limit = model.max_chunk_length
     # Each distinct model version once (its sessions may hold separate ModelInfo objects).
     checked = {(model.name, model.version)}
     for k, session in enumerate(sessions):
@@ -47,6 +49,8 @@ def check_models(sessions: Sequence[AsyncSession]) -> ModelInfo:
         if (other.name, other.version) in checked:
             continue
         checked.add((other.name, other.version))
+        if other.max_chunk_length > 0:
+            limit = min(limit, other.max_chunk_length) if limit > 0 else other.max_chunk_length
         if _shapes(other) != want:
             raise InvalidInput(
                 f"step_many needs sessions whose models take and return the same shapes: "
@@ -55,7 +59,7 @@ def check_models(sessions: Sequence[AsyncSession]) -> ModelInfo:
                 f"({model.input.describe()} -> {model.output.describe()}); call it once per "
                 "model"
             )
-    return model
+    return model, limit
 
 
 def encode_many(model: ModelInfo, x: object, n: int) -> tuple[Array, bool]:
@@ -121,7 +125,7 @@ def _check_count(model: ModelInfo, chunks: Array, n: int) -> Array:
 
 async def step_many(mux: Multiplexer, sessions: Sequence[AsyncSession], x: object) -> Array:
     """See ``Multiplexer.step_many``."""
-    model = check_models(sessions)
+    model, limit = check_models(sessions)
     n = len(sessions)
     chunks, single = encode_many(model, x, n)
     ids = [s.id for s in sessions]
@@ -159,15 +163,12 @@ async def step_many(mux: Multiplexer, sessions: Sequence[AsyncSession], x: objec
                     errors[i] = result
                 elif isinstance(result, BaseException):
                     raise result
-        limit = min(
-            (s.model.max_chunk_length for s in sessions if s.model.max_chunk_length > 0),
-            default=steps,
-        )
-        for start in range(0, steps, limit):
+        size = limit if 0 < limit < steps else steps
+        for start in range(0, steps, size):
             live = [i for i in range(n) if i not in errors]
             if not live:
                 break
-            part = slice(start, start + limit)
+            part = slice(start, start + size)
             await _round(mux, sessions, live, chunks[:, part], out[:, part], errors)
     finally:
         for lock in reversed(locks):
