@@ -8,11 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
+from rnnserve.server.codec import decode_chunk
+from rnnserve.server.errors import ServingError
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CAPACITY, CLOSED, SessionManager
 from rnnserve.server.settings import Settings
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import array_digest, chunk_digest, to_tensor
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -71,3 +75,30 @@ def test_fair_eviction_after_a_second_principal_opens(model: ServedModel) -> Non
     assert manager.held_by("a") == manager.held_by("b") == 0
     solo = manager.open(model, principal="c")
     assert manager.held_by("c") == 1 and np.isfinite(solo.deadline)
+
+
+@pytest.mark.parametrize("folder", ["char-gru/1", "co2-gru/2"])
+def test_a_kept_chunk_digests_as_its_tensor(folder: str) -> None:
+    """A session keeps a chunk tensor's raw bytes, not the tensor (which holds its whole
+    request): the digest made from them later is the tensor's own."""
+    settings = Settings(models=MODELS, self_check=False)
+    served = Repository(settings, Metrics(CollectorRegistry())).load_version(MODELS / folder)
+    manager = SessionManager(Metrics(CollectorRegistry()), 60.0, 10)
+    session = manager.open(served)
+    if served.tokens:
+        chunk = np.array([3, 1, 4], dtype="<i8")
+    else:
+        chunk = np.arange(3 * served.manifest.input_size, dtype="<f4").reshape(3, -1)
+    request = pb.StepRequest.FromString(
+        pb.StepRequest(session_id=session.id, inputs=to_tensor(chunk)).SerializeToString()
+    )
+    decode_chunk(served, request.inputs)
+    session.commit(0, np.zeros((3, served.manifest.output_size), np.float32), request.inputs)
+    assert session.last_digest == chunk_digest(request.inputs) == array_digest(chunk)
+    other = to_tensor(chunk[::-1].copy())
+    with pytest.raises(ServingError):
+        session.check_seq(0, other)
+    cached = session.check_seq(0, request.inputs)
+    assert (
+        cached is not None and not cached.any() and cached.shape == (3, served.manifest.output_size)
+    )

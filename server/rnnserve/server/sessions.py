@@ -47,6 +47,7 @@ MAX_KEPT_INPUT_BYTES = 1024
 Digest = bytes | pb.Tensor | npt.NDArray[np.generic]
 #: A chunk's outputs, float32 ``[T, outputs]``, read-only.
 Outputs = npt.NDArray[np.float32]
+LE_FLOAT32 = np.dtype("<f4")
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
 #: A route key: what a proxy hashes on to send all of a session's calls to one replica.
@@ -105,13 +106,13 @@ class Session:
 
     __slots__ = (
         "_digest",
+        "_outputs",
         "busy",
         "checkpoints",
         "deadline",
         "ended",
         "epoch",
         "id",
-        "last_outputs",
         "last_seq",
         "model",
         "next_seq",
@@ -128,10 +129,11 @@ class Session:
         self.slot = slot
         self.next_seq = 0
         self.last_seq = 0
-        #: None until a chunk is applied (or a snapshot restores one).
-        self.last_outputs: Outputs | None = None
-        #: The last applied chunk's digest, or its inputs not yet digested (``last_digest``).
-        self._digest: Digest = b""
+        #: ``last_outputs``' bytes: None until a chunk is applied (or a snapshot restores one).
+        self._outputs: bytes | None = None
+        #: The last applied chunk's digest, or its inputs not yet digested (``last_digest``):
+        #: a tensor's raw bytes (in a 1-tuple) or a frame's row.
+        self._digest: Digest | tuple[bytes] = b""
         self.deadline = deadline
         self.busy = False
         self.ended: str | None = None
@@ -149,14 +151,43 @@ class Session:
         self.suspect = False
 
     @property
+    def last_outputs(self) -> Outputs | None:
+        """The outputs of the last applied chunk, float32 ``[T, outputs]``, read-only.
+
+        Kept as bytes, not as the array the batcher hands over: that is a view of its whole
+        batch's outputs, which one idle session would keep alive (up to the batch size times
+        its own outputs), and an array costs about 110 bytes more than its data."""
+        raw = self._outputs
+        if raw is None:
+            return None
+        return np.frombuffer(raw, LE_FLOAT32).reshape(-1, self.model.manifest.output_size)
+
+    @last_outputs.setter
+    def last_outputs(self, outputs: Outputs | None) -> None:
+        if outputs is None:
+            self._outputs = None
+            return
+        if outputs.dtype != LE_FLOAT32:
+            outputs = outputs.astype(LE_FLOAT32)
+        self._outputs = outputs.tobytes()
+
+    @property
     def last_digest(self) -> bytes:
         """rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown)."""
         kept = self._digest
         if isinstance(kept, bytes):
             return kept
-        digest = self._digest = (
-            chunk_digest(kept) if isinstance(kept, pb.Tensor) else array_digest(kept)
-        )
+        if isinstance(kept, tuple):  # a tensor's raw bytes, in the model's input layout
+            model = self.model
+            arr = np.frombuffer(kept[0], model.wire_dtype)
+            if not model.tokens:
+                arr = arr.reshape(-1, model.manifest.input_size)
+            digest = array_digest(arr)
+        elif isinstance(kept, pb.Tensor):
+            digest = chunk_digest(kept)
+        else:
+            digest = array_digest(kept)
+        self._digest = digest
         return digest
 
     @last_digest.setter
@@ -164,15 +195,19 @@ class Session:
         self._digest = digest
 
     def applied(self, inputs: Digest) -> None:
-        """Remember the inputs of the chunk just applied: its digest, or its tensor. A small
-        tensor is kept and digested only if a retry or a snapshot asks (most never do: the
-        digest costs microseconds per step); a large one is digested now, so an idle session
-        keeps no more than a small record."""
+        """Remember the inputs of the chunk just applied (as this session's model's
+        decode_chunk accepted them): their digest, or the inputs themselves. Small inputs are
+        kept and digested only if a retry or a snapshot asks (most never do: the digest costs
+        microseconds per step); large ones are digested now, so an idle session keeps no more
+        than a small record. Of a tensor only its raw bytes are kept: the tensor would keep
+        its whole request message alive (about 540 bytes for a one-token Stream message);
+        its dtype and shape follow from the model and the byte count."""
         if isinstance(inputs, bytes):
             self._digest = inputs
         elif isinstance(inputs, pb.Tensor):
-            if len(inputs.raw_data) <= MAX_KEPT_INPUT_BYTES:
-                self._digest = inputs
+            raw = inputs.raw_data
+            if len(raw) <= MAX_KEPT_INPUT_BYTES:
+                self._digest = (raw,)
             else:
                 self._digest = chunk_digest(inputs)
         elif inputs.nbytes <= MAX_KEPT_INPUT_BYTES:
@@ -185,7 +220,9 @@ class Session:
         move past it, keep its outputs for a retry, and leave the engine."""
         self.next_seq = seq + outputs.shape[0]
         self.last_seq = seq
-        self.last_outputs = outputs
+        if outputs.dtype != LE_FLOAT32:
+            outputs = outputs.astype(LE_FLOAT32)
+        self._outputs = outputs.tobytes()
         self.applied(inputs)
         self.busy = False
         checkpoints = self.checkpoints
@@ -199,8 +236,7 @@ class Session:
         tensor or array, digested only when needed."""
         if seq == self.next_seq:
             return None
-        last = self.last_outputs
-        if last is not None and seq == self.last_seq:
+        if self._outputs is not None and seq == self.last_seq:
             if isinstance(digest, pb.Tensor):
                 digest = chunk_digest(digest)
             elif not isinstance(digest, bytes):
@@ -212,7 +248,7 @@ class Session:
                     f"it expects seq {self.next_seq} next",
                     self.next_seq,
                 )
-            return last
+            return self.last_outputs
         what = "was already applied" if seq < self.next_seq else "skips steps"
         raise seq_error(
             f"chunk seq {seq} {what}; session {self.id} expects seq {self.next_seq} next",
@@ -461,9 +497,9 @@ class SessionManager:
         child = self.open(source.model, route=route_of(source.id), principal=source.principal)
         source.model.pool.copy(source.slot, child.slot)
         child.next_seq = source.next_seq
-        if source.last_outputs is not None:  # read-only: shared, not copied
+        if source._outputs is not None:  # bytes: shared, not copied
             child.last_seq = source.last_seq
-            child.last_outputs = source.last_outputs
+            child._outputs = source._outputs
             child.last_digest = source.last_digest
         return child
 
