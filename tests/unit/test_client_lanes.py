@@ -22,187 +22,18 @@ from rnnserve.client import (
 )
 from rnnserve.client._frames import Part, frame_key, pack
 from rnnserve.client._many import encode_many
-from rnnserve.client.aio_session import AsyncSession
 from rnnserve.client.models import ModelInfo
-from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import from_tensor, to_tensor
 
-FEATURES, OUTPUTS = 3, 2
-
-
-def _model(name: str = "fake", features: int = FEATURES, max_chunk: int = 64) -> ModelInfo:
-    return ModelInfo.from_proto(
-        pb.ModelInfo(
-            name=name,
-            version="1",
-            cell="gru",
-            input_kind=pb.INPUT_KIND_FEATURES,
-            output_kind=pb.OUTPUT_KIND_REGRESSION,
-            input=pb.TensorSpec(name="x", dtype=pb.DTYPE_FLOAT32, shape=[-1, features]),
-            output=pb.TensorSpec(name="y", dtype=pb.DTYPE_FLOAT32, shape=[-1, OUTPUTS]),
-            max_chunk_length=max_chunk,
-        )
-    )
-
-
-def _tokens_model() -> ModelInfo:
-    return ModelInfo.from_proto(
-        pb.ModelInfo(
-            name="chars",
-            version="1",
-            cell="gru",
-            input_kind=pb.INPUT_KIND_TOKENS,
-            output_kind=pb.OUTPUT_KIND_LOGITS,
-            input=pb.TensorSpec(name="x", dtype=pb.DTYPE_INT64, shape=[-1]),
-            output=pb.TensorSpec(name="y", dtype=pb.DTYPE_FLOAT32, shape=[-1, 3]),
-            vocabulary=["a", "b", "c"],
-            max_chunk_length=64,
-        )
-    )
-
-
-class _FakeSession:
-    """The server's side of a session: a running sum as memory cell and a one-chunk cache."""
-
-    def __init__(self) -> None:
-        self.h = 0.0
-        self.next_seq = 0
-        self.last: tuple[int, bytes, np.ndarray] | None = None
-
-    def apply(self, seq: int, x: np.ndarray) -> np.ndarray | pb.StepError:
-        key = x.tobytes()
-        if self.last is not None and seq == self.last[0] and key == self.last[1]:
-            return self.last[2]
-        if seq != self.next_seq:
-            return pb.StepError(
-                code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                message=f"expected seq {self.next_seq}",
-                next_seq=self.next_seq,
-            )
-        out = np.empty((x.shape[0], OUTPUTS), np.float32)
-        for t in range(x.shape[0]):
-            self.h = 0.5 * self.h + float(x[t].sum())
-            out[t] = (self.h, seq + t)
-        self.last = (seq, key, out)
-        self.next_seq = seq + x.shape[0]
-        return out
-
-
-class FakeServer:
-    """Answers frames on fake Stream calls as the contract says (FRAMES: per-entry errors,
-    exactly-once per entry). ``hold`` keeps replies back; ``cut()`` breaks every call."""
-
-    def __init__(self) -> None:
-        self.sessions: dict[str, _FakeSession] = {}
-        self.messages: list[pb.StreamRequest] = []
-        self.calls: list[FakeCall] = []
-        self.hold = False
-        self.held: list[tuple[FakeCall, pb.StreamResponse, int]] = []
-        self.unanswered = 0
-        self.max_unanswered = 0
-
-    def Stream(self, metadata: Any = None) -> FakeCall:
-        call = FakeCall(self)
-        self.calls.append(call)
-        return call
-
-    def answer(self, request: pb.StreamRequest) -> pb.StreamResponse:
-        if request.HasField("step"):
-            return self.answer_step(request)
-        frame = request.frame
-        xs = from_tensor(frame.inputs)
-        reply = pb.StreamResponse(request_id=request.request_id)
-        outputs = np.zeros((len(frame.session_ids), xs.shape[1], OUTPUTS), np.float32)
-        next_seqs = []
-        for i, (sid, seq) in enumerate(zip(frame.session_ids, frame.seqs, strict=True)):
-            session = self.sessions.get(sid)
-            if session is None:
-                err = pb.StepError(code=grpc.StatusCode.NOT_FOUND.value[0], message="unknown")
-                reply.frame.errors.add(index=i, error=err)
-                next_seqs.append(0)
-                continue
-            got = session.apply(int(seq), np.array(xs[i]))
-            if isinstance(got, pb.StepError):
-                reply.frame.errors.add(index=i, error=got)
-            else:
-                outputs[i] = got
-            next_seqs.append(session.next_seq)
-        reply.frame.next_seqs[:] = next_seqs
-        reply.frame.outputs.CopyFrom(to_tensor(outputs))
-        return reply
-
-    def answer_step(self, request: pb.StreamRequest) -> pb.StreamResponse:
-        step = request.step
-        reply = pb.StreamResponse(request_id=request.request_id, session_id=step.session_id)
-        session = self.sessions.get(step.session_id)
-        if session is None:
-            reply.error.code = grpc.StatusCode.NOT_FOUND.value[0]
-            reply.error.message = "unknown"
-            return reply
-        got = session.apply(int(step.seq), np.array(from_tensor(step.inputs)))
-        if isinstance(got, pb.StepError):
-            reply.error.CopyFrom(got)
-            return reply
-        reply.step.seq = step.seq
-        reply.step.next_seq = session.next_seq
-        reply.step.outputs.CopyFrom(to_tensor(got))
-        return reply
-
-    def release(self) -> None:
-        for call, reply, size in self.held:
-            self.unanswered -= size
-            call.replies.put_nowait(reply)
-        self.held.clear()
-
-    def cut(self) -> None:
-        for call in self.calls:
-            call.break_()
-        self.held.clear()
-        self.unanswered = 0
-
-
-def _rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "cut")
-
-
-class FakeCall:
-    """A grpc.aio stream-stream call as the multiplexer uses it: write, read, cancel."""
-
-    def __init__(self, server: FakeServer) -> None:
-        self.server = server
-        self.replies: asyncio.Queue[pb.StreamResponse | None] = asyncio.Queue()
-        self.broken = False
-
-    async def write(self, request: pb.StreamRequest) -> None:
-        if self.broken:
-            raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
-        await asyncio.sleep(0)
-        server = self.server
-        server.messages.append(request)
-        reply = server.answer(request)
-        size = len(request.frame.session_ids) or 1
-        if server.hold:
-            server.held.append((self, reply, size))
-            server.unanswered += size
-            server.max_unanswered = max(server.max_unanswered, server.unanswered)
-        else:
-            self.replies.put_nowait(reply)
-
-    async def read(self) -> pb.StreamResponse:
-        reply = await self.replies.get()
-        if reply is None:
-            raise _rpc_error(grpc.StatusCode.UNAVAILABLE)
-        return reply
-
-    def cancel(self) -> bool:
-        self.break_()
-        return True
-
-    def break_(self) -> None:
-        if not self.broken:
-            self.broken = True
-            self.replies.put_nowait(None)
-
+from tests.support.fake_stream import (
+    FEATURES,
+    OUTPUTS,
+    FakeServer,
+    FakeSession,
+    fake_session,
+    feature_model,
+    tokens_model,
+    twin_outputs,
+)
 
 FAST = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.01, give_up_after_s=5.0)
 
@@ -216,25 +47,10 @@ async def fake() -> Any:
     await client.close()
 
 
-def _session(client: AsyncClient, server: FakeServer, route: str, model: ModelInfo) -> AsyncSession:
-    sid = f"{route}.{len(server.sessions):04d}"
-    server.sessions[sid] = _FakeSession()
-    info = pb.SessionInfo(session_id=sid, model=model.name, version="1", next_seq=0)
-    return AsyncSession(client, info, model)
-
-
-def _twin_outputs(xs: np.ndarray) -> np.ndarray:
-    """What the fake computes for one session's steps ``xs`` [T, features] from seq 0."""
-    twin = _FakeSession()
-    out = twin.apply(0, xs.astype(np.float32))
-    assert isinstance(out, np.ndarray)
-    return out
-
-
 async def test_steps_of_one_tick_go_out_as_one_frame(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(10)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(10)]
     xs = np.random.default_rng(1).normal(size=(10, 2, FEATURES)).astype(np.float32)
     async with client.multiplexer(streams=1) as mux:
         outs = await asyncio.gather(*(mux.step(s, xs[k]) for k, s in enumerate(sessions)))
@@ -244,14 +60,14 @@ async def test_steps_of_one_tick_go_out_as_one_frame(fake: Any) -> None:
         await asyncio.gather(mux.step(sessions[0], xs[0, 0]), mux.step(sessions[1], xs[1]))
         assert len(server.messages) == 3
     for k in range(10):
-        np.testing.assert_allclose(outs[k], _twin_outputs(xs[k]))
+        np.testing.assert_allclose(outs[k], twin_outputs(xs[k]))
     assert sessions[0].next_seq == 3 and sessions[1].next_seq == 4
 
 
 async def test_step_many_returns_rows_and_splits_by_max_frame(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(10)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(10)]
     xs = np.random.default_rng(2).normal(size=(10, 3, FEATURES)).astype(np.float32)
     async with client.multiplexer(max_frame=4) as mux:
         got = await mux.step_many(sessions, xs)
@@ -260,14 +76,14 @@ async def test_step_many_returns_rows_and_splits_by_max_frame(fake: Any) -> None
         assert one.shape == (2, OUTPUTS)
     assert got.shape == (10, 3, OUTPUTS)
     for k in range(10):
-        np.testing.assert_allclose(got[k], _twin_outputs(xs[k]))
+        np.testing.assert_allclose(got[k], twin_outputs(xs[k]))
     assert [s.next_seq for s in sessions] == [4, 4] + [3] * 8
 
 
 async def test_step_many_reports_a_failed_entry_and_keeps_the_others(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(4)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(4)]
     del server.sessions[sessions[2].id]  # the server no longer knows it
     xs = np.ones((4, 2, FEATURES), np.float32)
     async with client.multiplexer() as mux:
@@ -278,7 +94,7 @@ async def test_step_many_reports_a_failed_entry_and_keeps_the_others(fake: Any) 
     assert err.code == grpc.StatusCode.NOT_FOUND
     assert np.all(np.isnan(err.outputs[2]))
     for k in (0, 1, 3):
-        np.testing.assert_allclose(err.outputs[k], _twin_outputs(xs[k]))
+        np.testing.assert_allclose(err.outputs[k], twin_outputs(xs[k]))
         assert sessions[k].next_seq == 2
     assert sessions[2].next_seq == 0  # refused, not in doubt: its seq is free again
 
@@ -287,22 +103,22 @@ async def test_a_seq_refusal_is_resolved_per_entry(fake: Any) -> None:
     """The server holds one session further back (it restored an older copy): that entry
     replays its answered chunk, the others are untouched, all in frames."""
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(3)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(3)]
     xs = np.random.default_rng(3).normal(size=(3, 4, FEATURES)).astype(np.float32)
     async with client.multiplexer() as mux:
         await mux.step_many(sessions, xs[:, :2])
-        server.sessions[sessions[1].id] = _FakeSession()  # back at seq 0
+        server.sessions[sessions[1].id] = FakeSession()  # back at seq 0
         got = await mux.step_many(sessions, xs[:, 2:])
     for k in range(3):
-        np.testing.assert_allclose(got[k], _twin_outputs(xs[k])[2:], rtol=1e-6)
+        np.testing.assert_allclose(got[k], twin_outputs(xs[k])[2:], rtol=1e-6)
     assert all(server.sessions[s.id].next_seq == 4 for s in sessions)
 
 
 async def test_a_cut_resends_every_unanswered_entry_once(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(6)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(6)]
     xs = np.random.default_rng(4).normal(size=(6, 4, FEATURES)).astype(np.float32)
     async with client.multiplexer(streams=1) as mux:
         server.hold = True  # applied on the server, replies lost in the cut
@@ -323,15 +139,15 @@ async def test_a_cut_resends_every_unanswered_entry_once(fake: Any) -> None:
     assert len(server.calls) == 3
     for k in range(6):
         np.testing.assert_allclose(
-            np.concatenate([first[k], second[k]]), _twin_outputs(xs[k]), rtol=1e-6
+            np.concatenate([first[k], second[k]]), twin_outputs(xs[k]), rtol=1e-6
         )
         assert server.sessions[sessions[k].id].next_seq == 4  # applied once
 
 
 async def test_inflight_entries_are_bounded(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(20)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(20)]
     xs = np.ones((20, 1, FEATURES), np.float32)
     async with client.multiplexer(max_frame=3, max_inflight=5) as mux:
         server.hold = True
@@ -357,7 +173,7 @@ async def test_inflight_entries_are_bounded(fake: Any) -> None:
 def test_pack_groups_by_shape_and_caps_frames() -> None:
     loop = asyncio.new_event_loop()
     try:
-        model, other = _model(), _model("wide", features=5)
+        model, other = feature_model(), feature_model("wide", features=5)
 
         def part(m: ModelInfo, n: int, steps: int) -> Part:
             x = np.zeros((n, steps, m.step_shape[0]), np.float32)
@@ -376,7 +192,7 @@ def test_pack_groups_by_shape_and_caps_frames() -> None:
 
 
 def test_encode_many_checks_the_whole_batch() -> None:
-    model = _model()
+    model = feature_model()
     chunks, single = encode_many(model, np.zeros((4, FEATURES)), 4)
     assert chunks.shape == (4, 1, FEATURES) and single and chunks.dtype == np.float32
     with pytest.raises(InvalidInput, match="expects 4 entries"):
@@ -387,7 +203,7 @@ def test_encode_many_checks_the_whole_batch() -> None:
     bad[2, 1, 0] = np.nan
     with pytest.raises(InvalidInput, match="entry 2, step 1"):
         encode_many(model, bad, 4)
-    chars = _tokens_model()
+    chars = tokens_model()
     ids, single = encode_many(chars, ["ab", "ca"], 2)
     assert ids.tolist() == [[0, 1], [2, 0]] and not single
     with pytest.raises(InvalidInput, match="same number of steps"):
@@ -398,21 +214,21 @@ def test_encode_many_checks_the_whole_batch() -> None:
 
 async def test_step_many_cuts_long_chunks_to_the_server_limit(fake: Any) -> None:
     client, server = fake
-    model = _model(max_chunk=2)
-    sessions = [_session(client, server, "k", model) for _ in range(3)]
+    model = feature_model(max_chunk=2)
+    sessions = [fake_session(client, server, "k", model) for _ in range(3)]
     xs = np.random.default_rng(5).normal(size=(3, 5, FEATURES)).astype(np.float32)
     async with client.multiplexer() as mux:
         got = await mux.step_many(sessions, xs)
     assert [m.frame.inputs.shape[1] for m in server.messages] == [2, 2, 1]
     for k in range(3):
-        np.testing.assert_allclose(got[k], _twin_outputs(xs[k]), rtol=1e-6)
+        np.testing.assert_allclose(got[k], twin_outputs(xs[k]), rtol=1e-6)
     assert [s.next_seq for s in sessions] == [5, 5, 5]
 
 
 async def test_closing_the_multiplexer_fails_waiting_steps(fake: Any) -> None:
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(3)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(3)]
     mux = client.multiplexer()
     server.hold = True
     steps = asyncio.gather(
@@ -430,8 +246,8 @@ async def test_step_many_completes_a_chunk_left_in_doubt_first(fake: Any) -> Non
     """A step cancelled while its frame was out leaves its chunk in doubt; step_many sends it
     again (the server answers from its cache) before the session's new row."""
     client, server = fake
-    model = _model()
-    sessions = [_session(client, server, "k", model) for _ in range(2)]
+    model = feature_model()
+    sessions = [fake_session(client, server, "k", model) for _ in range(2)]
     xs = np.random.default_rng(6).normal(size=(2, 3, FEATURES)).astype(np.float32)
     async with client.multiplexer() as mux:
         server.hold = True
@@ -443,6 +259,6 @@ async def test_step_many_completes_a_chunk_left_in_doubt_first(fake: Any) -> Non
         server.held.clear()  # its reply never arrives
         assert sessions[0]._core.ledger.pending is not None
         got = await mux.step_many(sessions, xs[:, 2:])
-    np.testing.assert_allclose(got[0], _twin_outputs(xs[0])[2:], rtol=1e-6)
-    np.testing.assert_allclose(got[1], _twin_outputs(xs[1, 2:]), rtol=1e-6)
+    np.testing.assert_allclose(got[0], twin_outputs(xs[0])[2:], rtol=1e-6)
+    np.testing.assert_allclose(got[1], twin_outputs(xs[1, 2:]), rtol=1e-6)
     assert server.sessions[sessions[0].id].next_seq == 3 == sessions[0].next_seq
