@@ -810,7 +810,9 @@ class FrameResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def outputs(self) -> Global___Tensor:
-        """float32 [N, T, outputs]; the rows of failed entries are zeros."""
+        """float32 [N, T, outputs]; the rows of failed entries are zeros. Not set when no entry's
+        session was found (every entry then has an error).
+        """
 
     @_builtins.property
     def next_seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
