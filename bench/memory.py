@@ -134,7 +134,19 @@ async def _step_all(model: Any, sessions: list[Any]) -> None:
         raise RuntimeError(f"{len(failed)} steps failed, first: {failed[0]}")
 
 
-def child(n: int, stepped: bool) -> dict[str, Any]:
+def _freeze_after_full_collections() -> None:
+    """The experiment of the last row: after each full collection, move every object that
+    survived it to the permanent generation (gc.freeze), so the next full collection walks
+    only what was made since (cyclic garbage among frozen objects is never collected)."""
+
+    def freeze(phase: str, info: dict[str, int]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            gc.freeze()
+
+    gc.callbacks.append(freeze)
+
+
+def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
     """One setting in this process: open ``n`` sessions (and step them), then close them."""
     from rnnserve.server.sessions import CLOSED
 
@@ -151,6 +163,8 @@ def child(n: int, stepped: bool) -> dict[str, Any]:
         manager.end(s, CLOSED)
     del warm
     pauses = _GcPauses()
+    if freeze:
+        _freeze_after_full_collections()
     # The benchmark's own bookkeeping exists before the first reading: the sessions list
     # and the timings (numpy, written through so its pages are resident).
     sessions: list[Any] = [None] * n
@@ -184,6 +198,7 @@ def child(n: int, stepped: bool) -> dict[str, Any]:
     return {
         "sessions": n,
         "stepped": stepped,
+        "gc_freeze": freeze,
         "state_bytes": state_bytes,
         "rss_before": before,
         "rss_held": held,
@@ -299,24 +314,33 @@ def section(runs: list[dict[str, Any]]) -> str:
         "chunk is. RSS after a full garbage collection.",
         "",
         "| sessions | stepped | RSS per session | over state bytes | longest open (stall) | "
-        "longest pool growth | longest GC pause | RSS after closing all, over before |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "longest pool growth | longest GC pause | longest close | "
+        "RSS after closing all, over before |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         retained = (r["rss_closed"] - r["rss_before"]) / 2**20
+        stepped = "yes" if r["stepped"] else "no"
+        if r["gc_freeze"]:
+            stepped += " (gc.freeze)"
         lines.append(
-            f"| {r['sessions']:,} | {'yes' if r['stepped'] else 'no'} | "
+            f"| {r['sessions']:,} | {stepped} | "
             f"{r['per_session']:,.0f} B | {r['per_session'] - r['state_bytes']:,.0f} B | "
             f"{r['open_max_ms']:.1f} ms | {r['growth_max_ms']:.1f} ms ({r['growths']}x) | "
-            f"{r['gc_max_ms']:.1f} ms | {retained:+,.1f} MiB ({r['tombstones']:,} tombstones) |"
+            f"{r['gc_max_ms']:.1f} ms | {r['close_max_ms']:.1f} ms | "
+            f"{retained:+,.1f} MiB ({r['tombstones']:,} tombstones) |"
         )
     lines += [
         "",
         "Longest open: the slowest `SessionManager.open` of the run, the event loop blocked for "
         "that long. Longest pool growth: the slowest open that grew the state pool (how many "
         "opens did). Longest GC pause: Python's own garbage collector during the opens, "
-        "unrelated to the pool. After closing, the ended sessions' tombstones (the last "
-        "100,000 ids, so a late call hears why its session ended) stay.",
+        "unrelated to the pool (it walks every session record at each full collection). "
+        "Longest close: the slowest `SessionManager.end` while all of them close. After "
+        "closing, the ended sessions' tombstones (the last 100,000 ids, so a late call hears "
+        "why its session ended) stay. The gc.freeze row is an experiment, not what the server "
+        "does: after each full collection every surviving object is frozen (`gc.freeze()`), "
+        "so the next one walks only the objects made since.",
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -339,12 +363,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also keep the raw figures here")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--stepped", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gc-freeze", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--hotpath", action="store_true")
     ap.add_argument("--baseline", type=Path, help="a state.py to compare the hot path against")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.stepped)))
+        print(json.dumps(child(args.child, args.stepped, args.gc_freeze)))
         return
     if args.breakdown:
         for where, size in breakdown(args.sessions[0]):
@@ -361,20 +386,23 @@ def main() -> None:
             print(f"{op:34}" + "".join(f"{res[k][op]:12.2f}" for k in res))
         return
     runs = []
-    for n in args.sessions:
-        for stepped in (False, True):
-            cmd = [sys.executable, __file__, "--child", str(n)] + (["--stepped"] if stepped else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            runs.append(r)
-            print(
-                f"{n:>9,} stepped={stepped!s:5} {r['per_session']:7.0f} B/session "
-                f"(+{r['per_session'] - r['state_bytes']:.0f} over state) "
-                f"open max {r['open_max_ms']:.1f} ms, growth max {r['growth_max_ms']:.1f} ms, "
-                f"gc max {r['gc_max_ms']:.1f} ms; closed: "
-                f"{(r['rss_closed'] - r['rss_before']) / 2**20:+.1f} MiB",
-                flush=True,
-            )
+    settings = [(n, stepped, False) for n in args.sessions for stepped in (False, True)]
+    settings.append((max(args.sessions), False, True))
+    for n, stepped, freeze in settings:
+        cmd = [sys.executable, __file__, "--child", str(n)]
+        cmd += (["--stepped"] if stepped else []) + (["--gc-freeze"] if freeze else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        runs.append(r)
+        print(
+            f"{n:>9,} stepped={stepped!s:5} freeze={freeze!s:5} "
+            f"{r['per_session']:7.0f} B/session "
+            f"(+{r['per_session'] - r['state_bytes']:.0f} over state) "
+            f"open max {r['open_max_ms']:.1f} ms, growth max {r['growth_max_ms']:.1f} ms, "
+            f"gc max {r['gc_max_ms']:.1f} ms, close max {r['close_max_ms']:.1f} ms; closed: "
+            f"{(r['rss_closed'] - r['rss_before']) / 2**20:+.1f} MiB",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(runs, indent=1))
     if not args.no_write:

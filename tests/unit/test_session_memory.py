@@ -3,6 +3,7 @@ go back, and one principal's sessions need no share of their own until a second 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,18 @@ def test_a_kept_chunk_digests_as_its_tensor(folder: str) -> None:
     assert (
         cached is not None and not cached.any() and cached.shape == (3, served.manifest.output_size)
     )
+
+
+def test_the_open_table_shrinks_when_most_sessions_end(model: ServedModel) -> None:
+    manager = SessionManager(Metrics(CollectorRegistry()), 60.0, 100_000)
+    sessions = [manager.open(model) for _ in range(70_000)]
+    full = sys.getsizeof(manager._open)
+    keep = sessions[-100:]
+    manager.get(keep[0].id)  # now the most recently used
+    for s in sessions[:-100]:
+        manager.end(s, CLOSED)
+    assert sys.getsizeof(manager._open) < full / 8
+    assert [s.id for s in manager.all()] == [s.id for s in keep[1:]] + [keep[0].id]
+    for s in keep:
+        assert manager.get(s.id) is s
+        manager.end(s, CLOSED)

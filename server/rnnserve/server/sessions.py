@@ -1,6 +1,7 @@
-"""Session records: who owns which state slot, the seq each expects, idle expiry and capacity.
+"""The sessions of a server: opening, finding and ending them, idle expiry and capacity.
 
-A session is a small record (``Session``) plus one slot in its model version's ``SlotPool``.
+A session is a small record (``Session``, session.py) plus one slot in its model version's
+``SlotPool``.
 The manager keeps records in least-recently-used order, so idle expiry pops from the front and
 capacity eviction takes the front. An ended session leaves a tombstone with its reason for a
 while, so a late call hears "expired" or "evicted" rather than "unknown".
@@ -13,7 +14,6 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,15 +23,18 @@ from rnnserve.server.errors import (
     ServingError,
     invalid,
     not_found,
-    out_of_range,
     quoted,
     resource_exhausted,
-    seq_error,
 )
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
+from rnnserve.server.session import MAX_SEQ as MAX_SEQ
+from rnnserve.server.session import Checkpoints
+from rnnserve.server.session import Digest as Digest
+from rnnserve.server.session import Session as Session
+from rnnserve.server.session import check_seq_room as check_seq_room
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import ROUTE_HEADER, array_digest, chunk_digest, route_of
+from rnnserve.wire import ROUTE_HEADER, route_of
 
 CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
 #: Ended here because another replica took the session over (see durable.py).
@@ -40,14 +43,8 @@ MOVED = "moved"
 REPLACED = "replaced"
 #: Tombstones kept for ended sessions (oldest forgotten first).
 MAX_TOMBSTONES = 100_000
-#: Inputs of at most this many bytes are kept undigested after a chunk (``Session.applied``).
-MAX_KEPT_INPUT_BYTES = 1024
-#: A chunk's digest (rnnserve.wire.chunk_digest), or its inputs to digest when needed: the
-#: tensor it came in, or (a frame's entry) its row of the frame's inputs.
-Digest = bytes | pb.Tensor | npt.NDArray[np.generic]
-#: A chunk's outputs, float32 ``[T, outputs]``, read-only.
-Outputs = npt.NDArray[np.float32]
-LE_FLOAT32 = np.dtype("<f4")
+#: ``_open`` is rebuilt smaller once fewer than an eighth of at least this many sessions remain.
+SHRINK_FROM = 65_536
 #: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
 ID_BYTES = 16
 #: A route key: what a proxy hashes on to send all of a session's calls to one replica.
@@ -77,185 +74,6 @@ ISSUED_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{22}")
 ROUTE_BYTES = 9
 
 
-#: The largest seq a session reaches: int64's largest, which every client language holds.
-MAX_SEQ = 2**63 - 1
-
-
-def check_seq_room(seq: int, steps: int) -> None:
-    """OUT_OF_RANGE when a chunk of ``steps`` steps at ``seq`` would end past ``MAX_SEQ``."""
-    if seq > MAX_SEQ - steps:
-        raise out_of_range(
-            f"chunk seq {seq} with {steps} steps would end past the largest seq {MAX_SEQ}; "
-            "open a new session"
-        )
-
-
-class Checkpoints(Protocol):
-    """Where a session with unsaved steps is queued for a checkpoint (durable.Durability)."""
-
-    every: int
-
-    def mark(self, session: Session) -> None: ...
-
-    def ended(self, session: Session, reason: str) -> None: ...
-
-
-class Session:
-    """One session. ``last_outputs`` are the outputs of the last applied chunk (at
-    ``last_seq``), kept so a retry of that chunk is answered again instead of applied twice."""
-
-    __slots__ = (
-        "_digest",
-        "_outputs",
-        "busy",
-        "checkpoints",
-        "deadline",
-        "ended",
-        "epoch",
-        "id",
-        "last_seq",
-        "model",
-        "next_seq",
-        "principal",
-        "saved_at",
-        "saved_seq",
-        "slot",
-        "suspect",
-    )
-
-    def __init__(self, sid: str, model: ServedModel, slot: int, deadline: float) -> None:
-        self.id = sid
-        self.model = model
-        self.slot = slot
-        self.next_seq = 0
-        self.last_seq = 0
-        #: ``last_outputs``' bytes: None until a chunk is applied (or a snapshot restores one).
-        self._outputs: bytes | None = None
-        #: The last applied chunk's digest, or its inputs not yet digested (``last_digest``):
-        #: a tensor's raw bytes (in a 1-tuple) or a frame's row.
-        self._digest: Digest | tuple[bytes] = b""
-        self.deadline = deadline
-        self.busy = False
-        self.ended: str | None = None
-        #: Who opened the session (authentication's principal; "" when it is off). The
-        #: SessionManager counts it in this principal's fair share.
-        self.principal = ""
-        #: The durable store's bookkeeping (durable.py), when the server has a store: where a
-        #: commit reports unsaved steps, this replica's ownership epoch of the session, the seq
-        #: of its last checkpoint (-1: none yet) and when it was written (monotonic), and
-        #: whether its ownership must be checked before its next use.
-        self.checkpoints: Checkpoints | None = None
-        self.epoch = 0
-        self.saved_seq = -1
-        self.saved_at = 0.0
-        self.suspect = False
-
-    @property
-    def last_outputs(self) -> Outputs | None:
-        """The outputs of the last applied chunk, float32 ``[T, outputs]``, read-only.
-
-        Kept as bytes, not as the array the batcher hands over: that is a view of its whole
-        batch's outputs, which one idle session would keep alive (up to the batch size times
-        its own outputs), and an array costs about 110 bytes more than its data."""
-        raw = self._outputs
-        if raw is None:
-            return None
-        return np.frombuffer(raw, LE_FLOAT32).reshape(-1, self.model.manifest.output_size)
-
-    @last_outputs.setter
-    def last_outputs(self, outputs: Outputs | None) -> None:
-        if outputs is None:
-            self._outputs = None
-            return
-        if outputs.dtype != LE_FLOAT32:
-            outputs = outputs.astype(LE_FLOAT32)
-        self._outputs = outputs.tobytes()
-
-    @property
-    def last_digest(self) -> bytes:
-        """rnnserve.wire.chunk_digest of the last applied chunk's inputs (empty: unknown)."""
-        kept = self._digest
-        if isinstance(kept, bytes):
-            return kept
-        if isinstance(kept, tuple):  # a tensor's raw bytes, in the model's input layout
-            model = self.model
-            arr = np.frombuffer(kept[0], model.wire_dtype)
-            if not model.tokens:
-                arr = arr.reshape(-1, model.manifest.input_size)
-            digest = array_digest(arr)
-        elif isinstance(kept, pb.Tensor):
-            digest = chunk_digest(kept)
-        else:
-            digest = array_digest(kept)
-        self._digest = digest
-        return digest
-
-    @last_digest.setter
-    def last_digest(self, digest: bytes) -> None:
-        self._digest = digest
-
-    def applied(self, inputs: Digest) -> None:
-        """Remember the inputs of the chunk just applied (as this session's model's
-        decode_chunk accepted them): their digest, or the inputs themselves. Small inputs are
-        kept and digested only if a retry or a snapshot asks (most never do: the digest costs
-        microseconds per step); large ones are digested now, so an idle session keeps no more
-        than a small record. Of a tensor only its raw bytes are kept: the tensor would keep
-        its whole request message alive (about 540 bytes for a one-token Stream message);
-        its dtype and shape follow from the model and the byte count."""
-        if isinstance(inputs, bytes):
-            self._digest = inputs
-        elif isinstance(inputs, pb.Tensor):
-            raw = inputs.raw_data
-            if len(raw) <= MAX_KEPT_INPUT_BYTES:
-                self._digest = (raw,)
-            else:
-                self._digest = chunk_digest(inputs)
-        elif inputs.nbytes <= MAX_KEPT_INPUT_BYTES:
-            self._digest = inputs
-        else:
-            self._digest = array_digest(inputs)
-
-    def commit(self, seq: int, outputs: Outputs, inputs: Digest) -> None:
-        """The chunk at ``seq`` was applied (its new state is stored) and made ``outputs``:
-        move past it, keep its outputs for a retry, and leave the engine."""
-        self.next_seq = seq + outputs.shape[0]
-        self.last_seq = seq
-        if outputs.dtype != LE_FLOAT32:
-            outputs = outputs.astype(LE_FLOAT32)
-        self._outputs = outputs.tobytes()
-        self.applied(inputs)
-        self.busy = False
-        checkpoints = self.checkpoints
-        if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
-            checkpoints.mark(self)
-
-    def check_seq(self, seq: int, digest: Digest = b"") -> Outputs | None:
-        """The cached outputs when ``seq`` and the inputs' ``digest`` repeat the last applied
-        chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
-        An empty digest (on either side) matches by seq alone; ``digest`` may be the chunk's
-        tensor or array, digested only when needed."""
-        if seq == self.next_seq:
-            return None
-        if self._outputs is not None and seq == self.last_seq:
-            if isinstance(digest, pb.Tensor):
-                digest = chunk_digest(digest)
-            elif not isinstance(digest, bytes):
-                digest = array_digest(digest)
-            if digest and self.last_digest and digest != self.last_digest:
-                raise seq_error(
-                    f"chunk seq {seq} was already applied with other inputs (a retry must resend "
-                    f"the same chunk; is another client using session {self.id}?); "
-                    f"it expects seq {self.next_seq} next",
-                    self.next_seq,
-                )
-            return self.last_outputs
-        what = "was already applied" if seq < self.next_seq else "skips steps"
-        raise seq_error(
-            f"chunk seq {seq} {what}; session {self.id} expects seq {self.next_seq} next",
-            self.next_seq,
-        )
-
-
 class SessionManager:
     """All open sessions of a server, over every model version."""
 
@@ -273,7 +91,10 @@ class SessionManager:
         #: The durable store's checkpoint queue, when the server has a store.
         self.checkpoints = checkpoints
         self._open: OrderedDict[str, Session] = OrderedDict()
-        self._ended: OrderedDict[str, str] = OrderedDict()
+        #: Tombstones: why each recently ended session ended, by the hash of its id (an int
+        #: made when it ends, not the id itself: the ids, made among the records when the
+        #: sessions opened, would keep their memory from going back).
+        self._ended: OrderedDict[int, str] = OrderedDict()
         #: Each principal's open sessions, least recently used first (fair eviction).
         self._shares: dict[str, OrderedDict[str, Session]] = {}
         #: While every open session belongs to one principal (always, when authentication is
@@ -283,6 +104,9 @@ class SessionManager:
         #: The most sessions one principal may hold open (0: no limit but ``capacity``).
         self.principal_max = principal_max
         self._last_deadline = 0.0
+        #: The most sessions ``_open`` held since it was last rebuilt (a dict keeps its size
+        #: when entries go; see ``end``).
+        self._open_peak = 0
 
     def __len__(self) -> int:
         return len(self._open)
@@ -332,10 +156,12 @@ class SessionManager:
         elif self._solo is not None and principal != self._solo:
             self._split()
         self._open[sid] = session
+        if len(self._open) > self._open_peak:
+            self._open_peak = len(self._open)
         session.principal = principal
         if self._solo is None:
             self._shares.setdefault(principal, OrderedDict())[sid] = session
-        self._ended.pop(sid, None)
+        self._ended.pop(hash(sid), None)
         model.metrics.opened.inc()
         model.metrics.active.inc()
         model.metrics.state_bytes.set(model.pool.nbytes)
@@ -431,14 +257,14 @@ class SessionManager:
 
     def ended_reason(self, sid: str) -> str | None:
         """Why session ``sid`` ended here, while its tombstone lasts; None if it did not."""
-        return self._ended.get(sid)
+        return self._ended.get(hash(sid))
 
     def peek(self, sid: str) -> Session | None:
         """The open session ``sid`` without touching it, or None."""
         return self._open.get(sid)
 
     def _why_missing(self, sid: str) -> str:
-        reason = self._ended.get(sid)
+        reason = self._ended.get(hash(sid))
         sid = quoted(sid)
         if reason == CLOSED:
             return f"session {sid} was closed; open a new session"
@@ -466,13 +292,18 @@ class SessionManager:
             return
         session.ended = reason
         self._open.pop(session.id, None)
+        if len(self._open) < self._open_peak >> 3 and self._open_peak >= SHRINK_FROM:
+            # Most sessions went: a copy sized for those left gives the table's memory back
+            # (a dict never shrinks as entries go). Copies an eighth of the peak, once.
+            self._open = OrderedDict(self._open)
+            self._open_peak = len(self._open)
         self._unshare(session)
         if session.checkpoints is not None:  # before the slot is handed on: it may save it
             session.checkpoints.ended(session, reason)
         pool = session.model.pool
         pool.release(session.slot)
         session.model.metrics.state_bytes.set(pool.nbytes)
-        self._ended[session.id] = reason
+        self._ended[hash(session.id)] = reason
         while len(self._ended) > MAX_TOMBSTONES:
             self._ended.popitem(last=False)
         session.model.metrics.active.dec()
