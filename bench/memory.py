@@ -197,6 +197,7 @@ def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
     opens.sort()
     return {
         "sessions": n,
+        "run_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "stepped": stepped,
         "gc_freeze": freeze,
         "state_bytes": state_bytes,
@@ -302,7 +303,7 @@ def hotpath(classes: dict[str, type], slots_open: int, rounds: int) -> dict[str,
 
 
 def section(runs: list[dict[str, Any]]) -> str:
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = runs[-1]["run_at"]
     lines = [
         BEGIN,
         "## Memory per idle session (bench/memory.py)",
@@ -340,7 +341,8 @@ def section(runs: list[dict[str, Any]]) -> str:
         "closing, the ended sessions' tombstones (the last 100,000 ids, so a late call hears "
         "why its session ended) stay. The gc.freeze row is an experiment, not what the server "
         "does: after each full collection every surviving object is frozen (`gc.freeze()`), "
-        "so the next one walks only the objects made since.",
+        "so the next one walks only the objects made since; what is left of its longest open "
+        "is the session table (an OrderedDict) doubling its hash table.",
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -361,6 +363,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--json", type=Path, help="also keep the raw figures here")
+    ap.add_argument("--from-json", type=Path, help="write the section from figures kept by --json")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--stepped", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gc-freeze", action="store_true", help=argparse.SUPPRESS)
@@ -384,6 +387,9 @@ def main() -> None:
         print(f"{'µs per call':34}" + "".join(f"{k:>12}" for k in res))
         for op in ops:
             print(f"{op:34}" + "".join(f"{res[k][op]:12.2f}" for k in res))
+        return
+    if args.from_json:
+        write_section(DOC, section(json.loads(args.from_json.read_text())))
         return
     runs = []
     settings = [(n, stepped, False) for n in args.sessions for stepped in (False, True)]
