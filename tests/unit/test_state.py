@@ -94,9 +94,8 @@ def test_slots_stay_packed_and_keep_their_state() -> None:
         else:
             o = Owner(value=float(step))
             o.slot = pool.allocate(o)
-            pool.write(
-                o.slot, {"h": np.full((2, 3), o.value, np.float32), "c": -pool.read(o.slot)["c"]}
-            )
+            value = np.full((2, 3), o.value, np.float32)
+            pool.write(o.slot, {"h": value, "c": -value})
             live.append(o)
         for o in live:
             o.busy = rng.random() < 0.05
@@ -104,7 +103,8 @@ def test_slots_stay_packed_and_keep_their_state() -> None:
         assert len(set(slots)) == len(slots) == pool.in_use
         if step % 50 == 0:
             for o in live:
-                assert (pool.read(o.slot)["h"] == o.value).all()
+                state = pool.read(o.slot)
+                assert (state["h"] == o.value).all() and (state["c"] == -o.value).all()
     for o in live:
         o.busy = False
     holes = max(o.slot for o in live) + 1 - len(live)

@@ -102,10 +102,11 @@ class SlotPool:
             order.insert(spec.batch_axis, 0)
             self._to_graph[spec.name] = tuple(order)
             self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
-        #: Each used slot's owner, by slot; its length is the number of slots in use or
-        #: waiting as holes (``_top``): every slot from it on is free.
+        #: Each slot's owner (None: a hole), up to the last used slot: every slot past the
+        #: list's end is free.
         self._owners: list[SlotOwner | None] = []
-        #: Free slots below ``_top`` (left when the last slot's owner could not move).
+        #: Holes: free slots before the last used one (left when the owner of the last slot
+        #: could not move into them); entries past the list's end are stale and skipped.
         self._holes: list[int] = []
         self._in_use = 0
         #: Slots whose pages may be resident (written since their pages were last handed back).
@@ -140,8 +141,9 @@ class SlotPool:
         return sum(-(-self._touched * row // _PAGE) * _PAGE for row in self._row_bytes.values())
 
     def allocate(self, owner: SlotOwner | None = None) -> int:
-        """A free slot holding zeros, the lowest free one. With ``owner`` the pool may later
-        move it to a lower slot (see ``release``); without, the slot never moves."""
+        """A free slot holding zeros: a hole if there is one, else the one after the last used
+        slot. With ``owner`` the pool may later move it to a lower slot (see ``release``);
+        without, the slot never moves."""
         owners = self._owners
         slot = -1
         holes = self._holes
