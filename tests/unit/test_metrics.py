@@ -44,7 +44,11 @@ def test_server_metrics_expose_every_family():
     assert got[("rnnserve_queue_wait_seconds_bucket", (("le", "7.5e-05"), ("model", "m/1")))] == 1
     assert got[("rnnserve_chunk_length_sum", (("model", "m/1"),))] == 3
     assert got[("rnnserve_steps_total", (("model", "m/1"),))] == 3
-    model.run_of_one(70e-6, 20e-6, 2)
+    # What the batcher records for an engine run of one chunk of two steps.
+    model.queue_wait.observe(70e-6)
+    model.compute.observe(20e-6)
+    model.batch_size.observe(1)
+    model.chunk_length.observe(2)
     got = _samples(registry)
     assert got[("rnnserve_steps_total", (("model", "m/1"),))] == 5
     assert got[("rnnserve_queue_wait_seconds_count", (("model", "m/1"),))] == 2
