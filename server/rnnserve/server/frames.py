@@ -185,11 +185,12 @@ def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: l
 
 def _by_model(sessions: list[Found]) -> dict[ServedModel, list[int]]:
     """The rows of the sessions found, by model, in the frame's order of first appearance."""
-    first = sessions[0]
-    if isinstance(first, Session):
-        model = first.model
-        if all(isinstance(s, Session) and s.model is model for s in sessions):
-            return {model: list(range(len(sessions)))}
+    try:
+        models = {s.model for s in sessions}  # type: ignore[union-attr]
+    except AttributeError:  # an entry whose session was not found
+        models = set()
+    if len(models) == 1:
+        return {models.pop(): list(range(len(sessions)))}
     groups: dict[ServedModel, list[int]] = {}
     for row, found in enumerate(sessions):
         if isinstance(found, Session):

@@ -193,19 +193,18 @@ class InferenceServicer:
         first, or the error that says why it cannot be used."""
         if self._draining:
             return [_draining() for _ in sids]
-        principal = current_principal()
-        get = self.sessions.get
+        got_many = self.sessions.get_many(sids, current_principal())
+        if self.durable is None:  # no store to ask, no ownership to doubt: get's answers
+            return list(got_many)
         found: list[Session | BaseException | None] = []
-        for sid in sids:
-            try:
-                session = get(sid, principal)
-            except ServingError as exc:
+        for sid, got in zip(sids, got_many, strict=True):
+            if isinstance(got, ServingError):
                 try:
                     found.append(self.local(sid))  # the store may hold it; or why it is missing
                 except ServingError:
-                    found.append(exc)
-                continue
-            found.append(None if session.suspect else session)
+                    found.append(got)
+            else:
+                found.append(None if got.suspect else got)
         return found
 
     async def lookup(self, sid: str) -> Session:

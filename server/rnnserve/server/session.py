@@ -178,6 +178,21 @@ class Session:
         if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
             checkpoints.mark(self)
 
+    def commit_raw(self, seq: int, steps: int, outputs: bytes, inputs: bytes) -> None:
+        """``commit`` for a frame's entry, from the bytes of its outputs and its inputs (in the
+        model's input layout): the batcher slices them out of the frame's block, so no array
+        is made per entry."""
+        self.next_seq = seq + steps
+        self.last_seq = seq
+        self._outputs = outputs
+        self._digest = (inputs,)
+        if len(inputs) > MAX_KEPT_INPUT_BYTES:
+            self._digest = self.last_digest
+        self.busy = False
+        checkpoints = self.checkpoints
+        if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
+            checkpoints.mark(self)
+
     def check_seq(self, seq: int, digest: Digest = b"") -> Outputs | None:
         """The cached outputs when ``seq`` and the inputs' ``digest`` repeat the last applied
         chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
