@@ -74,7 +74,7 @@ def test_readme_python_examples_run(
     model_repo: Path, server_thread_factory: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     examples = _readme_examples()
-    assert len(examples) == 3  # text generation, a forecaster stream, asyncio
+    assert len(examples) == 4  # text generation, a forecaster stream, asyncio, a gateway
     vocabulary = sorted(set("".join(examples)) - {"\n"})
     write_model(model_repo, "char-notes-gru", input_kind="tokens", vocabulary=vocabulary, seed=3)
     write_model(model_repo, "co2-notes-gru", input_size=1, output_size=1, seed=4)
