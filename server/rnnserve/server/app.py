@@ -17,6 +17,7 @@ import logging
 import socket
 import socketserver
 import threading
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -32,7 +33,6 @@ from rnnserve.server.auth import (
     load_tokens,
     server_credentials,
 )
-from rnnserve.server.durable import Durability
 from rnnserve.server.health import HealthService
 from rnnserve.server.limits import OpenRate, StreamLimit
 from rnnserve.server.metrics import Metrics
@@ -43,8 +43,10 @@ from rnnserve.server.repository import Repository
 from rnnserve.server.servicer import InferenceServicer, add_to_server
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
-from rnnserve.server.store import RedisStore
 from rnnserve.v1 import rnnserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from rnnserve.server.durable import Durability
 
 log = logging.getLogger("rnnserve.server")
 
@@ -118,6 +120,10 @@ class RnnServer:
         #: The durable session store's side, when settings.store_url names one.
         self.durable: Durability | None = None
         if settings.store_url:
+            # Imported only with a store: redis-py is the largest import of a start (0.1 s).
+            from rnnserve.server.durable import Durability
+            from rnnserve.server.store import RedisStore
+
             self.durable = Durability(
                 RedisStore(settings.store_url, settings.replica_name),
                 self.repository,

@@ -12,13 +12,12 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 from rnnserve.server import codec, snapshots
 from rnnserve.server.auth import current_principal
-from rnnserve.server.durable import Durability
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, quoted, unavailable
 from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
@@ -35,6 +34,9 @@ from rnnserve.server.sessions import (
 from rnnserve.server.stream import Streams
 from rnnserve.server.work import Rows, States, Work
 from rnnserve.v1 import rnnserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from rnnserve.server.durable import Durability
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
