@@ -126,3 +126,27 @@ async def test_a_frame_over_max_frame_sessions_is_refused(start_server):
         )
         assert reply.error.code == Code.INVALID_ARGUMENT.value[0]
         assert "max_frame_sessions" in reply.error.message
+
+
+async def test_a_frame_whose_lookup_fails_is_answered_and_the_stream_goes_on(
+    start_server, monkeypatch: pytest.MonkeyPatch
+):
+    running = await start_server()
+    streams = running.server.servicer.streams
+
+    def broken(sids):
+        raise RuntimeError("injected lookup failure")
+
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        sid = await open_session(stub, "tiny-gru")
+        monkeypatch.setattr(streams, "local_many", broken)
+        x = np.ones((1, 1, 3), np.float32)
+        step_msg = pb.StreamRequest(
+            request_id=2, step=pb.StepRequest(session_id=sid, seq=0, inputs=to_tensor(x[0]))
+        )
+        replies = {
+            r.request_id: r for r in await stream_all(stub, [_frame(1, [sid], [0], x), step_msg])
+        }
+        assert replies[1].error.code == Code.INTERNAL.value[0]
+        assert replies[2].step.next_seq == 1

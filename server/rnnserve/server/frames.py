@@ -117,8 +117,12 @@ def accept(call: StreamCall, req: pb.StreamRequest, started: float) -> None:
     except Exception as exc:
         call.refuse(req.request_id, "", started, exc)
         return
+    try:
+        sessions = call.local_many(sids)
+    except Exception as exc:  # answered, never left pending: the stream would wait for it
+        call.refuse(req.request_id, "", started, exc)
+        return
     reply = FrameReply(call, req.request_id, seqs, started)
-    sessions = call.local_many(sids)
     if None in sessions:
         call.later(_after_store(call, req, reply, sids, sessions))
     else:
