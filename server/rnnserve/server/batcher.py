@@ -329,7 +329,7 @@ class Batcher:
                 # Each entry's outputs and inputs are slices of one bytes copy of the block:
                 # no array per entry.
                 outs = block.tobytes()
-                ins = np.ascontiguousarray(item.inputs).tobytes()
+                ins = item.inputs.tobytes()  # C order whatever the layout
                 o, n = len(outs) // k, len(ins) // k
                 for j, (session, seq) in enumerate(zip(item.sessions, item.seqs, strict=True)):
                     session.commit_raw(seq, steps, outs[j * o : j * o + o], ins[j * n : j * n + n])
