@@ -14,6 +14,7 @@ The NOT_SERVING it has read tells the client to look elsewhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, TypeAlias
 
 import grpc
@@ -23,6 +24,8 @@ Status: TypeAlias = health_pb2.HealthCheckResponse.ServingStatus
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+#: The longest a shutdown waits for open watches to send NOT_SERVING and end.
+WATCHERS_GRACE_S = 1.0
 
 
 class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -33,6 +36,9 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self._shutting_down = False
         # Replaced on every change: a watcher waits on the one current when it last looked.
         self._changed = asyncio.Event()
+        #: Open Watch calls, and set once the last has ended after shutdown began.
+        self._watching = 0
+        self._watchers_done = asyncio.Event()
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
@@ -53,6 +59,11 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         for service in self._status:
             self._status[service] = NOT_SERVING
         self._notify()
+        # Let every open watch send its NOT_SERVING and end before the server itself starts
+        # shutting down (a CI run once saw a watch end without it when it did not wait).
+        if self._watching:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._watchers_done.wait(), WATCHERS_GRACE_S)
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -66,12 +77,18 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         last: Status | None = None
-        while True:
-            changed = self._changed  # taken before reading, so no change slips between
-            status = self._status.get(request.service, SERVICE_UNKNOWN)
-            if status != last:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                last = status
-            if self._shutting_down:
-                return
-            await changed.wait()
+        self._watching += 1
+        try:
+            while True:
+                changed = self._changed  # taken before reading, so no change slips between
+                status = self._status.get(request.service, SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._shutting_down:
+                    return
+                await changed.wait()
+        finally:
+            self._watching -= 1
+            if self._shutting_down and not self._watching:
+                self._watchers_done.set()
