@@ -154,6 +154,7 @@ class RnnServer:
             self.metrics,
             settings.max_stream_inflight,
             self.servicer.open_rate,
+            self.durable,
         )
         self.health = HealthService()
         self.port = 0
@@ -315,14 +316,16 @@ class RnnServer:
     async def _drain(self, grace: float) -> None:
         """Hand every session on through the store: refuse new work (clients retry and the
         proxy sends them to a replica that takes their sessions over), let the chunks in flight
-        finish, then checkpoint every session with unsaved steps."""
+        finish, then checkpoint every session with unsaved steps and hand the OIP sequences
+        over (their clients cannot replay, so they need the final state; durable.py)."""
         assert self.durable is not None
         started = asyncio.get_running_loop().time()
         self.servicer.begin_drain()
+        self.oip.begin_drain()
         for session in self.sessions.all():
             await session.model.batcher.wait_idle(session)
         left = max(0.0, grace - (asyncio.get_running_loop().time() - started))
-        if await self.durable.flush(left):
+        if await self.durable.flush(left, self.oip.table.handed_over()):
             log.info("drained: every session is checkpointed")
         else:
             log.warning("drain: not every session was checkpointed within %.1f s", grace)

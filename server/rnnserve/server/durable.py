@@ -19,6 +19,10 @@ session this replica does not hold, and fencing of a replica whose sessions move
 - **Redis down**: serving goes on from memory (health stays SERVING), ``rnnserve_store_up`` is
   0, the writer retries with backoff, and once Redis answers again every session is queued, so
   a Redis that lost its data gets it back.
+- **Handover** (a drain): the checkpoints written once the replica takes no more work are
+  *final*, and each Open Inference Protocol sequence's session is recorded under its name, so
+  a replica that gets the sequence's next request finds it and continues it exactly, although
+  its client cannot replay (oip_sequences.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 
 from rnnserve.server import snapshots
 from rnnserve.server.errors import unavailable
@@ -48,6 +53,9 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0
 STALL_S = 1.0
 #: Period of the stall watch, seconds.
 TICK_S = 0.1
+
+#: A session taken over from the store, and whether its checkpoint was final (store.Claimed).
+Loaded = tuple[Session, bool]
 
 
 class Durability:
@@ -71,7 +79,9 @@ class Durability:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._loading: dict[str, asyncio.Future[Session | None]] = {}
+        self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
+        #: Set by a drain's flush: the replica takes no more work, so checkpoints are final.
+        self._handing_over = False
         self._tasks: list[asyncio.Task[None]] = []
         self._up = True
         metrics.store_up.set(1)
@@ -110,6 +120,7 @@ class Durability:
             snap.SerializeToString(),
             session.principal,
             max(1000, min(self.ttl_ms, remaining_ms)),
+            self._handing_over,
         )
 
     # -- tasks --------------------------------------------------------------------------------
@@ -139,16 +150,32 @@ class Durability:
         self._answered()
         return True
 
-    async def flush(self, timeout_s: float) -> bool:
-        """Checkpoint every session with unsaved steps (a drain); whether all were written
-        within ``timeout_s``."""
+    async def flush(self, timeout_s: float, handover: Mapping[str, Session] | None = None) -> bool:
+        """Checkpoint every session with unsaved steps; whether all were written within
+        ``timeout_s``. ``handover`` is a drain's, once the replica takes no more work: every
+        checkpoint from then on is final, and each session in it (an OIP sequence's, by its
+        name) is written final whatever it saved before, then recorded under its name."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if handover is not None:
+            self._handing_over = True
+            for session in handover.values():
+                self.mark(session)
         if self.sessions is not None:
             for session in self.sessions.all():
                 if session.saved_seq < session.next_seq:
                     self.mark(session)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
+            if handover:
+                names = [(n, s.id) for n, s in handover.items() if s.saved_seq == s.next_seq]
+                await asyncio.wait_for(
+                    self.store.name(names, self.ttl_ms), max(0.0, deadline - loop.time())
+                )
         except TimeoutError:
+            return False
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
             return False
         return True
 
@@ -301,6 +328,26 @@ class Durability:
     async def take_over(self, sid: str) -> Session | None:
         """Load session ``sid`` from the store and own it; None when the store has no
         checkpoint of it. UNAVAILABLE when the store cannot be reached."""
+        loaded = await self._take_over(sid)
+        return None if loaded is None else loaded[0]
+
+    async def handed_over(self, name: str) -> Loaded | None:
+        """The session a drain recorded under ``name`` (an OIP sequence's), taken over, and
+        whether its checkpoint was final; None when there is none. UNAVAILABLE when the store
+        cannot be reached."""
+        try:
+            sid = await self.store.named(name)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise unavailable(
+                "the session store cannot be reached to find the sequence; retry"
+            ) from None
+        self._answered()
+        if sid is None or not self.may_hold(sid):
+            return None
+        return await self._take_over(sid)
+
+    async def _take_over(self, sid: str) -> Loaded | None:
         loading = self._loading.get(sid)
         if loading is None:
             loading = self._loading[sid] = asyncio.get_running_loop().create_future()
@@ -313,7 +360,7 @@ class Durability:
                 del self._loading[sid]
         return await asyncio.shield(loading)
 
-    async def _load(self, sid: str) -> Session | None:
+    async def _load(self, sid: str) -> Loaded | None:
         assert self.sessions is not None
         try:
             claimed = await self.store.claim(sid, self.ttl_ms)
@@ -338,22 +385,29 @@ class Durability:
         session.saved_at = time.monotonic()
         self.metrics.takeovers.inc()
         log.info("took over session %s at seq %d (epoch %d)", sid, session.next_seq, session.epoch)
-        return session
+        return session, claimed.final
 
-    async def verify(self, session: Session) -> Session:
-        """A suspect session, checked against the store: itself when this replica still owns
-        it (or the store cannot tell), else the store's copy, taken over."""
+    async def owns(self, session: Session) -> bool:
+        """Whether this replica still owns the suspect ``session`` (True too when the store
+        cannot tell); one that moved is dropped here."""
         try:
             epoch = await self.store.epoch(session.id)
         except (RedisError, OSError) as exc:
             self._failed(exc)
             session.suspect = False  # availability: serve from memory while Redis is away
-            return session
+            return True
         self._answered()
         if epoch is None or epoch == session.epoch:
             session.suspect = False
-            return session
+            return True
         self._fence(session)
+        return False
+
+    async def verify(self, session: Session) -> Session:
+        """A suspect session, checked against the store: itself when this replica still owns
+        it (or the store cannot tell), else the store's copy, taken over."""
+        if await self.owns(session):
+            return session
         moved = await self.take_over(session.id)
         if moved is None:
             assert self.sessions is not None

@@ -16,7 +16,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from inference import grpc_service_pb2 as oip
@@ -38,6 +38,9 @@ from rnnserve.server.oip_stream import OipStreams
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import SessionManager
 from rnnserve.server.work import Rows, States, Work
+
+if TYPE_CHECKING:  # redis is imported only when the server has a store
+    from rnnserve.server.durable import Durability
 
 #: The metrics' ``protocol`` label of this service's calls.
 PROTOCOL = "oip"
@@ -141,18 +144,25 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics,
         max_stream_inflight: int = 1024,
         open_rate: OpenRate | None = None,
+        durable: Durability | None = None,
     ) -> None:
         self.repository = repository
         #: Each principal's rate of new sessions, shared with rnnserve.v1's OpenSession.
         self.open_rate = open_rate or OpenRate(0)
         self.metrics = metrics
-        self.table = SequenceTable(sessions)
+        self.table = SequenceTable(sessions, durable)
+        #: The store lookups in progress (see ``_settle``), held so they are not collected.
+        self._lookups: set[asyncio.Task[None]] = set()
         self.streams = OipStreams(self, metrics, max_stream_inflight)
         self._closing = False
         try:
             self.version = metadata.version("rnnserve")
         except metadata.PackageNotFoundError:  # run from a source tree without installing
             self.version = "unknown"
+
+    def begin_drain(self) -> None:
+        """Take no more requests (UNAVAILABLE): a drain is about to hand the sequences over."""
+        self._closing = True
 
     def begin_shutdown(self) -> None:
         """Not ready any more; open streams stop reading and end with UNAVAILABLE once their
@@ -232,12 +242,17 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         answer: Answer,
         started: float,
         out: oip.ModelInferResponse | None = None,
+        settled: bool = False,
     ) -> None:
         """Check one request and submit its chunk; ``answer`` gets its response (built into
         ``out`` when given) or error, possibly before this returns. Raises ServingError for a
-        request that cannot run."""
+        request that cannot run. A request whose sequence must first be looked up in the store
+        waits for it (``_settle``), behind any other request of its sequence that waits."""
         if self._closing:
-            raise unavailable("server is shutting down; start the sequence again elsewhere")
+            raise unavailable(
+                "server is shutting down; send the request to another replica (a principal's "
+                "sequences continue there when the servers share a session store)"
+            )
         sequence = sequence_of(request)
         name = request.model_name
         if sequence is None:
@@ -247,6 +262,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                 "correlation ID (the sequence_id parameter): rnnserve's models are stateful"
             )
         key: Key = (caller.scope, name, sequence.id)
+        waiting = self.table.waiting.get(key)
+        if not settled and (
+            waiting is not None or (not sequence.start and self.table.needs_store(key))
+        ):
+            self._settle(key, sequence.start, request, caller, answer, started, out)
+            return
         if sequence.start:
             model = self.repository.resolve(name, request.model_version)
         else:
@@ -273,6 +294,52 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         if sequence.end:
             self.table.finish(key, seq)
         model.batcher.submit(work)
+
+    def _settle(
+        self,
+        key: Key,
+        start: bool,
+        request: oip.ModelInferRequest,
+        caller: Caller,
+        answer: Answer,
+        started: float,
+        out: oip.ModelInferResponse | None,
+    ) -> None:
+        """Run the request once its sequence is settled with the store (SequenceTable.adopt),
+        after the requests of its sequence that wait already; one lookup per sequence."""
+
+        def run() -> None:
+            try:
+                self.accept(request, caller, answer, started, out, settled=True)
+            except Exception as exc:
+                self.reject(request, caller, as_serving_error(exc, "ModelInfer"), answer)
+
+        def fail(err: ServingError) -> None:
+            self.reject(request, caller, err, answer)
+
+        waiting = self.table.waiting.get(key)
+        if waiting is not None:
+            waiting.append((start, run, fail))
+            return
+        self.table.waiting[key] = [(start, run, fail)]
+        task = asyncio.get_running_loop().create_task(self._lookup(key))
+        self._lookups.add(task)
+        task.add_done_callback(self._lookups.discard)
+
+    async def _lookup(self, key: Key) -> None:
+        """Settle ``key`` with the store, then run the requests that waited for it; when that
+        failed, the ones before the first START get the error instead."""
+        err: ServingError | None = None
+        try:
+            await self.table.adopt(key)
+        except Exception as exc:
+            err = as_serving_error(exc, "ModelInfer")
+        for start, run, fail in self.table.waiting.pop(key):
+            if err is not None and not start:
+                fail(err)
+            else:
+                err = None
+                run()
 
     def reject(
         self, request: oip.ModelInferRequest, caller: Caller, err: ServingError, answer: Answer

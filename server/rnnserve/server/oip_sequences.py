@@ -6,22 +6,55 @@ clients that both use sequence 1 never share state. ``sequence_start`` opens an 
 (ending the scope's previous sequence of that id, after its steps already sent), later requests
 step it in arrival order, and ``sequence_end`` closes it once its step is applied. Without
 START, an id the scope has no open sequence for gets Triton's error.
+
+With a session store, a principal's sequences outlive their replica's drain: the drain writes
+their sessions' final checkpoints and records each under the sequence's name (durable.py), and
+the replica that gets the sequence's next request takes it over from there and goes on exactly
+(``adopt``). A sequence whose replica stopped without a drain cannot go on (its client cannot
+replay the steps since the last checkpoint): it gets Triton's START error, saying why.
+Sequences scoped by a connection never move: a new connection is a new scope.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from rnnserve.server.auth import current_principal
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
 from rnnserve.server.sessions import CLOSED, Session, SessionManager, route_key
 
+if TYPE_CHECKING:
+    from rnnserve.server.durable import Durability
+
 #: (caller scope, model name, sequence id)
 Key = tuple[str, str, int | str]
 #: Forget the records of ended sequences after this many START requests (a sweep costs one
 #: pass over the table, so it is spread over as many opens as there are sequences).
 SWEEP_EVERY = 1024
+#: The scope prefix of a principal's sequences: the ones that may move between replicas.
+PRINCIPAL_SCOPE = "principal:"
+#: A request that waits while its sequence is looked up in the store: whether it STARTs, how to
+#: run it, and how to answer it with the lookup's error instead.
+Waiting = tuple[bool, Callable[[], None], Callable[[ServingError], None]]
+
+
+def name_of(key: Key) -> str:
+    """The name a drain records a sequence's session under in the store: a digest of its
+    key, so scopes and ids of any length make a short name."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
+def start_error(key: Key, why: str = "") -> ServingError:
+    """Triton's INVALID_ARGUMENT for a request without START on a sequence that is not open,
+    with rnnserve's reason when there is one."""
+    tail = f": {why}" if why else " on the first request of the sequence"
+    return invalid(
+        f"inference request for sequence {quoted(str(key[2]))} to model '{quoted(key[1])}' "
+        f"must specify the START flag{tail}"
+    )
 
 
 class Caller:
@@ -40,7 +73,7 @@ class Caller:
 def caller_of(context: Any) -> Caller:
     """The Caller of a call; INVALID_ARGUMENT when its route key header is malformed."""
     principal = current_principal()
-    scope = f"principal:{principal}" if principal else f"peer:{context.peer()}"
+    scope = f"{PRINCIPAL_SCOPE}{principal}" if principal else f"peer:{context.peer()}"
     return Caller(scope, principal, route_key(context.invocation_metadata()))
 
 
@@ -63,10 +96,14 @@ class OipSequence:
 class SequenceTable:
     """The open OIP sequences of a server, by (scope, model, id)."""
 
-    def __init__(self, sessions: SessionManager) -> None:
+    def __init__(self, sessions: SessionManager, durable: Durability | None = None) -> None:
         self.sessions = sessions
+        #: The session store's side, when the server has one: sequences may move.
+        self.durable = durable
         self._open: dict[Key, OipSequence] = {}
         self._starts = 0
+        #: Requests that wait, in arrival order, while their sequence is looked up in the store.
+        self.waiting: dict[Key, list[Waiting]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -91,22 +128,62 @@ class SequenceTable:
         """The open sequence of ``key`` (a request without START), its idle clock restarted;
         INVALID_ARGUMENT in Triton's words when there is none, with rnnserve's reason."""
         seq = self._open.get(key)
-        model, sid = key[1], key[2]
         if seq is None:
-            raise invalid(
-                f"inference request for sequence {quoted(str(sid))} to model '{quoted(model)}' "
-                "must specify the START flag on the first request of the sequence"
-            )
+            raise start_error(key)
         try:
             self.sessions.get(seq.session.id)
-        except ServingError as exc:  # expired idle or evicted: say so, in Triton's terms
+        except ServingError as exc:  # expired idle, evicted or moved: say so
             self._open.pop(key, None)
-            raise invalid(
-                f"inference request for sequence {quoted(str(sid))} to model "
-                f"'{quoted(model)}' must specify the START flag: the sequence is no longer "
-                f"open ({exc.message})"
-            ) from None
+            raise start_error(key, f"the sequence is no longer open ({exc.message})") from None
         return seq
+
+    def needs_store(self, key: Key) -> bool:
+        """Whether the store must be asked before a request without START runs: the
+        sequence is not here but may have been handed over by a drain, or it is here but its
+        ownership is in doubt (see durable.py)."""
+        if self.durable is None or not key[0].startswith(PRINCIPAL_SCOPE):
+            return False
+        seq = self._open.get(key)
+        return seq.session.suspect if seq is not None else True
+
+    async def adopt(self, key: Key) -> None:
+        """Settle ``key`` with the store (``needs_store``): take over the session a drain
+        handed over, or check that a suspect one is still this replica's. Afterwards ``find``
+        answers; INVALID_ARGUMENT in Triton's words when the sequence cannot go on."""
+        assert self.durable is not None
+        seq = self._open.get(key)
+        if seq is not None:
+            if await self.durable.owns(seq.session):
+                return
+            self._open.pop(key, None)
+            raise start_error(key, "the sequence moved to another replica")
+        loaded = await self.durable.handed_over(name_of(key))
+        if loaded is None:
+            return  # never here, or ended: find gives Triton's error
+        session, final = loaded
+        if key in self._open:  # a START raced the lookup: it wins
+            self.sessions.end(session, CLOSED)
+            return
+        owner = key[0].removeprefix(PRINCIPAL_SCOPE)
+        if session.principal != owner or session.model.manifest.name != key[1]:
+            self.sessions.end(session, CLOSED)
+            return
+        if not final:
+            self.sessions.end(session, CLOSED)
+            raise start_error(
+                key,
+                "its replica stopped without handing it over, so its last steps may be lost",
+            )
+        self._open[key] = OipSequence(session)
+
+    def handed_over(self) -> dict[str, Session]:
+        """What a drain hands over: the sessions of the open sequences that may move (a
+        principal's), by name."""
+        return {
+            name_of(key): seq.session
+            for key, seq in self._open.items()
+            if key[0].startswith(PRINCIPAL_SCOPE) and seq.session.ended is None
+        }
 
     def peek(self, key: Key) -> OipSequence | None:
         """The open sequence of ``key``, or None; touches nothing."""

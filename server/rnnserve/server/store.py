@@ -10,6 +10,13 @@ A session's hash ``rnnserve:session:<id>`` holds:
 - ``snap``: the serialized ``rnnserve.v1.SessionSnapshot`` of its last checkpoint.
 - ``principal``: who opened it (authentication), restored with it.
 - ``closed``: set when it was closed: a tombstone (no state) until the key expires.
+- ``final``: 1 when ``snap`` is the session's last state on its owner (written by a drain after
+  the owner stopped taking work), 0 otherwise. A takeover clears it: the new owner may step the
+  session before it writes again. Only a final checkpoint can continue a client that cannot
+  replay (an Open Inference Protocol sequence, oip_sequences.py).
+
+An Open Inference Protocol sequence handed over by a drain is found by its name: the string key
+``rnnserve:oip:<digest of (caller scope, model, sequence id)>`` holds its session id.
 
 Keys expire with the session TTL. Takeovers are announced on the channel ``rnnserve:moved``
 (``<epoch> <session id>``), so a former owner drops its copy at once (durable.py).
@@ -26,19 +33,23 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 KEY_PREFIX = "rnnserve:session:"
+NAME_PREFIX = "rnnserve:oip:"
 MOVED_CHANNEL = "rnnserve:moved"
 #: Seconds a store operation may take before it counts as failed (the replica then serves from
 #: memory and retries later).
 TIMEOUT_S = 2.0
 
-#: Take a session over: a new epoch, this replica as owner; its snapshot and principal, or
-#: nothing when there is no checkpoint (unknown, expired or closed).
+#: Take a session over: a new epoch, this replica as owner; its snapshot, principal and whether
+#: the snapshot was final (then no longer), or nothing when there is no checkpoint (unknown,
+#: expired or closed).
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return false end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+local final = redis.call('HGET', KEYS[1], 'final') or '0'
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'final', 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {epoch, redis.call('HGET', KEYS[1], 'snap'), redis.call('HGET', KEYS[1], 'principal')}
+return {epoch, redis.call('HGET', KEYS[1], 'snap'), redis.call('HGET', KEYS[1], 'principal'),
+        final}
 """
 
 #: Own a session whatever holds it now (a restore over it): the next epoch (1 for a new key).
@@ -60,7 +71,7 @@ if epoch then
   if redis.call('HEXISTS', KEYS[1], 'closed') == 1 then return 0 end
 end
 redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'owner', ARGV[2], 'snap', ARGV[3],
-           'principal', ARGV[4])
+           'principal', ARGV[4], 'final', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -83,6 +94,9 @@ class Claimed:
     epoch: int
     snapshot: bytes
     principal: str
+    #: The snapshot is its former owner's last state (a drain wrote it), not a checkpoint
+    #: the owner may have stepped past.
+    final: bool
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class Write:
     snapshot: bytes | None
     principal: str
     ttl_ms: int
+    #: A drain's checkpoint: the owner takes no more work for the session.
+    final: bool = False
 
 
 class RedisStore:
@@ -128,9 +144,9 @@ class RedisStore:
         got = await self._claim(keys=[KEY_PREFIX + session_id], args=[self.replica, ttl_ms])
         if not got:
             return None
-        epoch, snapshot, principal = got
+        epoch, snapshot, principal, final = got
         await self._client.publish(MOVED_CHANNEL, f"{int(epoch)} {session_id}")
-        return Claimed(int(epoch), bytes(snapshot), (principal or b"").decode())
+        return Claimed(int(epoch), bytes(snapshot), (principal or b"").decode(), final == b"1")
 
     async def seize(self, session_id: str, ttl_ms: int) -> int:
         """Own ``session_id`` from now on, whoever held it (a restore over it); the new epoch."""
@@ -153,11 +169,24 @@ class RedisStore:
                     await self._close(keys=key, args=[w.epoch, w.ttl_ms], client=pipe)
                 else:
                     args: list[bytes | str | int] = [
-                        w.epoch, self.replica, w.snapshot, w.principal, w.ttl_ms,
+                        w.epoch, self.replica, w.snapshot, w.principal, w.ttl_ms, int(w.final),
                     ]  # fmt: skip
                     await self._save(keys=key, args=args, client=pipe)
             results = await pipe.execute()
         return [bool(r) for r in results]
+
+    async def name(self, names: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+        """Record each ``(name, session id)`` (a drained OIP sequence's session), for
+        ``ttl_ms``."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for name, session_id in names:
+                pipe.set(NAME_PREFIX + name, session_id, px=ttl_ms)
+            await pipe.execute()
+
+    async def named(self, name: str) -> str | None:
+        """The session id recorded under ``name``, or None."""
+        value = await self._client.get(NAME_PREFIX + name)
+        return value.decode() if isinstance(value, bytes) else value
 
     async def moves(self) -> AsyncIterator[tuple[int, str]]:
         """Takeovers announced by any replica, as ``(epoch, session id)``, until the
