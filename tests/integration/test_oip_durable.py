@@ -140,3 +140,36 @@ async def test_without_tokens_sequences_stay_with_their_connection(
         await stub_b.ModelInfer(_request(_x(1, seed=6), 3))
     assert "on the first request of the sequence" in (err.value.details() or "")
     assert b.server.metrics.takeovers._value.get() == 0
+
+
+async def test_early_requests_are_retried_not_refused_during_the_handover(
+    start_server: Any, redis_proc: RedisProc, model_repo: Path
+) -> None:
+    """While a drain hands a sequence over, the draining replica holds the requests that come
+    and answers them UNAVAILABLE once the handover is written; another replica asked before
+    that answers UNAVAILABLE too (never "unknown"). Sent again, the request goes on exactly."""
+    a, stub_a = await _replica(start_server, redis_proc, "a")
+    _, stub_b = await _replica(start_server, redis_proc, "b")
+    x = _x(3, seed=7)
+    want, _ = reference_run(model_repo / "tiny-gru" / "1", x)
+    first = _y(await stub_a.ModelInfer(_request(x[:1], 9, start=True), metadata=_as(ALICE)))
+
+    a.server.oip.begin_drain()  # as a drain does first
+    held = asyncio.ensure_future(stub_a.ModelInfer(_request(x[1:2], 9), metadata=_as(ALICE)))
+    await asyncio.sleep(0.2)
+    assert not held.done()  # held, not refused yet
+    handover = a.server.oip.table.handed_over()
+    durable = a.server.durable
+    assert durable is not None and len(handover) == 1
+    await durable.announce(handover, 5.0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:  # B, asked before the final checkpoint
+        await stub_b.ModelInfer(_request(x[1:2], 9), metadata=_as(ALICE))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "being handed over" in (err.value.details() or "")
+
+    await a.server.stop(5.0)  # the rest of the drain: final checkpoint, name recorded
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await held
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = _y(await stub_b.ModelInfer(_request(x[1:], 9), metadata=_as(ALICE)))
+    assert np.max(np.abs(np.concatenate([first, rest]) - want)) <= TOL

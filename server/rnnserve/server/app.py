@@ -319,13 +319,20 @@ class RnnServer:
         finish, then checkpoint every session with unsaved steps and hand the OIP sequences
         over (their clients cannot replay, so they need the final state; durable.py)."""
         assert self.durable is not None
-        started = asyncio.get_running_loop().time()
-        self.servicer.begin_drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         self.oip.begin_drain()
-        for session in self.sessions.all():
-            await session.model.batcher.wait_idle(session)
-        left = max(0.0, grace - (asyncio.get_running_loop().time() - started))
-        if await self.durable.flush(left, self.oip.table.handed_over()):
+        try:
+            handover = self.oip.table.handed_over()
+            await self.durable.announce(handover, grace)
+            self.servicer.begin_drain()
+            for session in self.sessions.all():
+                await session.model.batcher.wait_idle(session)
+            left = max(0.0, grace - (loop.time() - started))
+            flushed = await self.durable.flush(left, handover)
+        finally:
+            self.oip.end_drain()
+        if flushed:
             log.info("drained: every session is checkpointed")
         else:
             log.warning("drain: not every session was checkpointed within %.1f s", grace)

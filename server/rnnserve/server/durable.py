@@ -22,7 +22,9 @@ session this replica does not hold, and fencing of a replica whose sessions move
 - **Handover** (a drain): the checkpoints written once the replica takes no more work are
   *final*, and each Open Inference Protocol sequence's session is recorded under its name, so
   a replica that gets the sequence's next request finds it and continues it exactly, although
-  its client cannot replay (oip_sequences.py).
+  its client cannot replay (oip_sequences.py). The names are first recorded *pending*
+  (``announce``), before the replica stops taking requests: a replica asked for the sequence
+  before the final checkpoint is written answers UNAVAILABLE (retry), not "unknown".
 """
 
 from __future__ import annotations
@@ -168,7 +170,11 @@ class Durability:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             if handover:
-                names = [(n, s.id) for n, s in handover.items() if s.saved_seq == s.next_seq]
+                names = [
+                    (n, s.id)
+                    for n, s in handover.items()
+                    if s.ended is None and s.saved_seq == s.next_seq
+                ]
                 await asyncio.wait_for(
                     self.store.name(names, self.ttl_ms), max(0.0, deadline - loop.time())
                 )
@@ -178,6 +184,18 @@ class Durability:
             self._failed(exc)
             return False
         return True
+
+    async def announce(self, handover: Mapping[str, Session], timeout_s: float) -> None:
+        """Record ``handover``'s sessions under their names as pending (a drain begins); on
+        failure the drain goes on without (a replica asked early then says the sequence is
+        unknown)."""
+        if not handover:
+            return
+        names = [(n, s.id) for n, s in handover.items()]
+        try:
+            await asyncio.wait_for(self.store.name(names, self.ttl_ms, pending=True), timeout_s)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed(exc)
 
     async def _writer(self) -> None:
         backoff = BACKOFF_MIN_S
@@ -336,15 +354,18 @@ class Durability:
         whether its checkpoint was final; None when there is none. UNAVAILABLE when the store
         cannot be reached."""
         try:
-            sid = await self.store.named(name)
+            named = await self.store.named(name)
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise unavailable(
                 "the session store cannot be reached to find the sequence; retry"
             ) from None
         self._answered()
-        if sid is None or not self.may_hold(sid):
+        if named is None or not self.may_hold(named[0]):
             return None
+        sid, pending = named
+        if pending:
+            raise unavailable("the sequence is being handed over by its draining replica; retry")
         return await self._take_over(sid)
 
     async def _take_over(self, sid: str) -> Loaded | None:

@@ -51,6 +51,11 @@ OIP_STREAM_METHOD = f"/{SERVICE_NAME}/ModelStreamInfer"
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]
+#: Why a stopping server answers a request UNAVAILABLE.
+DRAINED = (
+    "server is shutting down; send the request to another replica (a principal's sequences "
+    "continue there when the servers share a session store)"
+)
 #: Called once with a request's response or its error.
 Answer = Callable[[oip.ModelInferResponse | ServingError], None]
 
@@ -155,14 +160,27 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._lookups: set[asyncio.Task[None]] = set()
         self.streams = OipStreams(self, metrics, max_stream_inflight)
         self._closing = False
+        #: While a drain hands the sequences over: the answers owed to the requests that came
+        #: meanwhile (see ``begin_drain``).
+        self._parked: list[Callable[[], None]] | None = None
         try:
             self.version = metadata.version("rnnserve")
         except metadata.PackageNotFoundError:  # run from a source tree without installing
             self.version = "unknown"
 
     def begin_drain(self) -> None:
-        """Take no more requests (UNAVAILABLE): a drain is about to hand the sequences over."""
+        """A drain is about to hand the sequences over: hold the requests that come from now
+        on, and answer them UNAVAILABLE once it has (``end_drain``), so that a proxy's retry
+        of them finds their sequences handed over on the replica it picks."""
+        if self._parked is None:
+            self._parked = []
+
+    def end_drain(self) -> None:
+        """The drain is over: refuse from now on, and answer the requests held meanwhile."""
         self._closing = True
+        parked, self._parked = self._parked or [], None
+        for answer in parked:
+            answer()
 
     def begin_shutdown(self) -> None:
         """Not ready any more; open streams stop reading and end with UNAVAILABLE once their
@@ -249,10 +267,10 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         request that cannot run. A request whose sequence must first be looked up in the store
         waits for it (``_settle``), behind any other request of its sequence that waits."""
         if self._closing:
-            raise unavailable(
-                "server is shutting down; send the request to another replica (a principal's "
-                "sequences continue there when the servers share a session store)"
-            )
+            raise unavailable(DRAINED)
+        if self._parked is not None:
+            self._parked.append(lambda: self.reject(request, caller, unavailable(DRAINED), answer))
+            return
         sequence = sequence_of(request)
         name = request.model_name
         if sequence is None:

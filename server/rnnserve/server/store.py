@@ -16,7 +16,8 @@ A session's hash ``rnnserve:session:<id>`` holds:
   replay (an Open Inference Protocol sequence, oip_sequences.py).
 
 An Open Inference Protocol sequence handed over by a drain is found by its name: the string key
-``rnnserve:oip:<digest of (caller scope, model, sequence id)>`` holds its session id.
+``rnnserve:oip:<digest of (caller scope, model, sequence id)>`` holds its session id, followed
+by `` pending`` from the drain's start until its final checkpoint is written.
 
 Keys expire with the session TTL. Takeovers are announced on the channel ``rnnserve:moved``
 (``<epoch> <session id>``), so a former owner drops its copy at once (durable.py).
@@ -34,6 +35,8 @@ from redis.exceptions import RedisError
 
 KEY_PREFIX = "rnnserve:session:"
 NAME_PREFIX = "rnnserve:oip:"
+#: The suffix of a name whose session's final checkpoint is not written yet.
+PENDING = " pending"
 MOVED_CHANNEL = "rnnserve:moved"
 #: Seconds a store operation may take before it counts as failed (the replica then serves from
 #: memory and retries later).
@@ -175,18 +178,24 @@ class RedisStore:
             results = await pipe.execute()
         return [bool(r) for r in results]
 
-    async def name(self, names: Sequence[tuple[str, str]], ttl_ms: int) -> None:
+    async def name(
+        self, names: Sequence[tuple[str, str]], ttl_ms: int, pending: bool = False
+    ) -> None:
         """Record each ``(name, session id)`` (a drained OIP sequence's session), for
-        ``ttl_ms``."""
+        ``ttl_ms``; ``pending``: its final checkpoint is still to come."""
         async with self._client.pipeline(transaction=False) as pipe:
             for name, session_id in names:
-                pipe.set(NAME_PREFIX + name, session_id, px=ttl_ms)
+                value = session_id + PENDING if pending else session_id
+                pipe.set(NAME_PREFIX + name, value, px=ttl_ms)
             await pipe.execute()
 
-    async def named(self, name: str) -> str | None:
-        """The session id recorded under ``name``, or None."""
+    async def named(self, name: str) -> tuple[str, bool] | None:
+        """The session id recorded under ``name`` and whether it is pending, or None."""
         value = await self._client.get(NAME_PREFIX + name)
-        return value.decode() if isinstance(value, bytes) else value
+        if value is None:
+            return None
+        text = value.decode() if isinstance(value, bytes) else value
+        return text.removesuffix(PENDING), text.endswith(PENDING)
 
     async def moves(self) -> AsyncIterator[tuple[int, str]]:
         """Takeovers announced by any replica, as ``(epoch, session id)``, until the
