@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from rnnserve.client import AsyncClient, ClientOptions, RetryPolicy
 from rnnserve.client.aio_session import AsyncSession
 
@@ -30,18 +28,6 @@ TOL = 1e-5
 #: Small, so that a lost replica leaves sessions several steps past their last checkpoint.
 EVERY = 4
 STORE_ARGS = ["--checkpoint-every", str(EVERY)]
-
-
-def scrape(replica: ReplicaProc) -> dict[str, float]:
-    """The replica's metrics, each summed over its labels."""
-    url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
 
 
 def _inputs(procs: Procs, n: int, steps: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -109,14 +95,14 @@ async def test_sessions_stay_on_one_replica(procs: Procs) -> None:
 
             await asyncio.gather(*(drive(k) for k in range(n)))
         _check(outs, expected)
-        metrics = [scrape(r) for r in replicas]
+        metrics = [r.metrics() for r in replicas]
         assert all(m["rnnserve_takeovers_total"] == 0 for m in metrics)
         opened = [m["rnnserve_sessions_opened_total"] for m in metrics]
         assert sum(opened) == n and min(opened) > 0, opened  # spread, each on one replica
         assert sum(m["rnnserve_steps_total"] for m in metrics) == n * steps
         assert sum(m["rnnserve_active_sessions"] for m in metrics) == n
         await asyncio.gather(*(s.close() for s in sessions))
-    await _until(lambda: sum(scrape(r)["rnnserve_active_sessions"] for r in replicas) == 0)
+    await _until(lambda: sum(r.metrics()["rnnserve_active_sessions"] for r in replicas) == 0)
 
 
 async def _run_sessions(
@@ -164,7 +150,7 @@ async def test_a_lost_replica_costs_no_session_and_no_error(procs: Procs, how: s
     async with AsyncClient(_options(envoy.address)) as client:
         run = asyncio.ensure_future(_run_sessions(client, xs, outs, progress))
         await _until(lambda: min(progress) >= steps // 3)
-        assert scrape(victim)["rnnserve_active_sessions"] > 0  # it holds some of them
+        assert victim.metrics()["rnnserve_active_sessions"] > 0  # it holds some of them
         if how == "sigkill":
             victim.kill()
         else:
@@ -173,7 +159,7 @@ async def test_a_lost_replica_costs_no_session_and_no_error(procs: Procs, how: s
             assert "drained: every session is checkpointed" in victim.log()
         await asyncio.wait_for(run, 120)
     _check(outs, expected)
-    metrics = scrape(survivor)
+    metrics = survivor.metrics()
     assert metrics["rnnserve_takeovers_total"] > 0
     assert metrics["rnnserve_active_sessions"] == 0  # every session closed cleanly
 
@@ -196,19 +182,19 @@ async def test_a_replica_that_comes_back_neither_serves_nor_overwrites(procs: Pr
                     outs[k].append(await s.step(xs[k, t]))
 
         await steps(0, part)
-        held_by_a = scrape(a)["rnnserve_active_sessions"]
+        held_by_a = a.metrics()["rnnserve_active_sessions"]
         assert held_by_a > 0
         a.pause()
         await asyncio.to_thread(envoy.wait_hosts, healthy=["replica-b"], unhealthy=["replica-a"])
         await steps(part, 2 * part)  # A's sessions continue on B
-        assert scrape(b)["rnnserve_takeovers_total"] == held_by_a
+        assert b.metrics()["rnnserve_takeovers_total"] == held_by_a
         a.resume()
         await asyncio.to_thread(envoy.wait_hosts, healthy=["replica-a", "replica-b"])
         # The admin shows A healthy as soon as the main thread knows; Envoy's workers rebuild
         # their rings a moment later (a loaded CI machine once sent every key of phase 3 to B).
         await asyncio.sleep(1.0)
         await steps(2 * part, 3 * part)  # their keys reach A again
-        metrics_a = scrape(a)
+        metrics_a = a.metrics()
         assert metrics_a["rnnserve_fenced_total"] == held_by_a  # stale copies dropped
         assert metrics_a["rnnserve_takeovers_total"] == held_by_a  # B's state loaded
         for s in sessions:
@@ -231,14 +217,14 @@ async def test_serving_goes_on_while_redis_is_away(procs: Procs) -> None:
         redis.kill()
         at_kill = list(progress)
         await _until(lambda: all(p >= k + 10 for p, k in zip(progress, at_kill, strict=True)))
-        during = [scrape(r) for r in replicas]
+        during = [r.metrics() for r in replicas]
         assert all(m["rnnserve_store_up"] == 0 for m in during)  # the gap shows
         assert all(m["rnnserve_store_errors_total"] > 0 for m in during)
         await asyncio.to_thread(redis.restart)
-        await _until(lambda: all(scrape(r)["rnnserve_store_up"] == 1 for r in replicas))
-        saved = [scrape(r)["rnnserve_checkpoints_total"] for r in replicas]
+        await _until(lambda: all(r.metrics()["rnnserve_store_up"] == 1 for r in replicas))
+        saved = [r.metrics()["rnnserve_checkpoints_total"] for r in replicas]
         await _until(lambda: min(progress) >= 40)
-        after = [scrape(r)["rnnserve_checkpoints_total"] for r in replicas]
+        after = [r.metrics()["rnnserve_checkpoints_total"] for r in replicas]
         assert sum(after) > sum(saved)  # durability resumed (wherever the sessions live)
         replicas[0].kill()  # and is real: the sessions go on from the store
         await asyncio.wait_for(run, 120)
@@ -250,4 +236,4 @@ def test_an_unreachable_store_at_start_is_not_fatal(procs: Procs, tmp_path: Path
     replica = procs.replica("lonely", "redis://127.0.0.1:1/0", STORE_ARGS)
     assert replica.health() == "SERVING"
     assert "session store unreachable" in replica.log()
-    assert scrape(replica)["rnnserve_store_up"] == 0
+    assert replica.metrics()["rnnserve_store_up"] == 0

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.envoy_proc import EnvoyProc, render_envoy, start_envoy, validate_envoy
 from tests.support.proc_base import (
@@ -243,6 +245,17 @@ class ReplicaProc(Proc):
 
     def ready(self) -> bool:
         return self.health(timeout=0.5) == "SERVING"
+
+    def metrics(self) -> dict[str, float]:
+        """The replica's metrics (its /metrics), each summed over its labels."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        totals: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        return totals
 
     def wait_serving(self, timeout: float = 30.0) -> None:
         """Block until health says SERVING (after a ``resume``, say)."""
