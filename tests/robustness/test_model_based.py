@@ -1,0 +1,404 @@
+"""Model-based test of the session semantics under concurrency: rounds of random operations on
+many sessions (unary steps, single steps and frames on one shared Stream, retries, stale seqs,
+reset, fork, close, snapshot and restore), all of a round in flight at once so they share
+engine runs, each session in at most one operation per round. A reference model of every
+session (its memory cell, run straight through onnxruntime at batch 1, its seq and its last
+chunk) says what each answer must be; any step applied twice, lost, run on the wrong state or
+answered from the wrong cache shows as a wrong output or seq."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from rnnserve.manifest import MODEL_FILE, load_manifest
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import from_tensor, to_tensor
+
+from tests.support.raw import next_seq_of
+
+MODELS = ("tiny-gru", "tiny-lstm")  # the same input and output widths: frames may mix them
+TOL = 1e-5
+ROUNDS = 40
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+class Reference:
+    """Each model run straight, at batch 1, from a given state (tests.support.modelgen's
+    reference_run, with its onnxruntime sessions kept)."""
+
+    def __init__(self, repo: Path) -> None:
+        self.models: dict[str, tuple[Any, ort.InferenceSession]] = {}
+        for name in MODELS:
+            folder = repo / name / "1"
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            sess = ort.InferenceSession(
+                str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
+            )
+            self.models[name] = (load_manifest(folder), sess)
+
+    def zeros(self, model: str) -> dict[str, np.ndarray]:
+        manifest, _ = self.models[model]
+        return {s.name: np.zeros(s.shape, np.float32) for s in manifest.states}
+
+    def run(
+        self, model: str, x: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        m, sess = self.models[model]
+        feed = {m.input_name: x[:, None]}
+        for s in m.states:
+            feed[s.input] = np.expand_dims(state[s.name], s.batch_axis)
+        if m.sequence_lens:
+            feed[m.sequence_lens] = np.array([x.shape[0]], dtype=np.int32)
+        results = sess.run([m.output_name, *(s.output for s in m.states)], feed)
+        new = {
+            s.name: np.take(r, 0, axis=s.batch_axis)
+            for s, r in zip(m.states, results[1:], strict=True)
+        }
+        return np.asarray(results[0])[:, 0], new
+
+
+@dataclass
+class Tracked:
+    """What a session must be: its model, memory cell, next seq and last applied chunk."""
+
+    sid: str
+    model: str
+    state: dict[str, np.ndarray]
+    next_seq: int = 0
+    #: (seq, inputs, outputs) of the last applied chunk; None when a retry has no defined
+    #: answer here (never stepped, or just forked or reset).
+    last: tuple[int, np.ndarray, np.ndarray] | None = None
+    #: A snapshot taken earlier and what the session was then.
+    saved: tuple[pb.SessionSnapshot, dict[str, np.ndarray], int, Any] | None = field(default=None)
+
+
+@dataclass
+class Round:
+    """One round's operations: unary tasks, and the requests of the shared Stream with the
+    check of each reply (by request id)."""
+
+    tasks: list[Any] = field(default_factory=list)
+    stream: list[pb.StreamRequest] = field(default_factory=list)
+    checks: dict[int, Any] = field(default_factory=dict)
+
+
+class Harness:
+    def __init__(self, stub: pb_grpc.InferenceServiceStub, ref: Reference, rng: random.Random):
+        self.stub = stub
+        self.ref = ref
+        self.rng = rng
+        self.np_rng = np.random.default_rng(rng.randrange(2**32))
+        self.live: list[Tracked] = []
+        self.request_id = 0
+
+    def chunk(self, steps: int) -> np.ndarray:
+        return self.np_rng.normal(0.0, 1.0, (steps, 3)).astype(np.float32)
+
+    async def open(self) -> None:
+        model = self.rng.choice(MODELS)
+        reply = await self.stub.OpenSession(pb.OpenSessionRequest(model=model))
+        self.live.append(Tracked(reply.session.session_id, model, self.ref.zeros(model)))
+
+    # -- what an applied chunk, a retry and a refused chunk must answer ------------------------
+
+    def apply(self, t: Tracked, seq: int, x: np.ndarray) -> np.ndarray:
+        """Advance the model of ``t`` by the chunk; the outputs the server must give."""
+        assert seq == t.next_seq
+        y, t.state = self.ref.run(t.model, x, t.state)
+        t.next_seq = seq + x.shape[0]
+        t.last = (seq, x, y)
+        return y
+
+    @staticmethod
+    def close_to(got: np.ndarray, want: np.ndarray, what: str) -> None:
+        assert got.shape == want.shape, (what, got.shape, want.shape)
+        assert np.max(np.abs(got - want)) <= TOL, what
+
+    # -- operations ------------------------------------------------------------------------
+
+    def op_unary(self, r: Round, t: Tracked) -> None:
+        x = self.chunk(self.rng.randint(1, 3))
+        seq = t.next_seq
+        want = self.apply(t, seq, x)
+
+        async def call() -> None:
+            reply = await self.stub.Step(
+                pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x))
+            )
+            self.close_to(np.asarray(from_tensor(reply.outputs)), want, f"unary {t.sid}")
+            assert reply.next_seq == seq + x.shape[0]
+
+        r.tasks.append(call())
+
+    def op_retry(self, r: Round, t: Tracked) -> None:
+        assert t.last is not None
+        seq, x, want = t.last
+        self.request_id += 1
+        r.stream.append(
+            pb.StreamRequest(
+                step=pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x)),
+                request_id=self.request_id,
+            )
+        )
+        next_seq = t.next_seq
+
+        def check(reply: pb.StreamResponse) -> None:
+            assert reply.WhichOneof("result") == "step", reply
+            self.close_to(np.asarray(from_tensor(reply.step.outputs)), want, f"retry {t.sid}")
+            assert reply.step.next_seq == next_seq
+
+        r.checks[self.request_id] = check
+
+    def op_stale(self, r: Round, t: Tracked) -> None:
+        """A chunk that skips a step: refused with the seq the session expects."""
+        x = self.chunk(1)
+        next_seq = t.next_seq
+
+        async def call() -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await self.stub.Step(
+                    pb.StepRequest(session_id=t.sid, seq=next_seq + 1, inputs=to_tensor(x))
+                )
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert next_seq_of(err.value) == next_seq
+
+        r.tasks.append(call())
+
+    def op_single(self, r: Round, t: Tracked) -> None:
+        x = self.chunk(self.rng.randint(1, 3))
+        seq = t.next_seq
+        want = self.apply(t, seq, x)
+        self.request_id += 1
+        r.stream.append(
+            pb.StreamRequest(
+                step=pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x)),
+                request_id=self.request_id,
+            )
+        )
+
+        def check(reply: pb.StreamResponse) -> None:
+            assert reply.WhichOneof("result") == "step", reply
+            self.close_to(np.asarray(from_tensor(reply.step.outputs)), want, f"single {t.sid}")
+
+        r.checks[self.request_id] = check
+
+    def op_frame(self, r: Round, group: list[Tracked]) -> None:
+        """A frame of ``group``: most entries step, some retry their last chunk, one may
+        skip a step (only that entry fails)."""
+        steps = self.rng.randint(1, 3)
+        seqs: list[int] = []
+        xs: list[np.ndarray] = []
+        wants: list[tuple[str, Any]] = []
+        for t in group:
+            kind = self.rng.random()
+            if kind < 0.15 and t.last is not None and t.last[1].shape[0] == steps:
+                seq, x, y = t.last
+                wants.append(("retry", (y, t.next_seq)))
+            elif kind < 0.25:
+                x, seq = self.chunk(steps), t.next_seq + 2
+                wants.append(("stale", t.next_seq))
+            else:
+                x, seq = self.chunk(steps), t.next_seq
+                wants.append(("step", (self.apply(t, seq, x), t.next_seq)))
+            seqs.append(seq)
+            xs.append(x)
+        self.request_id += 1
+        r.stream.append(
+            pb.StreamRequest(
+                frame=pb.StepFrame(
+                    session_ids=[t.sid for t in group], seqs=seqs, inputs=to_tensor(np.stack(xs))
+                ),
+                request_id=self.request_id,
+            )
+        )
+
+        def check(reply: pb.StreamResponse) -> None:
+            assert reply.WhichOneof("result") == "frame", reply
+            frame = reply.frame
+            errors = {e.index: e.error for e in frame.errors}
+            outs = np.asarray(from_tensor(frame.outputs))
+            for i, (kind, want) in enumerate(wants):
+                what = f"frame entry {i} ({kind}) of {group[i].sid}"
+                if kind == "stale":
+                    assert errors[i].code == FAILED_PRECONDITION, what
+                    assert errors[i].next_seq == want and frame.next_seqs[i] == want, what
+                    continue
+                assert i not in errors, (what, errors.get(i))
+                y, next_seq = want
+                self.close_to(outs[i], y, what)
+                assert frame.next_seqs[i] == next_seq, what
+
+        r.checks[self.request_id] = check
+
+    def op_reset(self, r: Round, t: Tracked) -> None:
+        t.state = self.ref.zeros(t.model)
+        t.last = None
+        next_seq = t.next_seq
+
+        async def call() -> None:
+            reply = await self.stub.ResetSession(pb.ResetSessionRequest(session_id=t.sid))
+            assert reply.session.next_seq == next_seq
+
+        r.tasks.append(call())
+
+    def op_fork(self, r: Round, t: Tracked) -> None:
+        twin = Tracked("", t.model, dict(t.state), t.next_seq)
+
+        async def call() -> None:
+            reply = await self.stub.ForkSession(pb.ForkSessionRequest(session_id=t.sid))
+            assert reply.session.next_seq == twin.next_seq
+            twin.sid = reply.session.session_id
+            self.live.append(twin)
+
+        r.tasks.append(call())
+
+    def op_close(self, r: Round, t: Tracked) -> None:
+        self.live.remove(t)
+
+        async def call() -> None:
+            await self.stub.CloseSession(pb.CloseSessionRequest(session_id=t.sid))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await self.stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+        r.tasks.append(call())
+
+    def op_snapshot(self, r: Round, t: Tracked) -> None:
+        state, next_seq, last = dict(t.state), t.next_seq, t.last
+
+        async def call() -> None:
+            reply = await self.stub.GetState(pb.GetStateRequest(session_id=t.sid))
+            assert reply.snapshot.next_seq == next_seq
+            t.saved = (reply.snapshot, state, next_seq, last)
+
+        r.tasks.append(call())
+
+    def op_restore(self, r: Round, t: Tracked) -> None:
+        assert t.saved is not None
+        snapshot, state, next_seq, last = t.saved
+        t.state, t.next_seq, t.last = dict(state), next_seq, last
+
+        async def call() -> None:
+            reply = await self.stub.PutState(
+                pb.PutStateRequest(session_id=t.sid, snapshot=snapshot)
+            )
+            assert reply.session.next_seq == next_seq
+
+        r.tasks.append(call())
+
+    # -- a round ---------------------------------------------------------------------------
+
+    def plan(self) -> Round:
+        r = Round()
+        free = list(self.live)
+        self.rng.shuffle(free)
+        # Some rounds touch a few sessions, others all: batches of every size.
+        del free[: int(len(free) * self.rng.choice([0.0, 0.5, 0.9]))]
+        while free:
+            t = free.pop()
+            roll = self.rng.random()
+            if roll < 0.25 and len(free) >= 2:
+                group = [t, *(free.pop() for _ in range(min(len(free), self.rng.randint(1, 9))))]
+                self.op_frame(r, group)
+            elif roll < 0.40:
+                self.op_unary(r, t)
+            elif roll < 0.55:
+                self.op_single(r, t)
+            elif roll < 0.62 and t.last is not None:
+                self.op_retry(r, t)
+            elif roll < 0.67:
+                self.op_stale(r, t)
+            elif roll < 0.71:
+                self.op_reset(r, t)
+            elif roll < 0.75 and len(self.live) < 40:
+                self.op_fork(r, t)
+            elif roll < 0.78 and len(self.live) > 8:
+                self.op_close(r, t)
+            elif roll < 0.84:
+                self.op_snapshot(r, t)
+            elif roll < 0.88 and t.saved is not None:
+                self.op_restore(r, t)
+        return r
+
+    async def run(self, r: Round) -> None:
+        async def requests() -> AsyncIterator[pb.StreamRequest]:
+            for req in r.stream:
+                yield req
+
+        async def stream() -> None:
+            if not r.stream:
+                return
+            replies = [reply async for reply in self.stub.Stream(requests())]
+            assert sorted(x.request_id for x in replies) == sorted(r.checks)
+            for reply in replies:
+                r.checks[reply.request_id](reply)
+
+        async def later(task: Any) -> None:
+            await asyncio.sleep(self.rng.choice([0.0, 0.0, 0.001, 0.003]))
+            await task
+
+        await asyncio.gather(stream(), *(later(task) for task in r.tasks))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_random_rounds_keep_every_session_exact(
+    server: Any, model_repo: Path, seed: int
+) -> None:
+    channel = grpc.aio.insecure_channel(server.address)
+    harness = Harness(
+        pb_grpc.InferenceServiceStub(channel), Reference(model_repo), random.Random(seed)
+    )
+    for _ in range(16):
+        await harness.open()
+    for _ in range(ROUNDS):
+        await harness.run(harness.plan())
+        while len(harness.live) < 8:
+            await harness.open()
+    # Every session the model still tracks is where the model says, to the bit of its seq.
+    for t in harness.live:
+        info = await harness.stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
+        assert info.session.next_seq == t.next_seq, t.sid
+    await channel.close()
+
+
+async def test_drains_hand_every_session_over_exactly(
+    start_server: Any, redis_proc: Any, model_repo: Path
+) -> None:
+    """The same rounds on replicas sharing a Redis store, each drained (SIGTERM's path) after
+    its rounds and the next one going on: every session, its retry cache and the snapshots
+    taken before, continue exactly on the next replica, with no replay."""
+    harness: Harness | None = None
+    for name in ("a", "b", "c"):
+        running = await start_server(store_url=redis_proc.url, replica_name=name)
+        channel = grpc.aio.insecure_channel(running.address)
+        stub = pb_grpc.InferenceServiceStub(channel)
+        if harness is None:
+            harness = Harness(stub, Reference(model_repo), random.Random(7))
+            for _ in range(16):
+                await harness.open()
+        harness.stub = stub
+        for _ in range(ROUNDS // 2):
+            await harness.run(harness.plan())
+            while len(harness.live) < 8:
+                await harness.open()
+        await running.server.stop(10.0)
+        await channel.close()
+    assert harness is not None
+    last = await start_server(store_url=redis_proc.url, replica_name="d")
+    async with grpc.aio.insecure_channel(last.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for t in harness.live:
+            info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
+            assert info.session.next_seq == t.next_seq, t.sid
+    assert last.server.metrics.takeovers._value.get() == len(harness.live)
