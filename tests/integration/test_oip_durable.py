@@ -11,11 +11,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 
 from tests.support.modelgen import reference_run
 from tests.support.procs import RedisProc
+from tests.support.raw import oip_outputs as _y
+from tests.support.raw import oip_request
 
 ALICE, BOB = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef01"
 TOKENS = f"alice:{ALICE},bob:{BOB}"
@@ -23,17 +24,7 @@ TOL = 1e-5
 
 
 def _request(x: np.ndarray, sid: int, *, start: bool = False, end: bool = False) -> Any:
-    req = oip.ModelInferRequest(model_name="tiny-gru", id=str(sid))
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.astype("<f4").tobytes())
-    req.parameters["sequence_id"].uint64_param = sid
-    req.parameters["sequence_start"].bool_param = start
-    req.parameters["sequence_end"].bool_param = end
-    return req
-
-
-def _y(reply: Any) -> np.ndarray:
-    return np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(list(reply.outputs[0].shape))
+    return oip_request("tiny-gru", x, sid, start=start, end=end)
 
 
 def _as(token: str) -> tuple[tuple[str, str], ...]:

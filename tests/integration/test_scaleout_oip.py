@@ -5,33 +5,19 @@ over, and every sequence finishes with the outputs of an uninterrupted run."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import numpy as np
-from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 
 from tests.support.modelgen import reference_run
 from tests.support.procs import Procs
+from tests.support.raw import oip_outputs as _y
+from tests.support.raw import oip_request
 
 MODEL = "tiny-gru"
 TOL = 1e-5
 ALICE = "alice-token-0123456789abcdef"
-
-
-def _request(x: np.ndarray, sid: int, start: bool, end: bool) -> Any:
-    req = oip.ModelInferRequest(model_name=MODEL)
-    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.astype("<f4").tobytes())
-    req.parameters["sequence_id"].uint64_param = sid
-    req.parameters["sequence_start"].bool_param = start
-    req.parameters["sequence_end"].bool_param = end
-    return req
-
-
-def _y(reply: Any) -> np.ndarray:
-    return np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(list(reply.outputs[0].shape))
 
 
 async def test_oip_sequences_go_on_through_a_drain(procs: Procs) -> None:
@@ -54,7 +40,7 @@ async def test_oip_sequences_go_on_through_a_drain(procs: Procs) -> None:
         # One route key per sequence, as docs/oip.md asks behind Envoy.
         md = (("authorization", f"Bearer {ALICE}"), ("x-rnnserve-route", f"seq-{k}"))
         for t in range(steps):
-            req = _request(xs[k, t : t + 1], k + 1, t == 0, t == steps - 1)
+            req = oip_request(MODEL, xs[k, t : t + 1], k + 1, start=t == 0, end=t == steps - 1)
             while True:  # what an app does with UNAVAILABLE: send the request again
                 try:
                     reply = await stub.ModelInfer(req, metadata=md, timeout=10)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import numpy as np
+from inference import grpc_service_pb2 as oip
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.wire import NEXT_SEQ_KEY, from_tensor, to_tensor
@@ -68,3 +69,23 @@ async def state_bytes(stub: Stub, sid: str) -> dict[str, bytes]:
 
 def outputs(reply: pb.StepResponse) -> np.ndarray:
     return np.asarray(from_tensor(reply.outputs))
+
+
+def oip_request(
+    model: str, x: np.ndarray, sid: int, *, start: bool = False, end: bool = False
+) -> oip.ModelInferRequest:
+    """An Open Inference Protocol request: one chunk ``x`` ``[T, F]`` of sequence ``sid``,
+    raw float32, with the request's id set to the sequence id."""
+    req = oip.ModelInferRequest(model_name=model, id=str(sid))
+    req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.astype("<f4").tobytes())
+    req.parameters["sequence_id"].uint64_param = sid
+    req.parameters["sequence_start"].bool_param = start
+    req.parameters["sequence_end"].bool_param = end
+    return req
+
+
+def oip_outputs(reply: oip.ModelInferResponse) -> np.ndarray:
+    """The first output of an Open Inference Protocol response, as its shape says."""
+    shape = list(reply.outputs[0].shape)
+    return np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(shape)
