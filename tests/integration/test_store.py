@@ -175,3 +175,30 @@ async def test_an_idle_replica_sees_redis_go_and_come_back(start_server, redis_p
     await until(0)
     await asyncio.to_thread(redis_proc.restart)
     await until(1)
+
+
+async def test_a_reset_reaches_the_store_and_the_next_replica(start_server, redis_proc):
+    # A reset changes the state but not the seq: the checkpoint written before it is stale.
+    # It is written again at once (so a takeover after a crash is not served the old state),
+    # and a drain writes it too.
+    (a, b), (stub_a, stub_b), channels = await _pair(start_server, redis_proc, checkpoint_every=2)
+    sid = await _open(stub_a)
+    await step(stub_a, sid, 0, X)  # 2 steps: a checkpoint at seq 2
+    await _settle(a)
+    await stub_a.ResetSession(pb.ResetSessionRequest(session_id=sid))
+    await _settle(a)
+    moved = await step(stub_b, sid, 2, X)  # B takes it over: the state must be zeros
+    fresh = await _open(stub_a, route="k2")
+    want = await step(stub_a, fresh, 0, X)
+    np.testing.assert_array_equal(outputs(moved), outputs(want))
+    # And through a drain with nothing else to write.
+    await step(stub_b, sid, 4, X)
+    await _settle(b)
+    await stub_b.ResetSession(pb.ResetSessionRequest(session_id=sid))
+    await b.server.stop(5.0)
+    c = await start_server(store_url=redis_proc.url, replica_name="c")
+    async with grpc.aio.insecure_channel(c.address) as channel:
+        again = await step(pb_grpc.InferenceServiceStub(channel), sid, 6, X)
+    np.testing.assert_array_equal(outputs(again), outputs(want))
+    for ch in channels:
+        await ch.close()

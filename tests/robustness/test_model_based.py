@@ -372,15 +372,20 @@ async def test_random_rounds_keep_every_session_exact(
     await channel.close()
 
 
+@pytest.mark.parametrize("every", [1, 16])
 async def test_drains_hand_every_session_over_exactly(
-    start_server: Any, redis_proc: Any, model_repo: Path
+    start_server: Any, redis_proc: Any, model_repo: Path, every: int
 ) -> None:
     """The same rounds on replicas sharing a Redis store, each drained (SIGTERM's path) after
     its rounds and the next one going on: every session, its retry cache and the snapshots
-    taken before, continue exactly on the next replica, with no replay."""
+    taken before, continue exactly on the next replica, with no replay. At checkpoint_every
+    1 most sessions are saved at their current seq, so a state change without a step (a
+    reset) must reach the store by itself."""
     harness: Harness | None = None
     for name in ("a", "b", "c"):
-        running = await start_server(store_url=redis_proc.url, replica_name=name)
+        running = await start_server(
+            store_url=redis_proc.url, replica_name=name, checkpoint_every=every
+        )
         channel = grpc.aio.insecure_channel(running.address)
         stub = pb_grpc.InferenceServiceStub(channel)
         if harness is None:
@@ -392,6 +397,10 @@ async def test_drains_hand_every_session_over_exactly(
             await harness.run(harness.plan())
             while len(harness.live) < 8:
                 await harness.open()
+        final = Round()  # a reset as the last change before the drain: nothing steps after it
+        for t in harness.live[:4]:
+            harness.op_reset(final, t)
+        await harness.run(final)
         await running.server.stop(10.0)
         await channel.close()
     assert harness is not None

@@ -322,6 +322,7 @@ class InferenceServicer:
     ) -> pb.ResetSessionResponse:
         session = await self._settled(request.session_id)
         session.model.pool.zero(session.slot)
+        session.state_replaced()
         return pb.ResetSessionResponse(session=self.sessions.info(session))
 
     @unary("ForkSession")

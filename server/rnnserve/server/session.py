@@ -193,6 +193,14 @@ class Session:
         if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
             checkpoints.mark(self)
 
+    def state_replaced(self) -> None:
+        """The state changed without a step (a reset): the store's copy is stale, whatever
+        seq it was written at; queue a checkpoint now (a drain writes it too)."""
+        self.saved_seq = -1
+        checkpoints = self.checkpoints
+        if checkpoints is not None:
+            checkpoints.mark(self)
+
     def check_seq(self, seq: int, digest: Digest = b"") -> Outputs | None:
         """The cached outputs when ``seq`` and the inputs' ``digest`` repeat the last applied
         chunk, None when ``seq`` is the next one; FAILED_PRECONDITION (with next_seq) otherwise.
