@@ -202,3 +202,45 @@ async def test_a_reset_reaches_the_store_and_the_next_replica(start_server, redi
     np.testing.assert_array_equal(outputs(again), outputs(want))
     for ch in channels:
         await ch.close()
+
+
+async def test_a_reset_or_restore_is_stored_before_it_is_acknowledged(start_server, redis_proc):
+    # A crash right after the reply must not bring back the state from before the reset: the
+    # store holds the zeroed state (same seq) by the time ResetSession answers.
+    import redis
+
+    (a, _), (stub, _), channels = await _pair(start_server, redis_proc, checkpoint_every=1)
+    durable = a.server.durable
+    store = redis.Redis.from_url(redis_proc.url)
+    for _ in range(5):
+        sid = await _open(stub)
+        await step(stub, sid, 0, X)
+        await _settle(a)
+        durable.store.write = _slow(durable.store.write)  # a store 50 ms away
+        await stub.ResetSession(pb.ResetSessionRequest(session_id=sid))
+        snap = pb.SessionSnapshot.FromString(store.hget(f"rnnserve:session:{sid}", "snap"))
+        assert snap.next_seq == 2
+        for tensor in snap.state.values():
+            assert not np.frombuffer(tensor.raw_data, "<f4").any()
+        durable.store.write = durable.store.write.__wrapped__
+    # The same for a restore over the session: the store holds the restored seq at once.
+    old = (await stub.GetState(pb.GetStateRequest(session_id=sid))).snapshot
+    await step(stub, sid, 2, X)
+    await _settle(a)
+    durable.store.write = _slow(durable.store.write)
+    await stub.PutState(pb.PutStateRequest(session_id=sid, snapshot=old))
+    snap = pb.SessionSnapshot.FromString(store.hget(f"rnnserve:session:{sid}", "snap"))
+    assert snap.next_seq == 2
+    durable.store.write = durable.store.write.__wrapped__
+    store.close()
+    for c in channels:
+        await c.close()
+
+
+def _slow(write):
+    async def slow(writes):
+        await asyncio.sleep(0.05)
+        return await write(writes)
+
+    slow.__wrapped__ = write
+    return slow

@@ -82,6 +82,8 @@ class Durability:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
+        #: Callers of ``save`` waiting for a session's next checkpoint to be written.
+        self._savers: dict[str, list[asyncio.Future[None]]] = {}
         #: Set by a drain's flush: the replica takes no more work, so checkpoints are final.
         self._handing_over = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,6 +112,27 @@ class Durability:
             return
         self._idle.clear()
         self._wake.set()
+
+    async def save(self, session: Session, timeout_s: float = 2.0) -> None:
+        """Checkpoint ``session`` now and return once its state is in the store: what a
+        reset or a restore changed is acknowledged only once it would survive this replica
+        (a crash before a write-behind checkpoint would bring back the state from before it,
+        at the same seq, where no client could tell). While the store is away, or past
+        ``timeout_s``, it returns at once and the checkpoint stays queued."""
+        if not self._up:
+            self.mark(session)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._savers.setdefault(session.id, []).append(done)
+        self.mark(session)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), timeout_s)
+
+    @staticmethod
+    def _saved(waiting: list[asyncio.Future[None]]) -> None:
+        for done in waiting:
+            if not done.done():
+                done.set_result(None)
 
     def _lag(self) -> float:
         return float(sum(s.next_seq - max(s.saved_seq, 0) for s in list(self._queued.values())))
@@ -208,7 +231,7 @@ class Durability:
                     self._refresh()
                     continue
             self._wake.clear()
-            writes, sessions, seqs = self._take_batch()
+            writes, sessions, seqs, savers = self._take_batch()
             if not writes:
                 await asyncio.sleep(0)  # every queued session is mid-run: after it
                 continue
@@ -216,11 +239,13 @@ class Durability:
                 written = await self.store.write(writes)
             except (RedisError, OSError) as exc:
                 self._failed(exc)
-                for w, session in zip(writes, sessions, strict=True):
+                for w, session, waiting in zip(writes, sessions, savers, strict=True):
                     if session is None:
                         self._final.setdefault(w.session_id, w)
                     elif session.ended is None:
                         self._queued.setdefault(session.id, session)
+                    if waiting:  # they wait for the next attempt
+                        self._savers.setdefault(w.session_id, []).extend(waiting)
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
                 continue
@@ -228,7 +253,10 @@ class Durability:
             self._answered()
             now = time.monotonic()
             self.metrics.checkpoints.inc(sum(written))
-            for w, session, seq, ok in zip(writes, sessions, seqs, written, strict=True):
+            for w, session, seq, ok, waiting in zip(
+                writes, sessions, seqs, written, savers, strict=True
+            ):
+                self._saved(waiting)
                 if session is None:
                     continue
                 if ok:
@@ -248,22 +276,27 @@ class Durability:
             if session.deadline - ttl - session.saved_at > ttl / 8:
                 self.mark(session)
 
-    def _take_batch(self) -> tuple[list[Write], list[Session | None], list[int]]:
+    def _take_batch(
+        self,
+    ) -> tuple[list[Write], list[Session | None], list[int], list[list[asyncio.Future[None]]]]:
         """Up to WRITE_BATCH writes, with the session each checkpoints (None for a final
-        write) and the seq it holds: final ones first, then snapshots of queued sessions that
-        are not in an engine run (those stay queued)."""
+        write), the seq it holds and the ``save`` callers it answers: final ones first, then
+        snapshots of queued sessions that are not in an engine run (those stay queued)."""
         writes: list[Write] = []
         owners: list[Session | None] = []
         seqs: list[int] = []
+        savers: list[list[asyncio.Future[None]]] = []
         while self._final and len(writes) < WRITE_BATCH:
             _, write = self._final.popitem()
             writes.append(write)
             owners.append(None)
             seqs.append(-1)
+            savers.append(self._savers.pop(write.session_id, []))
         busy = []
         while self._queued and len(writes) < WRITE_BATCH:
             _, session = self._queued.popitem()
             if session.ended is not None:
+                self._saved(self._savers.pop(session.id, []))
                 continue
             if session.busy:
                 busy.append(session)
@@ -271,9 +304,10 @@ class Durability:
             writes.append(self._write(session, snapshots.take(session)))
             owners.append(session)
             seqs.append(session.next_seq)
+            savers.append(self._savers.pop(session.id, []))
         for session in busy:
             self._queued[session.id] = session
-        return writes, owners, seqs
+        return writes, owners, seqs, savers
 
     def _failed(self, exc: BaseException) -> None:
         self.metrics.store_errors.inc()

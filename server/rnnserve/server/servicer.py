@@ -323,6 +323,8 @@ class InferenceServicer:
         session = await self._settled(request.session_id)
         session.model.pool.zero(session.slot)
         session.state_replaced()
+        if self.durable is not None:
+            await self.durable.save(session)
         return pb.ResetSessionResponse(session=self.sessions.info(session))
 
     @unary("ForkSession")
@@ -370,4 +372,6 @@ class InferenceServicer:
             restored.model, restored.state, sid or None, route, epoch, principal
         )
         snapshots.resume(session, restored)
+        if self.durable is not None:
+            await self.durable.save(session)
         return pb.PutStateResponse(session=self.sessions.info(session))
