@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve.wire import ROUTE_HEADER
+from rnnserve.wire import ROUTE_HEADER, to_tensor
 
 from tests.support.procs import RedisProc
-from tests.support.raw import outputs, step
+from tests.support.raw import outputs, step, stream_all
 
 X = np.ones((2, 3), np.float32)
 Code = grpc.StatusCode
@@ -244,3 +244,36 @@ def _slow(write):
 
     slow.__wrapped__ = write
     return slow
+
+
+async def test_a_stream_applies_its_messages_in_order_across_takeovers(start_server, redis_proc):
+    # Frame 1 names s1 (its load is slow) and s2; frame 2 names s2 again. Both load from the
+    # store on B; frame 2 must not overtake frame 1 (its s2 entry would skip a step).
+    (a, b), (stub_a, stub_b), channels = await _pair(start_server, redis_proc, checkpoint_every=1)
+    s1, s2 = await _open(stub_a, route="r1"), await _open(stub_a, route="r2")
+    await _settle(a)
+    claim = b.server.durable.store.claim
+
+    async def slow_claim(sid, ttl_ms):
+        if sid == s1:
+            await asyncio.sleep(0.3)
+        return await claim(sid, ttl_ms)
+
+    b.server.durable.store.claim = slow_claim
+    x = np.ones((2, 1, 3), np.float32)
+    frames = [
+        pb.StreamRequest(
+            request_id=1, frame=pb.StepFrame(session_ids=[s1, s2], seqs=[0, 0], inputs=to_tensor(x))
+        ),
+        pb.StreamRequest(
+            request_id=2, frame=pb.StepFrame(session_ids=[s2], seqs=[1], inputs=to_tensor(x[:1]))
+        ),
+    ]
+    replies = await stream_all(stub_b, frames)
+    assert [list(r.frame.errors) for r in replies] == [[], []]
+    assert [list(r.frame.next_seqs) for r in sorted(replies, key=lambda r: r.request_id)] == [
+        [1, 1],
+        [2],
+    ]
+    for c in channels:
+        await c.close()

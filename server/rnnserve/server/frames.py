@@ -8,6 +8,7 @@ Each entry stands alone: its own seq, exactly-once retry and error.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -98,8 +99,11 @@ class FrameReply:
         return reply
 
 
-def accept(call: StreamCall, req: pb.StreamRequest, started: float) -> None:
-    """Look up a frame's sessions, then run it (after the store, for sessions not here)."""
+def accept(
+    call: StreamCall, req: pb.StreamRequest, started: float
+) -> Coroutine[Any, Any, None] | None:
+    """Look up a frame's sessions and run it; when some must first come from the store, the
+    coroutine that loads them and then runs it (the call awaits it in the message's turn)."""
     frame = req.frame
     try:
         sids = list(frame.session_ids)
@@ -116,17 +120,17 @@ def accept(call: StreamCall, req: pb.StreamRequest, started: float) -> None:
             )
     except Exception as exc:
         call.refuse(req.request_id, "", started, exc)
-        return
+        return None
     try:
         sessions = call.local_many(sids)
     except Exception as exc:  # answered, never left pending: the stream would wait for it
         call.refuse(req.request_id, "", started, exc)
-        return
+        return None
     reply = FrameReply(call, req.request_id, seqs, started)
     if None in sessions:
-        call.later(_after_store(call, req, reply, sids, sessions))
-    else:
-        _run(call, req, reply, sessions)
+        return _after_store(call, req, reply, sids, sessions)
+    _run(call, req, reply, sessions)
+    return None
 
 
 async def _after_store(

@@ -4,13 +4,16 @@ A message carries one session's chunk (``step``) or a frame of many sessions' ch
 (``frame``, frames.py). Errors about one message, or one entry of a frame, go back in-band and
 the stream goes on; only a broken stream or a shutdown ends it with a status. Lockstep while
 the stream names one session, read-ahead from the first message naming a second or carrying a
-frame (bidi.py).
+frame (bidi.py). A message whose session must first come from the store (a takeover) holds the
+messages after it until it is submitted, so a stream's chunks reach the batcher in the order
+they came, whichever of their sessions load first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -56,7 +59,16 @@ class _StreamWork(Work):
 class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
     """One Stream call: its messages in, their replies out; the sink of its chunks."""
 
-    __slots__ = ("local", "local_many", "lookup", "max_frame", "metrics", "ok", "pending")
+    __slots__ = (
+        "backlog",
+        "local",
+        "local_many",
+        "lookup",
+        "max_frame",
+        "metrics",
+        "ok",
+        "pending",
+    )
 
     def __init__(
         self,
@@ -74,7 +86,10 @@ class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
         self.lookup = lookup
         self.metrics = metrics
         self.max_frame = max_frame
-        #: Messages waiting for a session to be loaded from the store.
+        #: The messages waiting, in arrival order, behind one whose sessions come from the
+        #: store; None while none waits.
+        self.backlog: deque[Coroutine[Any, Any, None]] | None = None
+        #: The task working through the backlog, held so it is not collected.
         self.pending: set[asyncio.Task[None]] = set()
         self.ok = metrics.request_child(METHOD, "OK")
 
@@ -82,27 +97,48 @@ class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
         return MANY if request.HasField("frame") else request.step.session_id
 
     def accept(self, request: pb.StreamRequest) -> None:
-        """Queue one message's chunk or frame; a bad one is answered in-band at once. A chunk
-        whose session must first come from the store waits for it in a task."""
+        """Queue one message's chunk or frame; a bad one is answered in-band at once. A
+        message whose sessions must first come from the store waits for them in a task, and
+        the messages after it wait behind it (``backlog``)."""
         started = time.perf_counter()
         self.received()
-        if request.HasField("frame"):
-            frames.accept(self, request, started)
+        if self.backlog is not None:
+            self.backlog.append(self._in_turn(request, started))
             return
+        waiting = self._try(request, started)
+        if waiting is not None:
+            self.backlog = deque([waiting])
+            task = self.loop.create_task(self._work_backlog())
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    def _try(self, request: pb.StreamRequest, started: float) -> Coroutine[Any, Any, None] | None:
+        """Submit (or answer) one message now; the coroutine that finishes it when its
+        sessions must first come from the store."""
+        if request.HasField("frame"):
+            return frames.accept(self, request, started)
         try:
             session = self.local(request.step.session_id)
             if session is None:
-                self.later(self._accept_later(request, started))
-                return
+                return self._accept_later(request, started)
             self._submit(request, session, started)
         except Exception as exc:
             self.refuse(request.request_id, request.step.session_id, started, exc)
+        return None
 
-    def later(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` (a message waiting for the store) in a task of this call."""
-        task = self.loop.create_task(coro)
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
+    async def _in_turn(self, request: pb.StreamRequest, started: float) -> None:
+        waiting = self._try(request, started)
+        if waiting is not None:
+            await waiting
+
+    async def _work_backlog(self) -> None:
+        """Finish the waiting messages one after another, then let messages run at once
+        again."""
+        backlog = self.backlog
+        assert backlog is not None
+        while backlog:
+            await backlog.popleft()
+        self.backlog = None
 
     async def _accept_later(self, request: pb.StreamRequest, started: float) -> None:
         try:
