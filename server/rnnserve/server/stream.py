@@ -12,6 +12,7 @@ they came, whichever of their sessions load first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,6 +37,7 @@ LocalMany = Callable[[list[str]], list[Session | BaseException | None]]
 #: Session ``sid``, from the store if need be (servicer.lookup).
 Lookup = Callable[[str], Awaitable[Session]]
 METHOD = "Stream"
+log = logging.getLogger("rnnserve.server")
 
 
 class _StreamWork(Work):
@@ -137,7 +139,10 @@ class StreamCall(BidiCall[pb.StreamRequest, pb.StreamResponse]):
         backlog = self.backlog
         assert backlog is not None
         while backlog:
-            await backlog.popleft()
+            try:
+                await backlog.popleft()
+            except Exception:  # a bug: the messages behind it must still run
+                log.exception("a Stream message waiting for the store failed")
         self.backlog = None
 
     async def _accept_later(self, request: pb.StreamRequest, started: float) -> None:
