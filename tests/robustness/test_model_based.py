@@ -30,6 +30,9 @@ MODELS = ("tiny-gru", "tiny-lstm")  # the same input and output widths: frames m
 TOL = 1e-5
 ROUNDS = 40
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+#: A chunk refused this way was not applied and may be sent again (the SDK does): the session
+#: left the server's memory while the chunk waited, for the store.
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class Reference:
@@ -112,13 +115,19 @@ class Harness:
 
     # -- what an applied chunk, a retry and a refused chunk must answer ------------------------
 
-    def apply(self, t: Tracked, seq: int, x: np.ndarray) -> np.ndarray:
-        """Advance the model of ``t`` by the chunk; the outputs the server must give."""
+    def apply(self, t: Tracked, seq: int, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Advance the model of ``t`` by the chunk: the outputs the server must give, and
+        how to take the chunk back if the server answers UNAVAILABLE (not applied)."""
         assert seq == t.next_seq
+        before = (t.state, t.next_seq, t.last)
         y, t.state = self.ref.run(t.model, x, t.state)
         t.next_seq = seq + x.shape[0]
         t.last = (seq, x, y)
-        return y
+
+        def undo() -> None:
+            t.state, t.next_seq, t.last = before
+
+        return y, undo
 
     @staticmethod
     def close_to(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -130,12 +139,17 @@ class Harness:
     def op_unary(self, r: Round, t: Tracked) -> None:
         x = self.chunk(self.rng.randint(1, 3))
         seq = t.next_seq
-        want = self.apply(t, seq, x)
+        want, undo = self.apply(t, seq, x)
 
         async def call() -> None:
-            reply = await self.stub.Step(
-                pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x))
-            )
+            try:
+                reply = await self.stub.Step(
+                    pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x))
+                )
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                undo()
+                return
             self.close_to(np.asarray(from_tensor(reply.outputs)), want, f"unary {t.sid}")
             assert reply.next_seq == seq + x.shape[0]
 
@@ -154,6 +168,8 @@ class Harness:
         next_seq = t.next_seq
 
         def check(reply: pb.StreamResponse) -> None:
+            if reply.WhichOneof("result") == "error" and reply.error.code == UNAVAILABLE:
+                return
             assert reply.WhichOneof("result") == "step", reply
             self.close_to(np.asarray(from_tensor(reply.step.outputs)), want, f"retry {t.sid}")
             assert reply.step.next_seq == next_seq
@@ -170,6 +186,8 @@ class Harness:
                 await self.stub.Step(
                     pb.StepRequest(session_id=t.sid, seq=next_seq + 1, inputs=to_tensor(x))
                 )
+            if err.value.code() == grpc.StatusCode.UNAVAILABLE:
+                return
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert next_seq_of(err.value) == next_seq
 
@@ -178,7 +196,7 @@ class Harness:
     def op_single(self, r: Round, t: Tracked) -> None:
         x = self.chunk(self.rng.randint(1, 3))
         seq = t.next_seq
-        want = self.apply(t, seq, x)
+        want, undo = self.apply(t, seq, x)
         self.request_id += 1
         r.stream.append(
             pb.StreamRequest(
@@ -188,6 +206,9 @@ class Harness:
         )
 
         def check(reply: pb.StreamResponse) -> None:
+            if reply.WhichOneof("result") == "error" and reply.error.code == UNAVAILABLE:
+                undo()
+                return
             assert reply.WhichOneof("result") == "step", reply
             self.close_to(np.asarray(from_tensor(reply.step.outputs)), want, f"single {t.sid}")
 
@@ -204,13 +225,14 @@ class Harness:
             kind = self.rng.random()
             if kind < 0.15 and t.last is not None and t.last[1].shape[0] == steps:
                 seq, x, y = t.last
-                wants.append(("retry", (y, t.next_seq)))
+                wants.append(("retry", (y, t.next_seq, None)))
             elif kind < 0.25:
                 x, seq = self.chunk(steps), t.next_seq + 2
                 wants.append(("stale", t.next_seq))
             else:
                 x, seq = self.chunk(steps), t.next_seq
-                wants.append(("step", (self.apply(t, seq, x), t.next_seq)))
+                y, undo = self.apply(t, seq, x)
+                wants.append(("step", (y, t.next_seq, undo)))
             seqs.append(seq)
             xs.append(x)
         self.request_id += 1
@@ -230,12 +252,16 @@ class Harness:
             outs = np.asarray(from_tensor(frame.outputs))
             for i, (kind, want) in enumerate(wants):
                 what = f"frame entry {i} ({kind}) of {group[i].sid}"
+                if i in errors and errors[i].code == UNAVAILABLE:
+                    if kind == "step":
+                        want[2]()  # not applied
+                    continue
                 if kind == "stale":
                     assert errors[i].code == FAILED_PRECONDITION, what
                     assert errors[i].next_seq == want and frame.next_seqs[i] == want, what
                     continue
                 assert i not in errors, (what, errors.get(i))
-                y, next_seq = want
+                y, next_seq, _ = want
                 self.close_to(outs[i], y, what)
                 assert frame.next_seqs[i] == next_seq, what
 
@@ -411,3 +437,25 @@ async def test_drains_hand_every_session_over_exactly(
             info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
             assert info.session.next_seq == t.next_seq, t.sid
     assert last.server.metrics.takeovers._value.get() == len(harness.live)
+
+
+async def test_sessions_evicted_to_the_store_come_back_exact(
+    start_server: Any, redis_proc: Any, model_repo: Path
+) -> None:
+    """The rounds on one server with room for 10 sessions and a store: about half the sessions
+    are evicted at any time (saved on the way out) and loaded back when next used; every
+    answer is still exact."""
+    running = await start_server(store_url=redis_proc.url, replica_name="small", max_sessions=10)
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        harness = Harness(stub, Reference(model_repo), random.Random(11))
+        for _ in range(16):
+            await harness.open()
+        for _ in range(ROUNDS):
+            await harness.run(harness.plan())
+            while len(harness.live) < 8:
+                await harness.open()
+        for t in harness.live:
+            info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
+            assert info.session.next_seq == t.next_seq, t.sid
+    assert running.server.metrics.takeovers._value.get() > 20

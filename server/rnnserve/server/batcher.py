@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from rnnserve.server.errors import ServingError, as_serving_error, not_found
+from rnnserve.server.errors import ServingError, as_serving_error
 from rnnserve.server.work import Array, FrameWork, Item, Rows, States, Work, assemble
 
 if TYPE_CHECKING:
@@ -182,9 +182,7 @@ class Batcher:
         session, a retry of the last applied chunk, a seq error)."""
         session = w.session
         if session.ended is not None:
-            self._fail(
-                w, not_found(f"session {session.id} ended ({session.ended}) before its chunk ran")
-            )
+            self._fail(w, session.gone())
             return False
         if w.seq == session.next_seq:
             return True
@@ -214,9 +212,7 @@ class Batcher:
             if seq != session.next_seq or session.ended is not None:
                 try:
                     if session.ended is not None:
-                        raise not_found(
-                            f"session {session.id} ended ({session.ended}) before its chunk ran"
-                        )
+                        raise session.gone()
                     cached = session.check_seq(seq, fw.inputs[j])
                 except ServingError as exc:
                     self._answer_entry(sink.entry_failed, fw.rows[j], exc)

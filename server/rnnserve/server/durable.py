@@ -40,7 +40,7 @@ from rnnserve.server.errors import unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CAPACITY, CLOSED, MOVED, SESSION_ID, Session, SessionManager
-from rnnserve.server.store import RedisError, RedisStore, Write
+from rnnserve.server.store import TIMEOUT_S, RedisError, RedisStore, Write
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 log = logging.getLogger("rnnserve.server")
@@ -84,6 +84,10 @@ class Durability:
         self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
         #: Callers of ``save`` waiting for a session's next checkpoint to be written.
         self._savers: dict[str, list[asyncio.Future[None]]] = {}
+        #: The ids written by the round trip in flight.
+        self._in_flight: set[str] = set()
+        #: Takeovers waiting for this replica's own pending write of a session to land.
+        self._landing: dict[str, list[asyncio.Future[None]]] = {}
         #: Set by a drain's flush: the replica takes no more work, so checkpoints are final.
         self._handing_over = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -235,9 +239,11 @@ class Durability:
             if not writes:
                 await asyncio.sleep(0)  # every queued session is mid-run: after it
                 continue
+            self._in_flight = {w.session_id for w in writes}
             try:
                 written = await self.store.write(writes)
             except (RedisError, OSError) as exc:
+                self._in_flight = set()
                 self._failed(exc)
                 for w, session, waiting in zip(writes, sessions, savers, strict=True):
                     if session is None:
@@ -249,6 +255,10 @@ class Durability:
                 await asyncio.sleep(backoff)
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
                 continue
+            self._in_flight = set()
+            for w in writes:
+                if w.session_id not in self._final:  # else its last write is still to come
+                    self._saved(self._landing.pop(w.session_id, []))
             backoff = BACKOFF_MIN_S
             self._answered()
             now = time.monotonic()
@@ -417,6 +427,13 @@ class Durability:
 
     async def _load(self, sid: str) -> Loaded | None:
         assert self.sessions is not None
+        if sid in self._final or sid in self._in_flight:
+            # This replica evicted it and has not written it yet: the store's copy is older.
+            landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._landing.setdefault(sid, []).append(landed)
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(landed), TIMEOUT_S)
         try:
             claimed = await self.store.claim(sid, self.ttl_ms)
         except (RedisError, OSError) as exc:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from rnnserve.server.errors import out_of_range, seq_error
+from rnnserve.server.errors import ServingError, not_found, out_of_range, seq_error, unavailable
 from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import array_digest, chunk_digest
@@ -28,6 +28,13 @@ LE_FLOAT32 = np.dtype("<f4")
 
 #: The largest seq a session reaches: int64's largest, which every client language holds.
 MAX_SEQ = 2**63 - 1
+
+#: Why a session ended here (``Session.ended``).
+CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
+#: Ended here because another replica took the session over (see durable.py).
+MOVED = "moved"
+#: Ended because a PutState restored another snapshot under its id.
+REPLACED = "replaced"
 
 
 def check_seq_room(seq: int, steps: int) -> None:
@@ -192,6 +199,18 @@ class Session:
         checkpoints = self.checkpoints
         if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
             checkpoints.mark(self)
+
+    def gone(self) -> ServingError:
+        """Why a chunk of this session, which ended while the chunk waited, was not applied:
+        UNAVAILABLE (send it again) when the session went on to the store (evicted, or
+        taken over by another replica) and is loaded again by the next call; NOT_FOUND when
+        it is gone."""
+        if self.ended in (CAPACITY, MOVED) and self.checkpoints is not None:
+            return unavailable(
+                f"session {self.id} left this replica's memory ({self.ended}) while its chunk "
+                "waited; send the chunk again (the session is loaded from the store)"
+            )
+        return not_found(f"session {self.id} ended ({self.ended}) before its chunk ran")
 
     def state_replaced(self) -> None:
         """The state changed without a step (a reset): the store's copy is stale, whatever

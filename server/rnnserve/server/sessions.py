@@ -28,7 +28,12 @@ from rnnserve.server.errors import (
 )
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
+from rnnserve.server.session import CAPACITY as CAPACITY
+from rnnserve.server.session import CLOSED as CLOSED
+from rnnserve.server.session import IDLE as IDLE
 from rnnserve.server.session import MAX_SEQ as MAX_SEQ
+from rnnserve.server.session import MOVED as MOVED
+from rnnserve.server.session import REPLACED as REPLACED
 from rnnserve.server.session import Checkpoints
 from rnnserve.server.session import Digest as Digest
 from rnnserve.server.session import Session as Session
@@ -36,11 +41,6 @@ from rnnserve.server.session import check_seq_room as check_seq_room
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import ROUTE_HEADER, route_of
 
-CLOSED, IDLE, CAPACITY = "closed", "idle", "capacity"
-#: Ended here because another replica took the session over (see durable.py).
-MOVED = "moved"
-#: Ended because a PutState restored another snapshot under its id.
-REPLACED = "replaced"
 #: Tombstones kept for ended sessions (oldest forgotten first).
 MAX_TOMBSTONES = 100_000
 #: ``_open`` is rebuilt smaller once fewer than an eighth of at least SHRINK_FROM sessions remain,
