@@ -92,18 +92,32 @@ class Round:
     check of each reply (by request id)."""
 
     tasks: list[Any] = field(default_factory=list)
-    stream: list[pb.StreamRequest] = field(default_factory=list)
+    #: The requests of each replica's Stream (by its index in Harness.stubs).
+    streams: dict[int, list[pb.StreamRequest]] = field(default_factory=dict)
     checks: dict[int, Any] = field(default_factory=dict)
 
 
 class Harness:
-    def __init__(self, stub: pb_grpc.InferenceServiceStub, ref: Reference, rng: random.Random):
-        self.stub = stub
+    """Plans and checks the rounds. Each operation goes to one of ``stubs`` (replicas of one
+    deployment), picked at random."""
+
+    def __init__(
+        self, stubs: list[pb_grpc.InferenceServiceStub], ref: Reference, rng: random.Random
+    ):
+        self.stubs = stubs
+        self.stub = stubs[0]
         self.ref = ref
         self.rng = rng
         self.np_rng = np.random.default_rng(rng.randrange(2**32))
         self.live: list[Tracked] = []
         self.request_id = 0
+
+    def pick(self) -> pb_grpc.InferenceServiceStub:
+        return self.stubs[self.rng.randrange(len(self.stubs))]
+
+    def send(self, r: Round, request: pb.StreamRequest) -> None:
+        """Put ``request`` on the Stream of a replica picked at random."""
+        r.streams.setdefault(self.rng.randrange(len(self.stubs)), []).append(request)
 
     def chunk(self, steps: int) -> np.ndarray:
         return self.np_rng.normal(0.0, 1.0, (steps, 3)).astype(np.float32)
@@ -141,9 +155,11 @@ class Harness:
         seq = t.next_seq
         want, undo = self.apply(t, seq, x)
 
+        stub = self.pick()
+
         async def call() -> None:
             try:
-                reply = await self.stub.Step(
+                reply = await stub.Step(
                     pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x))
                 )
             except grpc.aio.AioRpcError as exc:
@@ -159,11 +175,12 @@ class Harness:
         assert t.last is not None
         seq, x, want = t.last
         self.request_id += 1
-        r.stream.append(
+        self.send(
+            r,
             pb.StreamRequest(
                 step=pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x)),
                 request_id=self.request_id,
-            )
+            ),
         )
         next_seq = t.next_seq
 
@@ -181,9 +198,11 @@ class Harness:
         x = self.chunk(1)
         next_seq = t.next_seq
 
+        stub = self.pick()
+
         async def call() -> None:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await self.stub.Step(
+                await stub.Step(
                     pb.StepRequest(session_id=t.sid, seq=next_seq + 1, inputs=to_tensor(x))
                 )
             if err.value.code() == grpc.StatusCode.UNAVAILABLE:
@@ -198,11 +217,12 @@ class Harness:
         seq = t.next_seq
         want, undo = self.apply(t, seq, x)
         self.request_id += 1
-        r.stream.append(
+        self.send(
+            r,
             pb.StreamRequest(
                 step=pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x)),
                 request_id=self.request_id,
-            )
+            ),
         )
 
         def check(reply: pb.StreamResponse) -> None:
@@ -236,13 +256,14 @@ class Harness:
             seqs.append(seq)
             xs.append(x)
         self.request_id += 1
-        r.stream.append(
+        self.send(
+            r,
             pb.StreamRequest(
                 frame=pb.StepFrame(
                     session_ids=[t.sid for t in group], seqs=seqs, inputs=to_tensor(np.stack(xs))
                 ),
                 request_id=self.request_id,
-            )
+            ),
         )
 
         def check(reply: pb.StreamResponse) -> None:
@@ -272,8 +293,10 @@ class Harness:
         t.last = None
         next_seq = t.next_seq
 
+        stub = self.pick()
+
         async def call() -> None:
-            reply = await self.stub.ResetSession(pb.ResetSessionRequest(session_id=t.sid))
+            reply = await stub.ResetSession(pb.ResetSessionRequest(session_id=t.sid))
             assert reply.session.next_seq == next_seq
 
         r.tasks.append(call())
@@ -281,8 +304,10 @@ class Harness:
     def op_fork(self, r: Round, t: Tracked) -> None:
         twin = Tracked("", t.model, dict(t.state), t.next_seq)
 
+        stub = self.pick()
+
         async def call() -> None:
-            reply = await self.stub.ForkSession(pb.ForkSessionRequest(session_id=t.sid))
+            reply = await stub.ForkSession(pb.ForkSessionRequest(session_id=t.sid))
             assert reply.session.next_seq == twin.next_seq
             twin.sid = reply.session.session_id
             self.live.append(twin)
@@ -291,11 +316,12 @@ class Harness:
 
     def op_close(self, r: Round, t: Tracked) -> None:
         self.live.remove(t)
+        stub, other = self.pick(), self.pick()  # closed here, gone there too
 
         async def call() -> None:
-            await self.stub.CloseSession(pb.CloseSessionRequest(session_id=t.sid))
+            await stub.CloseSession(pb.CloseSessionRequest(session_id=t.sid))
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await self.stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
+                await other.GetSession(pb.GetSessionRequest(session_id=t.sid))
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
         r.tasks.append(call())
@@ -303,8 +329,10 @@ class Harness:
     def op_snapshot(self, r: Round, t: Tracked) -> None:
         state, next_seq, last = dict(t.state), t.next_seq, t.last
 
+        stub = self.pick()
+
         async def call() -> None:
-            reply = await self.stub.GetState(pb.GetStateRequest(session_id=t.sid))
+            reply = await stub.GetState(pb.GetStateRequest(session_id=t.sid))
             assert reply.snapshot.next_seq == next_seq
             t.saved = (reply.snapshot, state, next_seq, last)
 
@@ -315,10 +343,10 @@ class Harness:
         snapshot, state, next_seq, last = t.saved
         t.state, t.next_seq, t.last = dict(state), next_seq, last
 
+        stub = self.pick()
+
         async def call() -> None:
-            reply = await self.stub.PutState(
-                pb.PutStateRequest(session_id=t.sid, snapshot=snapshot)
-            )
+            reply = await stub.PutState(pb.PutStateRequest(session_id=t.sid, snapshot=snapshot))
             assert reply.session.next_seq == next_seq
 
         r.tasks.append(call())
@@ -358,15 +386,13 @@ class Harness:
         return r
 
     async def run(self, r: Round) -> None:
-        async def requests() -> AsyncIterator[pb.StreamRequest]:
-            for req in r.stream:
-                yield req
+        async def stream(index: int, requests: list[pb.StreamRequest]) -> None:
+            async def send() -> AsyncIterator[pb.StreamRequest]:
+                for req in requests:
+                    yield req
 
-        async def stream() -> None:
-            if not r.stream:
-                return
-            replies = [reply async for reply in self.stub.Stream(requests())]
-            assert sorted(x.request_id for x in replies) == sorted(r.checks)
+            replies = [reply async for reply in self.stubs[index].Stream(send())]
+            assert sorted(x.request_id for x in replies) == sorted(q.request_id for q in requests)
             for reply in replies:
                 r.checks[reply.request_id](reply)
 
@@ -374,7 +400,8 @@ class Harness:
             await asyncio.sleep(self.rng.choice([0.0, 0.0, 0.001, 0.003]))
             await task
 
-        await asyncio.gather(stream(), *(later(task) for task in r.tasks))
+        streams = [stream(i, reqs) for i, reqs in r.streams.items()]
+        await asyncio.gather(*streams, *(later(task) for task in r.tasks))
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -383,7 +410,7 @@ async def test_random_rounds_keep_every_session_exact(
 ) -> None:
     channel = grpc.aio.insecure_channel(server.address)
     harness = Harness(
-        pb_grpc.InferenceServiceStub(channel), Reference(model_repo), random.Random(seed)
+        [pb_grpc.InferenceServiceStub(channel)], Reference(model_repo), random.Random(seed)
     )
     for _ in range(16):
         await harness.open()
@@ -415,9 +442,10 @@ async def test_drains_hand_every_session_over_exactly(
         channel = grpc.aio.insecure_channel(running.address)
         stub = pb_grpc.InferenceServiceStub(channel)
         if harness is None:
-            harness = Harness(stub, Reference(model_repo), random.Random(7))
+            harness = Harness([stub], Reference(model_repo), random.Random(7))
             for _ in range(16):
                 await harness.open()
+        harness.stubs = [stub]
         harness.stub = stub
         for _ in range(ROUNDS // 2):
             await harness.run(harness.plan())
@@ -448,7 +476,7 @@ async def test_sessions_evicted_to_the_store_come_back_exact(
     running = await start_server(store_url=redis_proc.url, replica_name="small", max_sessions=10)
     async with grpc.aio.insecure_channel(running.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
-        harness = Harness(stub, Reference(model_repo), random.Random(11))
+        harness = Harness([stub], Reference(model_repo), random.Random(11))
         for _ in range(16):
             await harness.open()
         for _ in range(ROUNDS):
@@ -459,3 +487,41 @@ async def test_sessions_evicted_to_the_store_come_back_exact(
             info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
             assert info.session.next_seq == t.next_seq, t.sid
     assert running.server.metrics.takeovers._value.get() > 20
+
+
+async def test_sessions_hopping_between_replicas_stay_exact(
+    start_server: Any, redis_proc: Any, model_repo: Path
+) -> None:
+    """The rounds on two live replicas of one deployment, each operation sent to either: a
+    session hops between them all the time (each hop a takeover from the store, and a fence of
+    the other copy). Between rounds both replicas' checkpoints are written (checkpoint_every
+    1), so no hop needs a replay: every answer, retry cache, reset, fork, snapshot and close
+    must be exact wherever it is asked."""
+    replicas = [
+        await start_server(store_url=redis_proc.url, replica_name=name, checkpoint_every=1)
+        for name in ("a", "b")
+    ]
+    channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
+    stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
+    harness = Harness(stubs, Reference(model_repo), random.Random(13))
+
+    async def settle() -> None:
+        for r in replicas:
+            assert r.server.durable is not None
+            assert await r.server.durable.flush(5.0)
+
+    for _ in range(16):
+        await harness.open()
+    for _ in range(ROUNDS):
+        await settle()
+        await harness.run(harness.plan())
+        while len(harness.live) < 8:
+            await harness.open()
+    await settle()
+    for t in harness.live:
+        info = await harness.pick().GetSession(pb.GetSessionRequest(session_id=t.sid))
+        assert info.session.next_seq == t.next_seq, t.sid
+    takeovers = sum(r.server.metrics.takeovers._value.get() for r in replicas)
+    assert takeovers > 50
+    for c in channels:
+        await c.close()

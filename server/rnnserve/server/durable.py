@@ -117,18 +117,18 @@ class Durability:
         self._idle.clear()
         self._wake.set()
 
-    async def save(self, session: Session, timeout_s: float = 2.0) -> None:
-        """Checkpoint ``session`` now and return once its state is in the store: what a
-        reset or a restore changed is acknowledged only once it would survive this replica
-        (a crash before a write-behind checkpoint would bring back the state from before it,
-        at the same seq, where no client could tell). While the store is away, or past
-        ``timeout_s``, it returns at once and the checkpoint stays queued."""
-        if not self._up:
-            self.mark(session)
+    async def written(self, sid: str, timeout_s: float = TIMEOUT_S) -> None:
+        """Return once the write queued for session ``sid`` (a checkpoint, or a close's
+        tombstone) is in the store. A reset, a restore or a close is acknowledged only once it
+        would survive this replica: after a crash, a write-behind checkpoint not yet written
+        would bring back the state from before it (at the same seq, where no client could
+        tell), or a closed session. While the store is away, or past ``timeout_s``, it
+        returns at once and the write stays queued."""
+        if not self._up or (sid not in self._queued and sid not in self._final):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._savers.setdefault(session.id, []).append(done)
-        self.mark(session)
+        self._savers.setdefault(sid, []).append(done)
+        self._wake.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(done), timeout_s)
 

@@ -313,7 +313,10 @@ class InferenceServicer:
     async def CloseSession(
         self, request: pb.CloseSessionRequest, context: Any
     ) -> pb.CloseSessionResponse:
-        self.sessions.end(await self.lookup(request.session_id), CLOSED)
+        session = await self.lookup(request.session_id)
+        self.sessions.end(session, CLOSED)
+        if self.durable is not None:
+            await self.durable.written(session.id)
         return pb.CloseSessionResponse()
 
     @unary("ResetSession")
@@ -324,7 +327,7 @@ class InferenceServicer:
         session.model.pool.zero(session.slot)
         session.state_replaced()
         if self.durable is not None:
-            await self.durable.save(session)
+            await self.durable.written(session.id)
         return pb.ResetSessionResponse(session=self.sessions.info(session))
 
     @unary("ForkSession")
@@ -373,5 +376,5 @@ class InferenceServicer:
         )
         snapshots.resume(session, restored)
         if self.durable is not None:
-            await self.durable.save(session)
+            await self.durable.written(session.id)
         return pb.PutStateResponse(session=self.sessions.info(session))
