@@ -489,16 +489,19 @@ async def test_sessions_evicted_to_the_store_come_back_exact(
     assert running.server.metrics.takeovers._value.get() > 20
 
 
+@pytest.mark.parametrize("room", [10_000, 10])
 async def test_sessions_hopping_between_replicas_stay_exact(
-    start_server: Any, redis_proc: Any, model_repo: Path
+    start_server: Any, redis_proc: Any, model_repo: Path, room: int
 ) -> None:
     """The rounds on two live replicas of one deployment, each operation sent to either: a
     session hops between them all the time (each hop a takeover from the store, and a fence of
     the other copy). Between rounds both replicas' checkpoints are written (checkpoint_every
     1), so no hop needs a replay: every answer, retry cache, reset, fork, snapshot and close
-    must be exact wherever it is asked."""
+    must be exact wherever it is asked. With room for 10 sessions, evictions come on top."""
     replicas = [
-        await start_server(store_url=redis_proc.url, replica_name=name, checkpoint_every=1)
+        await start_server(
+            store_url=redis_proc.url, replica_name=name, checkpoint_every=1, max_sessions=room
+        )
         for name in ("a", "b")
     ]
     channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
