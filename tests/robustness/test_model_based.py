@@ -95,6 +95,8 @@ class Round:
     #: The requests of each replica's Stream (by its index in Harness.stubs).
     streams: dict[int, list[pb.StreamRequest]] = field(default_factory=dict)
     checks: dict[int, Any] = field(default_factory=dict)
+    #: Run once every answer of the round is in.
+    after: list[Any] = field(default_factory=list)
 
 
 class Harness:
@@ -192,6 +194,44 @@ class Harness:
             assert reply.step.next_seq == next_seq
 
         r.checks[self.request_id] = check
+
+    def op_twice(self, r: Round, t: Tracked) -> None:
+        """The same chunk sent twice at once, on a unary call and on a Stream (a client that
+        resent it before the first answer came): both get its outputs, applied once."""
+        x = self.chunk(self.rng.randint(1, 3))
+        seq = t.next_seq
+        want, undo = self.apply(t, seq, x)
+        request = pb.StepRequest(session_id=t.sid, seq=seq, inputs=to_tensor(x))
+        self.request_id += 1
+        self.send(r, pb.StreamRequest(step=request, request_id=self.request_id))
+        answers: list[str] = []
+
+        def check(reply: pb.StreamResponse) -> None:
+            if reply.WhichOneof("result") == "error" and reply.error.code == UNAVAILABLE:
+                answers.append("unavailable")
+                return
+            assert reply.WhichOneof("result") == "step", reply
+            self.close_to(np.asarray(from_tensor(reply.step.outputs)), want, f"twice {t.sid}")
+            answers.append("ok")
+
+        r.checks[self.request_id] = check
+        stub = self.pick()
+
+        async def call() -> None:
+            try:
+                reply = await stub.Step(request)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                answers.append("unavailable")
+            else:
+                self.close_to(np.asarray(from_tensor(reply.outputs)), want, f"twice {t.sid}")
+                answers.append("ok")
+
+        async def both() -> None:
+            await call()
+            r.after.append(lambda: undo() if "ok" not in answers else None)
+
+        r.tasks.append(both())
 
     def op_stale(self, r: Round, t: Tracked) -> None:
         """A chunk that skips a step: refused with the seq the session expects."""
@@ -371,8 +411,10 @@ class Harness:
                 self.op_single(r, t)
             elif roll < 0.62 and t.last is not None:
                 self.op_retry(r, t)
-            elif roll < 0.67:
+            elif roll < 0.65:
                 self.op_stale(r, t)
+            elif roll < 0.67:
+                self.op_twice(r, t)
             elif roll < 0.71:
                 self.op_reset(r, t)
             elif roll < 0.75 and len(self.live) < 40:
@@ -402,6 +444,8 @@ class Harness:
 
         streams = [stream(i, reqs) for i, reqs in r.streams.items()]
         await asyncio.gather(*streams, *(later(task) for task in r.tasks))
+        for then in r.after:
+            then()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
