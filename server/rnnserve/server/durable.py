@@ -82,7 +82,7 @@ class Durability:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
-        #: Callers of ``save`` waiting for a session's next checkpoint to be written.
+        #: Callers of ``written`` waiting for a session's queued write to land.
         self._savers: dict[str, list[asyncio.Future[None]]] = {}
         #: The ids written by the round trip in flight.
         self._in_flight: set[str] = set()
@@ -290,7 +290,7 @@ class Durability:
         self,
     ) -> tuple[list[Write], list[Session | None], list[int], list[list[asyncio.Future[None]]]]:
         """Up to WRITE_BATCH writes, with the session each checkpoints (None for a final
-        write), the seq it holds and the ``save`` callers it answers: final ones first, then
+        write), the seq it holds and the ``written`` callers it answers: final ones first, then
         snapshots of queued sessions that are not in an engine run (those stay queued)."""
         writes: list[Write] = []
         owners: list[Session | None] = []
