@@ -17,13 +17,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
-from rnnserve.manifest import MODEL_FILE, load_manifest
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from rnnserve.wire import from_tensor, to_tensor
 
+from tests.support.modelgen import Reference
 from tests.support.raw import next_seq_of
 
 MODELS = ("tiny-gru", "tiny-lstm")  # the same input and output widths: frames may mix them
@@ -33,42 +32,6 @@ FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
 #: A chunk refused this way was not applied and may be sent again (the SDK does): the session
 #: left the server's memory while the chunk waited, for the store.
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
-
-
-class Reference:
-    """Each model run straight, at batch 1, from a given state (tests.support.modelgen's
-    reference_run, with its onnxruntime sessions kept)."""
-
-    def __init__(self, repo: Path) -> None:
-        self.models: dict[str, tuple[Any, ort.InferenceSession]] = {}
-        for name in MODELS:
-            folder = repo / name / "1"
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = 1
-            sess = ort.InferenceSession(
-                str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
-            )
-            self.models[name] = (load_manifest(folder), sess)
-
-    def zeros(self, model: str) -> dict[str, np.ndarray]:
-        manifest, _ = self.models[model]
-        return {s.name: np.zeros(s.shape, np.float32) for s in manifest.states}
-
-    def run(
-        self, model: str, x: np.ndarray, state: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        m, sess = self.models[model]
-        feed = {m.input_name: x[:, None]}
-        for s in m.states:
-            feed[s.input] = np.expand_dims(state[s.name], s.batch_axis)
-        if m.sequence_lens:
-            feed[m.sequence_lens] = np.array([x.shape[0]], dtype=np.int32)
-        results = sess.run([m.output_name, *(s.output for s in m.states)], feed)
-        new = {
-            s.name: np.take(r, 0, axis=s.batch_axis)
-            for s, r in zip(m.states, results[1:], strict=True)
-        }
-        return np.asarray(results[0])[:, 0], new
 
 
 @dataclass

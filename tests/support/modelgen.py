@@ -278,3 +278,39 @@ def reference_run(
         for s, r in zip(manifest.states, results[1:], strict=True)
     }
     return outputs, new_state
+
+
+class Reference:
+    """Models of a repository run straight, at batch 1, from a given state: reference_run
+    with its onnxruntime sessions kept, for tests that run many chunks."""
+
+    def __init__(self, repo: Path, names: tuple[str, ...] = ("tiny-gru", "tiny-lstm")) -> None:
+        self.models: dict[str, tuple[Manifest, ort.InferenceSession]] = {}
+        for name in names:
+            folder = repo / name / "1"
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 1
+            sess = ort.InferenceSession(
+                str(folder / MODEL_FILE), opts, providers=["CPUExecutionProvider"]
+            )
+            self.models[name] = (load_manifest(folder), sess)
+
+    def zeros(self, model: str) -> dict[str, np.ndarray]:
+        manifest, _ = self.models[model]
+        return {s.name: np.zeros(s.shape, np.float32) for s in manifest.states}
+
+    def run(
+        self, model: str, x: np.ndarray, state: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        m, sess = self.models[model]
+        feed = {m.input_name: x[:, None]}
+        for s in m.states:
+            feed[s.input] = np.expand_dims(state[s.name], s.batch_axis)
+        if m.sequence_lens:
+            feed[m.sequence_lens] = np.array([x.shape[0]], dtype=np.int32)
+        results = sess.run([m.output_name, *(s.output for s in m.states)], feed)
+        new = {
+            s.name: np.take(r, 0, axis=s.batch_axis)
+            for s, r in zip(m.states, results[1:], strict=True)
+        }
+        return np.asarray(results[0])[:, 0], new
