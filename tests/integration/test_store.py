@@ -277,3 +277,35 @@ async def test_a_stream_applies_its_messages_in_order_across_takeovers(start_ser
     ]
     for c in channels:
         await c.close()
+
+
+async def test_a_session_on_a_version_this_replica_lacks_is_not_lost(
+    start_server, redis_proc, model_repo
+):
+    # A rollout reaches replicas one by one: a session opened on version 2 on A moves to B
+    # before B has loaded version 2. B looks on disk at once; while the version is missing
+    # there too, the call is UNAVAILABLE (retry), never NOT_FOUND (the SDK's SessionLost).
+    import shutil
+
+    from tests.support.modelgen import write_model
+
+    a = await start_server(store_url=redis_proc.url, replica_name="a")
+    b = await start_server(store_url=redis_proc.url, replica_name="b", reload_interval_s=3600)
+    stub_a = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(a.address))
+    stub_b = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(b.address))
+    folder = write_model(model_repo, "tiny-gru", "2", seed=9)
+    await a.server.repository.scan()
+    sid = (await stub_a.OpenSession(pb.OpenSessionRequest(model="tiny-gru"))).session.session_id
+    await step(stub_a, sid, 0, X)
+    await _settle(a)
+    hidden = folder.with_name("hidden")
+    folder.rename(hidden)  # not on B's disk yet
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await step(stub_b, sid, 2, X)
+    assert info.value.code() == Code.UNAVAILABLE
+    assert "version '2'" in (info.value.details() or "")
+    hidden.rename(folder)  # it arrives: B loads it when the session is next asked for
+    reply = await step(stub_b, sid, 2, X)
+    assert reply.next_seq == 4
+    assert b.server.repository.resolve("tiny-gru", "2") is not None
+    shutil.rmtree(folder)

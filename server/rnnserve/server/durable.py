@@ -35,8 +35,9 @@ import logging
 import time
 from collections.abc import Mapping
 
+import grpc
 from rnnserve.server import snapshots
-from rnnserve.server.errors import unavailable
+from rnnserve.server.errors import ServingError, unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CAPACITY, CLOSED, MOVED, SESSION_ID, Session, SessionManager
@@ -445,7 +446,7 @@ class Durability:
         self._answered()
         if claimed is None:
             return None
-        restored = snapshots.check(pb.SessionSnapshot.FromString(claimed.snapshot), self.repository)
+        restored = await self._restorable(sid, pb.SessionSnapshot.FromString(claimed.snapshot))
         stale = self.sessions.peek(sid)
         if stale is not None:  # an older copy (a suspect one): the store's is the truth
             self.sessions.end(stale, MOVED)
@@ -474,6 +475,28 @@ class Durability:
             return True
         self._fence(session)
         return False
+
+    async def _restorable(self, sid: str, snap: pb.SessionSnapshot) -> snapshots.Restored:
+        """``snap`` checked against this replica's models. A version this replica does not
+        serve yet (a rollout reaches replicas one by one) is looked for on disk once; if it is
+        still missing the call is UNAVAILABLE, not NOT_FOUND: the session is whole in the
+        store, and a retry (here once the version is loaded, or on another replica) goes on."""
+        try:
+            return snapshots.check(snap, self.repository)
+        except ServingError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        await self.repository.scan()
+        try:
+            return snapshots.check(snap, self.repository)
+        except ServingError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise unavailable(
+                f"session {sid} runs model {snap.model!r} version {snap.version!r}, which this "
+                f"replica does not serve ({exc.message}); retry, or send it to a replica that "
+                "has that version"
+            ) from None
 
     async def verify(self, session: Session) -> Session:
         """A suspect session, checked against the store: itself when this replica still owns
