@@ -237,3 +237,36 @@ def test_an_unreachable_store_at_start_is_not_fatal(procs: Procs, tmp_path: Path
     assert replica.health() == "SERVING"
     assert "session store unreachable" in replica.log()
     assert replica.metrics()["rnnserve_store_up"] == 0
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+async def test_a_gateway_loses_nothing_with_a_replica(procs: Procs, how: str) -> None:
+    """A gateway: frames of 32 sessions (Multiplexer.step_many over 4 streams) through Envoy;
+    the replica holding most of them is lost mid-run (SIGKILL, or a SIGTERM drain) while frames
+    are in flight. Every session's outputs equal an uninterrupted run; the app sees no error."""
+    _, replicas, envoy = _cluster(procs)
+    n, steps = 32, 30
+    xs, expected = _inputs(procs, n, steps, seed=6)
+    outs: list[list[np.ndarray]] = [[] for _ in range(n)]
+    client = AsyncClient(_options(envoy.address))
+    async with client, client.multiplexer(streams=4) as mux:
+        sessions = [await mux.session(MODEL) for _ in range(n)]
+        loss = None
+        for t in range(steps):
+            if t == steps // 3:
+                held = [r.metrics()["rnnserve_active_sessions"] for r in replicas]
+                victim = replicas[0] if held[0] >= held[1] else replicas[1]
+                assert max(held) > 0
+                lose = victim.kill if how == "sigkill" else victim.terminate
+                loss = asyncio.ensure_future(asyncio.to_thread(lose))
+                await asyncio.sleep(0)
+            ys = await mux.step_many(sessions, xs[:, t])
+            for k in range(n):
+                outs[k].append(ys[k])
+        assert loss is not None
+        await loss
+        for s in sessions:
+            assert s.next_seq == steps
+    _check(outs, expected)
+    survivor = replicas[1] if victim is replicas[0] else replicas[0]
+    assert survivor.metrics()["rnnserve_takeovers_total"] > 0
