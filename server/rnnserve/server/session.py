@@ -202,9 +202,14 @@ class Session:
 
     def gone(self) -> ServingError:
         """Why a chunk of this session, which ended while the chunk waited, was not applied:
-        UNAVAILABLE (send it again) when the session went on to the store (evicted, or
-        taken over by another replica) and is loaded again by the next call; NOT_FOUND when
-        it is gone."""
+        UNAVAILABLE (send it again) when the session lives on under its id: in the store
+        (evicted, or taken over by another replica), loaded again by the next call, or
+        restored over by a PutState (whose seq then decides); NOT_FOUND when it is gone."""
+        if self.ended == REPLACED:
+            return unavailable(
+                f"session {self.id} was restored from a snapshot while its chunk waited; send "
+                "the chunk again (the restored session's seq decides what it needs)"
+            )
         if self.ended in (CAPACITY, MOVED) and self.checkpoints is not None:
             return unavailable(
                 f"session {self.id} left this replica's memory ({self.ended}) while its chunk "
