@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ class Harness:
         self.np_rng = np.random.default_rng(rng.randrange(2**32))
         self.live: list[Tracked] = []
         self.request_id = 0
+        self.played = False
 
     def pick(self) -> pb_grpc.InferenceServiceStub:
         return self.stubs[self.rng.randrange(len(self.stubs))]
@@ -390,6 +391,26 @@ class Harness:
                 self.op_restore(r, t)
         return r
 
+    async def play(self, rounds: int, before: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``rounds`` rounds (``before`` each one), keeping at least 8 sessions open; the
+        first call opens 16."""
+        while len(self.live) < (8 if self.played else 16):
+            await self.open()
+        self.played = True
+        for _ in range(rounds):
+            if before is not None:
+                await before()
+            await self.run(self.plan())
+            while len(self.live) < 8:
+                await self.open()
+
+    async def check_seqs(self) -> None:
+        """Every session the model tracks is where the model says, to its seq, wherever
+        asked."""
+        for t in self.live:
+            info = await self.pick().GetSession(pb.GetSessionRequest(session_id=t.sid))
+            assert info.session.next_seq == t.next_seq, t.sid
+
     async def run(self, r: Round) -> None:
         async def stream(index: int, requests: list[pb.StreamRequest]) -> None:
             async def send() -> AsyncIterator[pb.StreamRequest]:
@@ -419,16 +440,8 @@ async def test_random_rounds_keep_every_session_exact(
     harness = Harness(
         [pb_grpc.InferenceServiceStub(channel)], Reference(model_repo), random.Random(seed)
     )
-    for _ in range(16):
-        await harness.open()
-    for _ in range(ROUNDS):
-        await harness.run(harness.plan())
-        while len(harness.live) < 8:
-            await harness.open()
-    # Every session the model still tracks is where the model says, to the bit of its seq.
-    for t in harness.live:
-        info = await harness.stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
-        assert info.session.next_seq == t.next_seq, t.sid
+    await harness.play(ROUNDS)
+    await harness.check_seqs()
     await channel.close()
 
 
@@ -450,14 +463,9 @@ async def test_drains_hand_every_session_over_exactly(
         stub = pb_grpc.InferenceServiceStub(channel)
         if harness is None:
             harness = Harness([stub], Reference(model_repo), random.Random(7))
-            for _ in range(16):
-                await harness.open()
         harness.stubs = [stub]
         harness.stub = stub
-        for _ in range(ROUNDS // 2):
-            await harness.run(harness.plan())
-            while len(harness.live) < 8:
-                await harness.open()
+        await harness.play(ROUNDS // 2)
         final = Round()  # a reset as the last change before the drain: nothing steps after it
         for t in harness.live[:4]:
             harness.op_reset(final, t)
@@ -467,10 +475,8 @@ async def test_drains_hand_every_session_over_exactly(
     assert harness is not None
     last = await start_server(store_url=redis_proc.url, replica_name="d")
     async with grpc.aio.insecure_channel(last.address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        for t in harness.live:
-            info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
-            assert info.session.next_seq == t.next_seq, t.sid
+        harness.stubs = [pb_grpc.InferenceServiceStub(channel)]
+        await harness.check_seqs()
     assert last.server.metrics.takeovers._value.get() == len(harness.live)
 
 
@@ -484,15 +490,8 @@ async def test_sessions_evicted_to_the_store_come_back_exact(
     async with grpc.aio.insecure_channel(running.address) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         harness = Harness([stub], Reference(model_repo), random.Random(11))
-        for _ in range(16):
-            await harness.open()
-        for _ in range(ROUNDS):
-            await harness.run(harness.plan())
-            while len(harness.live) < 8:
-                await harness.open()
-        for t in harness.live:
-            info = await stub.GetSession(pb.GetSessionRequest(session_id=t.sid))
-            assert info.session.next_seq == t.next_seq, t.sid
+        await harness.play(ROUNDS)
+        await harness.check_seqs()
     assert running.server.metrics.takeovers._value.get() > 20
 
 
@@ -520,17 +519,9 @@ async def test_sessions_hopping_between_replicas_stay_exact(
             assert r.server.durable is not None
             assert await r.server.durable.flush(5.0)
 
-    for _ in range(16):
-        await harness.open()
-    for _ in range(ROUNDS):
-        await settle()
-        await harness.run(harness.plan())
-        while len(harness.live) < 8:
-            await harness.open()
+    await harness.play(ROUNDS, before=settle)
     await settle()
-    for t in harness.live:
-        info = await harness.pick().GetSession(pb.GetSessionRequest(session_id=t.sid))
-        assert info.session.next_seq == t.next_seq, t.sid
+    await harness.check_seqs()
     takeovers = sum(r.server.metrics.takeovers._value.get() for r in replicas)
     assert takeovers > 50
     for c in channels:
