@@ -254,10 +254,10 @@ async def test_a_stream_applies_its_messages_in_order_across_takeovers(start_ser
     await _settle(a)
     claim = b.server.durable.store.claim
 
-    async def slow_claim(sid, ttl_ms):
+    async def slow_claim(sid, ttl_ms, principal):
         if sid == s1:
             await asyncio.sleep(0.3)
-        return await claim(sid, ttl_ms)
+        return await claim(sid, ttl_ms, principal)
 
     b.server.durable.store.claim = slow_claim
     x = np.ones((2, 1, 3), np.float32)
@@ -309,3 +309,35 @@ async def test_a_session_on_a_version_this_replica_lacks_is_not_lost(
     assert reply.next_seq == 4
     assert b.server.repository.resolve("tiny-gru", "2") is not None
     shutil.rmtree(folder)
+
+
+async def test_another_principals_call_does_not_move_a_session(start_server, redis_proc):
+    # A call with another principal's token for a session held elsewhere is NOT_FOUND, as for
+    # an unknown id, and moves nothing: the store refuses the claim, so the holder keeps it.
+    alice, bob = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef01"
+    tokens = f"alice:{alice},bob:{bob}"
+    (a, b), (stub_a, stub_b), channels = await _pair(start_server, redis_proc, auth_tokens=tokens)
+    as_alice = (("authorization", f"Bearer {alice}"),)
+    as_bob = (("authorization", f"Bearer {bob}"),)
+    reply = await stub_a.OpenSession(pb.OpenSessionRequest(model="tiny-gru"), metadata=as_alice)
+    sid = reply.session.session_id
+    request = pb.StepRequest(session_id=sid, seq=0, inputs=to_tensor(X))
+    await stub_a.Step(request, metadata=as_alice)
+    await _settle(a)
+    epoch = a.server.sessions.peek(sid).epoch
+    for call in (
+        stub_b.Step(pb.StepRequest(session_id=sid, seq=2, inputs=to_tensor(X)), metadata=as_bob),
+        stub_b.GetState(pb.GetStateRequest(session_id=sid), metadata=as_bob),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == Code.NOT_FOUND
+        assert "unknown here" in (info.value.details() or "")
+    await asyncio.sleep(0.3)  # a moved session would be dropped on A by now
+    held = a.server.sessions.peek(sid)
+    assert held is not None and held.epoch == epoch
+    assert b.server.metrics.takeovers._value.get() == 0
+    again = pb.StepRequest(session_id=sid, seq=2, inputs=to_tensor(X))
+    assert (await stub_a.Step(again, metadata=as_alice)).next_seq == 4
+    for c in channels:
+        await c.close()

@@ -41,7 +41,7 @@ from rnnserve.server.errors import ServingError, unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CAPACITY, CLOSED, MOVED, SESSION_ID, Session, SessionManager
-from rnnserve.server.store import TIMEOUT_S, RedisError, RedisStore, Write
+from rnnserve.server.store import TIMEOUT_S, ForeignSession, RedisError, RedisStore, Write
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 log = logging.getLogger("rnnserve.server")
@@ -82,7 +82,7 @@ class Durability:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._loading: dict[str, asyncio.Future[Loaded | None]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[Loaded | None]] = {}
         #: Callers of ``written`` waiting for a session's queued write to land.
         self._savers: dict[str, list[asyncio.Future[None]]] = {}
         #: The ids written by the round trip in flight.
@@ -388,16 +388,17 @@ class Durability:
         assert self.sessions is not None
         return bool(SESSION_ID.fullmatch(sid)) and self.sessions.ended_reason(sid) != CLOSED
 
-    async def take_over(self, sid: str) -> Session | None:
-        """Load session ``sid`` from the store and own it; None when the store has no
-        checkpoint of it. UNAVAILABLE when the store cannot be reached."""
-        loaded = await self._take_over(sid)
+    async def take_over(self, sid: str, principal: str) -> Session | None:
+        """Load session ``sid`` from the store and own it, for ``principal``; None when the
+        store has no checkpoint of it; NOT_FOUND, as for an unknown id and with nothing moved,
+        when it is another principal's. UNAVAILABLE when the store cannot be reached."""
+        loaded = await self._take_over(sid, principal)
         return None if loaded is None else loaded[0]
 
-    async def handed_over(self, name: str) -> Loaded | None:
-        """The session a drain recorded under ``name`` (an OIP sequence's), taken over, and
-        whether its checkpoint was final; None when there is none. UNAVAILABLE when the store
-        cannot be reached."""
+    async def handed_over(self, name: str, principal: str) -> Loaded | None:
+        """The session a drain recorded under ``name`` (an OIP sequence of ``principal``),
+        taken over, and whether its checkpoint was final; None when there is none.
+        UNAVAILABLE when the store cannot be reached."""
         try:
             named = await self.store.named(name)
         except (RedisError, OSError) as exc:
@@ -411,22 +412,24 @@ class Durability:
         sid, pending = named
         if pending:
             raise unavailable("the sequence is being handed over by its draining replica; retry")
-        return await self._take_over(sid)
+        return await self._take_over(sid, principal)
 
-    async def _take_over(self, sid: str) -> Loaded | None:
-        loading = self._loading.get(sid)
+    async def _take_over(self, sid: str, principal: str) -> Loaded | None:
+        """One load per session and principal at a time; concurrent callers share it."""
+        key = (sid, principal)
+        loading = self._loading.get(key)
         if loading is None:
-            loading = self._loading[sid] = asyncio.get_running_loop().create_future()
+            loading = self._loading[key] = asyncio.get_running_loop().create_future()
             try:
-                loading.set_result(await self._load(sid))
+                loading.set_result(await self._load(sid, principal))
             except BaseException as exc:
                 loading.set_exception(exc)
                 loading.exception()  # retrieved: the awaiting callers re-raise it
             finally:
-                del self._loading[sid]
+                del self._loading[key]
         return await asyncio.shield(loading)
 
-    async def _load(self, sid: str) -> Loaded | None:
+    async def _load(self, sid: str, principal: str) -> Loaded | None:
         assert self.sessions is not None
         if sid in self._final or sid in self._in_flight:
             # This replica evicted it and has not written it yet: the store's copy is older.
@@ -436,7 +439,9 @@ class Durability:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(landed), TIMEOUT_S)
         try:
-            claimed = await self.store.claim(sid, self.ttl_ms)
+            claimed = await self.store.claim(sid, self.ttl_ms, principal)
+        except ForeignSession:
+            raise self.sessions.foreign(sid) from None
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise unavailable(
@@ -503,7 +508,7 @@ class Durability:
         it (or the store cannot tell), else the store's copy, taken over."""
         if await self.owns(session):
             return session
-        moved = await self.take_over(session.id)
+        moved = await self.take_over(session.id, session.principal)
         if moved is None:
             assert self.sessions is not None
             return self.sessions.get(session.id)  # raises NOT_FOUND saying why

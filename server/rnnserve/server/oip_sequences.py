@@ -21,6 +21,7 @@ import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from rnnserve.server.auth import current_principal
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
@@ -157,15 +158,20 @@ class SequenceTable:
                 return
             self._open.pop(key, None)
             raise start_error(key, "the sequence moved to another replica")
-        loaded = await self.durable.handed_over(name_of(key))
+        owner = key[0].removeprefix(PRINCIPAL_SCOPE)
+        try:
+            loaded = await self.durable.handed_over(name_of(key), owner)
+        except ServingError as exc:
+            if exc.code != grpc.StatusCode.NOT_FOUND:  # another principal's: as unknown
+                raise
+            loaded = None
         if loaded is None:
             return  # never here, or ended: find gives Triton's error
         session, final = loaded
         if key in self._open:  # a START raced the lookup: it wins
             self.sessions.end(session, CLOSED)
             return
-        owner = key[0].removeprefix(PRINCIPAL_SCOPE)
-        if session.principal != owner or session.model.manifest.name != key[1]:
+        if session.model.manifest.name != key[1]:
             self.sessions.end(session, CLOSED)
             return
         if not final:

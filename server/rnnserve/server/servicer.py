@@ -218,8 +218,9 @@ class InferenceServicer:
         held = self.sessions.peek(sid)
         if held is not None:  # here, but suspect
             return await self.durable.verify(held)
-        taken = await self.durable.take_over(sid)
-        if taken is not None and taken.principal != current_principal():
+        principal = current_principal()
+        taken = await self.durable.take_over(sid, principal)  # another principal's: NOT_FOUND
+        if taken is not None and taken.principal != principal:  # and again, in memory
             raise self.sessions.foreign(sid)
         return taken if taken is not None else self.sessions.get(sid)  # NOT_FOUND: why
 
@@ -296,7 +297,7 @@ class InferenceServicer:
         for an unknown id; FAILED_PRECONDITION when it runs another model than the snapshot."""
         existing = self.sessions.peek(sid)
         if existing is None and self.durable is not None and self.durable.may_hold(sid):
-            existing = await self.durable.take_over(sid)
+            existing = await self.durable.take_over(sid, principal)
         if existing is None or existing.ended is not None:
             return
         if existing.principal != principal:

@@ -44,9 +44,10 @@ TIMEOUT_S = 2.0
 
 #: Take a session over: a new epoch, this replica as owner; its snapshot, principal and whether
 #: the snapshot was final (then no longer), or nothing when there is no checkpoint (unknown,
-#: expired or closed).
+#: expired or closed), or 0, touching nothing, when it is another principal's than ARGV[3].
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'snap') == 0 then return false end
+if (redis.call('HGET', KEYS[1], 'principal') or '') ~= ARGV[3] then return 0 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local final = redis.call('HGET', KEYS[1], 'final') or '0'
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'final', 0)
@@ -88,6 +89,11 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'closed', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+class ForeignSession(Exception):
+    """A takeover asked for another principal's session: refused in the store, so a caller
+    that guesses an id cannot even move the session."""
 
 
 @dataclass(frozen=True)
@@ -142,14 +148,19 @@ class RedisStore:
     async def ping(self) -> None:
         await self._client.ping()
 
-    async def claim(self, session_id: str, ttl_ms: int) -> Claimed | None:
-        """Take ``session_id`` over; None when the store has no checkpoint of it."""
-        got = await self._claim(keys=[KEY_PREFIX + session_id], args=[self.replica, ttl_ms])
+    async def claim(self, session_id: str, ttl_ms: int, principal: str) -> Claimed | None:
+        """Take ``session_id`` over for ``principal``; None when the store has no checkpoint
+        of it; ForeignSession, with nothing changed, when it is another principal's."""
+        got = await self._claim(
+            keys=[KEY_PREFIX + session_id], args=[self.replica, ttl_ms, principal]
+        )
+        if got == 0:
+            raise ForeignSession(session_id)
         if not got:
             return None
-        epoch, snapshot, principal, final = got
+        epoch, snapshot, owner, final = got
         await self._client.publish(MOVED_CHANNEL, f"{int(epoch)} {session_id}")
-        return Claimed(int(epoch), bytes(snapshot), (principal or b"").decode(), final == b"1")
+        return Claimed(int(epoch), bytes(snapshot), (owner or b"").decode(), final == b"1")
 
     async def seize(self, session_id: str, ttl_ms: int) -> int:
         """Own ``session_id`` from now on, whoever held it (a restore over it); the new epoch."""
@@ -213,4 +224,4 @@ class RedisStore:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-__all__ = ["Claimed", "RedisError", "RedisStore", "Write"]
+__all__ = ["Claimed", "ForeignSession", "RedisError", "RedisStore", "Write"]
