@@ -62,6 +62,18 @@ class Round:
     after: list[Any] = field(default_factory=list)
 
 
+class As:
+    """A stub whose every call carries ``metadata`` (a principal's token)."""
+
+    def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._stub = stub
+        self._metadata = metadata
+
+    def __getattr__(self, method: str) -> Any:
+        call = getattr(self._stub, method)
+        return lambda request, **kw: call(request, metadata=self._metadata, **kw)
+
+
 class Harness:
     """Plans and checks the rounds. Each operation goes to one of ``stubs`` (replicas of one
     deployment), picked at random."""
@@ -77,6 +89,8 @@ class Harness:
         self.live: list[Tracked] = []
         self.request_id = 0
         self.played = False
+        #: Another principal's stubs, when the server checks tokens: ``op_intrude`` uses them.
+        self.intruders: list[Any] = []
 
     def pick(self) -> pb_grpc.InferenceServiceStub:
         return self.stubs[self.rng.randrange(len(self.stubs))]
@@ -292,6 +306,24 @@ class Harness:
 
         r.checks[self.request_id] = check
 
+    def op_intrude(self, r: Round, t: Tracked) -> None:
+        """Another principal steps and reads the session on any replica: NOT_FOUND, as for
+        an unknown id, and nothing moves or changes (the next operations check)."""
+        stub = self.intruders[self.rng.randrange(len(self.intruders))]
+        x = self.chunk(1)
+
+        async def call() -> None:
+            for request in (
+                stub.Step(pb.StepRequest(session_id=t.sid, seq=t.next_seq, inputs=to_tensor(x))),
+                stub.GetState(pb.GetStateRequest(session_id=t.sid)),
+                stub.ResetSession(pb.ResetSessionRequest(session_id=t.sid)),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await request
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
+
+        r.tasks.append(call())
+
     def op_reset(self, r: Round, t: Tracked) -> None:
         t.state = self.ref.zeros(t.model)
         t.last = None
@@ -389,6 +421,8 @@ class Harness:
                 self.op_snapshot(r, t)
             elif roll < 0.88 and t.saved is not None:
                 self.op_restore(r, t)
+            elif roll < 0.92 and self.intruders:
+                self.op_intrude(r, t)
         return r
 
     async def play(self, rounds: int, before: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -495,24 +529,40 @@ async def test_sessions_evicted_to_the_store_come_back_exact(
     assert running.server.metrics.takeovers._value.get() > 20
 
 
-@pytest.mark.parametrize("room", [10_000, 10])
+@pytest.mark.parametrize(("room", "tokens"), [(10_000, False), (10, False), (10_000, True)])
 async def test_sessions_hopping_between_replicas_stay_exact(
-    start_server: Any, redis_proc: Any, model_repo: Path, room: int
+    start_server: Any, redis_proc: Any, model_repo: Path, room: int, tokens: bool
 ) -> None:
     """The rounds on two live replicas of one deployment, each operation sent to either: a
     session hops between them all the time (each hop a takeover from the store, and a fence of
     the other copy). Between rounds both replicas' checkpoints are written (checkpoint_every
     1), so no hop needs a replay: every answer, retry cache, reset, fork, snapshot and close
-    must be exact wherever it is asked. With room for 10 sessions, evictions come on top."""
+    must be exact wherever it is asked. With room for 10 sessions, evictions come on top.
+    With tokens, the sessions are alice's and bob calls them now and then on either replica:
+    he gets NOT_FOUND, and nothing moves."""
+    alice, bob = "alice-token-0123456789abcdef", "bob-token-0123456789abcdef01"
+    auth = {"auth_tokens": f"alice:{alice},bob:{bob}"} if tokens else {}
     replicas = [
         await start_server(
-            store_url=redis_proc.url, replica_name=name, checkpoint_every=1, max_sessions=room
+            store_url=redis_proc.url,
+            replica_name=name,
+            checkpoint_every=1,
+            max_sessions=room,
+            **auth,
         )
         for name in ("a", "b")
     ]
     channels = [grpc.aio.insecure_channel(r.address) for r in replicas]
     stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
-    harness = Harness(stubs, Reference(model_repo), random.Random(13))
+    if tokens:
+        as_alice = (("authorization", f"Bearer {alice}"),)
+        as_bob = (("authorization", f"Bearer {bob}"),)
+        harness = Harness(
+            [As(s, as_alice) for s in stubs], Reference(model_repo), random.Random(13)
+        )
+        harness.intruders = [As(s, as_bob) for s in stubs]
+    else:
+        harness = Harness(stubs, Reference(model_repo), random.Random(13))
 
     async def settle() -> None:
         for r in replicas:
