@@ -152,7 +152,7 @@ async def test_early_requests_are_retried_not_refused_during_the_handover(
     handover = a.server.oip.table.handed_over()
     durable = a.server.durable
     assert durable is not None and len(handover) == 1
-    await durable.announce(handover, 5.0)
+    await durable.checkpoints.announce(handover, 5.0)
     with pytest.raises(grpc.aio.AioRpcError) as err:  # B, asked before the final checkpoint
         await stub_b.ModelInfer(_request(x[1:2], 9), metadata=_as(ALICE))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -31,7 +31,7 @@ async def _settle(running, timeout: float = 5.0) -> None:
     """Wait until the replica's checkpoint queue is empty."""
     durable = running.server.durable
     assert durable is not None
-    await asyncio.wait_for(durable.flush(timeout), timeout + 1)
+    await asyncio.wait_for(durable.checkpoints.flush(timeout), timeout + 1)
 
 
 async def _open(stub, model: str = "tiny-gru", route: str = "k1") -> str:

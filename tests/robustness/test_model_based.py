@@ -567,7 +567,7 @@ async def test_sessions_hopping_between_replicas_stay_exact(
     async def settle() -> None:
         for r in replicas:
             assert r.server.durable is not None
-            assert await r.server.durable.flush(5.0)
+            assert await r.server.durable.checkpoints.flush(5.0)
 
     await harness.play(ROUNDS, before=settle)
     await settle()

@@ -135,7 +135,7 @@ class RnnServer:
             self.metrics,
             settings.session_ttl_s,
             settings.max_sessions,
-            self.durable,
+            self.durable.checkpoints if self.durable is not None else None,
             principal_max=settings.principal_max_sessions,
         )
         self.servicer = InferenceServicer(
@@ -324,12 +324,12 @@ class RnnServer:
         self.oip.begin_drain()
         try:
             handover = self.oip.table.handed_over()
-            await self.durable.announce(handover, grace)
+            await self.durable.checkpoints.announce(handover, grace)
             self.servicer.begin_drain()
             for session in self.sessions.all():
                 await session.model.batcher.wait_idle(session)
             left = max(0.0, grace - (loop.time() - started))
-            flushed = await self.durable.flush(left, handover)
+            flushed = await self.durable.checkpoints.flush(left, handover)
         finally:
             self.oip.end_drain()
         if flushed:

@@ -1,11 +1,7 @@
 """Sessions that outlive their replica: write-behind checkpoints to the store, takeover of a
 session this replica does not hold, and fencing of a replica whose sessions moved away.
 
-- **Checkpoints** never wait on the request path. A commit that leaves a session
-  ``checkpoint_every`` or more steps past its last checkpoint queues it (``mark``); one writer
-  task snapshots the queued sessions and writes them in one pipelined round trip, then the next
-  batch. Evicted sessions are snapshotted when they leave (their slot is then reused), closed
-  ones become tombstones, and a drain writes every session with unsaved steps (``flush``).
+- **Checkpoints** never wait on the request path: checkpoints.py writes them behind.
 - **Takeover**: a call for a session that is not here (the proxy's ring changed: a replica
   died, drained or was added) claims it in the store, which bumps its epoch, and restores its
   last checkpoint. The session then expects that checkpoint's seq; the client replays the newer
@@ -23,8 +19,9 @@ session this replica does not hold, and fencing of a replica whose sessions move
   *final*, and each Open Inference Protocol sequence's session is recorded under its name, so
   a replica that gets the sequence's next request finds it and continues it exactly, although
   its client cannot replay (oip_sequences.py). The names are first recorded *pending*
-  (``announce``), before the replica stops taking requests: a replica asked for the sequence
-  before the final checkpoint is written answers UNAVAILABLE (retry), not "unknown".
+  (``CheckpointWriter.announce``), before the replica stops taking requests: a replica asked
+  for the sequence before the final checkpoint is written answers UNAVAILABLE (retry), not
+  "unknown".
 """
 
 from __future__ import annotations
@@ -33,23 +30,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
 
 import grpc
 from rnnserve.server import snapshots
+from rnnserve.server.checkpoints import BACKOFF_MAX_S, BACKOFF_MIN_S, CheckpointWriter
 from rnnserve.server.errors import ServingError, unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import CAPACITY, CLOSED, MOVED, SESSION_ID, Session, SessionManager
-from rnnserve.server.store import TIMEOUT_S, ForeignSession, RedisError, RedisStore, Write
+from rnnserve.server.sessions import CLOSED, MOVED, SESSION_ID, Session, SessionManager
+from rnnserve.server.store import ForeignSession, RedisError, RedisStore
 from rnnserve.v1 import rnnserve_pb2 as pb
 
 log = logging.getLogger("rnnserve.server")
-
-#: Sessions written in one pipelined round trip.
-WRITE_BATCH = 256
-#: Backoff between attempts while the store does not answer, seconds.
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 2.0
 #: An event-loop stall this long makes every session suspect. Below the time a proxy takes to
 #: eject an unresponsive replica (Envoy: two failed health checks 1 s apart), so a replica that
 #: was paused long enough for its sessions to move always checks before serving them again.
@@ -70,96 +62,23 @@ class Durability:
         self.store = store
         self.repository = repository
         self.metrics = metrics
-        #: A session is queued once this many steps past its last checkpoint (Checkpoints).
-        self.every = every
         self.ttl_ms = max(1, int(ttl_s * 1000))
-        #: How often sessions are scanned for a TTL renewal (see ``_refresh``), seconds.
-        self._refresh_s = max(0.5, ttl_s / 16)
         self.sessions: SessionManager | None = None
-        self._queued: dict[str, Session] = {}
-        #: Writes decided when a session left this replica (eviction snapshot, close).
-        self._final: dict[str, Write] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        #: The write-behind side: what sessions report their steps and ends to.
+        self.checkpoints = CheckpointWriter(store, self, metrics, every, ttl_s)
         self._loading: dict[tuple[str, str], asyncio.Future[Loaded | None]] = {}
-        #: Callers of ``written`` waiting for a session's queued write to land.
-        self._savers: dict[str, list[asyncio.Future[None]]] = {}
-        #: The ids written by the round trip in flight.
-        self._in_flight: set[str] = set()
-        #: Takeovers waiting for this replica's own pending write of a session to land.
-        self._landing: dict[str, list[asyncio.Future[None]]] = {}
-        #: Set by a drain's flush: the replica takes no more work, so checkpoints are final.
-        self._handing_over = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._up = True
+        #: Whether the store answered the last operation.
+        self.up = True
         metrics.store_up.set(1)
-        metrics.checkpoint_lag.set_function(self._lag)
-
-    # -- Checkpoints (called from Session.commit and SessionManager.end) ----------------------
-
-    def mark(self, session: Session) -> None:
-        """Queue ``session`` for a checkpoint."""
-        self._queued[session.id] = session
-        self._idle.clear()
-        self._wake.set()
-
-    def ended(self, session: Session, reason: str) -> None:
-        """``session`` leaves this replica: evicted ones are saved now (their slot is reused),
-        closed ones become tombstones; expired ones simply expire in the store too, and moved
-        ones belong to another replica."""
-        self._queued.pop(session.id, None)
-        if reason == CAPACITY and session.saved_seq < session.next_seq:
-            self._final[session.id] = self._write(session, snapshots.take(session))
-        elif reason == CLOSED:
-            self._final[session.id] = Write(session.id, session.epoch, None, "", self.ttl_ms)
-        else:
-            return
-        self._idle.clear()
-        self._wake.set()
-
-    async def written(self, sid: str, timeout_s: float = TIMEOUT_S) -> None:
-        """Return once the write queued for session ``sid`` (a checkpoint, or a close's
-        tombstone) is in the store. A reset, a restore or a close is acknowledged only once it
-        would survive this replica: after a crash, a write-behind checkpoint not yet written
-        would bring back the state from before it (at the same seq, where no client could
-        tell), or a closed session. While the store is away, or past ``timeout_s``, it
-        returns at once and the write stays queued."""
-        if not self._up or (sid not in self._queued and sid not in self._final):
-            return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._savers.setdefault(sid, []).append(done)
-        self._wake.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(done), timeout_s)
-
-    @staticmethod
-    def _saved(waiting: list[asyncio.Future[None]]) -> None:
-        for done in waiting:
-            if not done.done():
-                done.set_result(None)
-
-    def _lag(self) -> float:
-        return float(sum(s.next_seq - max(s.saved_seq, 0) for s in list(self._queued.values())))
-
-    def _write(self, session: Session, snap: pb.SessionSnapshot) -> Write:
-        remaining_ms = int((session.deadline - time.monotonic()) * 1000)
-        return Write(
-            session.id,
-            session.epoch,
-            snap.SerializeToString(),
-            session.principal,
-            max(1000, min(self.ttl_ms, remaining_ms)),
-            self._handing_over,
-        )
 
     # -- tasks --------------------------------------------------------------------------------
 
     def start(self, sessions: SessionManager) -> None:
         """Start the writer, the takeover listener and the stall watch on the running loop."""
-        self.sessions = sessions
+        self.sessions = self.checkpoints.sessions = sessions
         loop = asyncio.get_running_loop()
-        for job in (self._writer(), self._listen(), self._watch()):
+        for job in (self.checkpoints.run(), self._listen(), self._watch()):
             self._tasks.append(loop.create_task(job))
 
     async def stop(self) -> None:
@@ -175,167 +94,29 @@ class Durability:
         try:
             await self.store.ping()
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self.failed(exc)
             return False
-        self._answered()
+        self.answered()
         return True
 
-    async def flush(self, timeout_s: float, handover: Mapping[str, Session] | None = None) -> bool:
-        """Checkpoint every session with unsaved steps; whether all were written within
-        ``timeout_s``. ``handover`` is a drain's, once the replica takes no more work: every
-        checkpoint from then on is final, and each session in it (an OIP sequence's, by its
-        name) is written final whatever it saved before, then recorded under its name."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        if handover is not None:
-            self._handing_over = True
-            for session in handover.values():
-                self.mark(session)
-        if self.sessions is not None:
-            for session in self.sessions.all():
-                if session.saved_seq < session.next_seq:
-                    self.mark(session)
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            if handover:
-                names = [
-                    (n, s.id)
-                    for n, s in handover.items()
-                    if s.ended is None and s.saved_seq == s.next_seq
-                ]
-                await asyncio.wait_for(
-                    self.store.name(names, self.ttl_ms), max(0.0, deadline - loop.time())
-                )
-        except TimeoutError:
-            return False
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            return False
-        return True
-
-    async def announce(self, handover: Mapping[str, Session], timeout_s: float) -> None:
-        """Record ``handover``'s sessions under their names as pending (a drain begins); on
-        failure the drain goes on without (a replica asked early then says the sequence is
-        unknown)."""
-        if not handover:
-            return
-        names = [(n, s.id) for n, s in handover.items()]
-        try:
-            await asyncio.wait_for(self.store.name(names, self.ttl_ms, pending=True), timeout_s)
-        except (TimeoutError, RedisError, OSError) as exc:
-            self._failed(exc)
-
-    async def _writer(self) -> None:
-        backoff = BACKOFF_MIN_S
-        while True:
-            if not self._queued and not self._final:
-                self._idle.set()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self._refresh_s)
-                except TimeoutError:
-                    self._refresh()
-                    continue
-            self._wake.clear()
-            writes, sessions, seqs, savers = self._take_batch()
-            if not writes:
-                await asyncio.sleep(0)  # every queued session is mid-run: after it
-                continue
-            self._in_flight = {w.session_id for w in writes}
-            try:
-                written = await self.store.write(writes)
-            except (RedisError, OSError) as exc:
-                self._in_flight = set()
-                self._failed(exc)
-                for w, session, waiting in zip(writes, sessions, savers, strict=True):
-                    if session is None:
-                        self._final.setdefault(w.session_id, w)
-                    elif session.ended is None:
-                        self._queued.setdefault(session.id, session)
-                    if waiting:  # they wait for the next attempt
-                        self._savers.setdefault(w.session_id, []).extend(waiting)
-                await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX_S, backoff * 2)
-                continue
-            self._in_flight = set()
-            for w in writes:
-                if w.session_id not in self._final:  # else its last write is still to come
-                    self._saved(self._landing.pop(w.session_id, []))
-            backoff = BACKOFF_MIN_S
-            self._answered()
-            now = time.monotonic()
-            self.metrics.checkpoints.inc(sum(written))
-            for w, session, seq, ok, waiting in zip(
-                writes, sessions, seqs, written, savers, strict=True
-            ):
-                self._saved(waiting)
-                if session is None:
-                    continue
-                if ok:
-                    session.saved_seq = max(session.saved_seq, seq)
-                    session.saved_at = now
-                elif session.ended is None and session.epoch == w.epoch:
-                    self._fence(session)
-
-    def _refresh(self) -> None:
-        """Queue the sessions used well after their last checkpoint (fewer than
-        ``checkpoint_every`` steps since, or none), so that no store copy expires before the
-        session would: a checkpoint renews the key's TTL."""
-        if self.sessions is None:
-            return
-        ttl = self.ttl_ms / 1000
-        for session in self.sessions.all():
-            if session.deadline - ttl - session.saved_at > ttl / 8:
-                self.mark(session)
-
-    def _take_batch(
-        self,
-    ) -> tuple[list[Write], list[Session | None], list[int], list[list[asyncio.Future[None]]]]:
-        """Up to WRITE_BATCH writes, with the session each checkpoints (None for a final
-        write), the seq it holds and the ``written`` callers it answers: final ones first, then
-        snapshots of queued sessions that are not in an engine run (those stay queued)."""
-        writes: list[Write] = []
-        owners: list[Session | None] = []
-        seqs: list[int] = []
-        savers: list[list[asyncio.Future[None]]] = []
-        while self._final and len(writes) < WRITE_BATCH:
-            _, write = self._final.popitem()
-            writes.append(write)
-            owners.append(None)
-            seqs.append(-1)
-            savers.append(self._savers.pop(write.session_id, []))
-        busy = []
-        while self._queued and len(writes) < WRITE_BATCH:
-            _, session = self._queued.popitem()
-            if session.ended is not None:
-                self._saved(self._savers.pop(session.id, []))
-                continue
-            if session.busy:
-                busy.append(session)
-                continue
-            writes.append(self._write(session, snapshots.take(session)))
-            owners.append(session)
-            seqs.append(session.next_seq)
-            savers.append(self._savers.pop(session.id, []))
-        for session in busy:
-            self._queued[session.id] = session
-        return writes, owners, seqs, savers
-
-    def _failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException) -> None:
+        """A store operation failed: serve from memory, say so once."""
         self.metrics.store_errors.inc()
-        if self._up:
+        if self.up:
             log.warning("session store unreachable (%s); serving from memory, retrying", exc)
-            self._up = False
+            self.up = False
             self.metrics.store_up.set(0)
 
-    def _answered(self) -> None:
-        if self._up:
+    def answered(self) -> None:
+        """A store operation succeeded: after an outage, write and check every session."""
+        if self.up:
             return
-        self._up = True
+        self.up = True
         self.metrics.store_up.set(1)
         log.info("session store reachable again; checkpointing every session")
         if self.sessions is not None:
             for session in self.sessions.all():
-                self.mark(session)  # it may have lost data while it was away
+                self.checkpoints.mark(session)  # it may have lost data while it was away
                 session.suspect = True  # and moves while we could not hear them
 
     async def _listen(self) -> None:
@@ -344,14 +125,14 @@ class Durability:
         while True:
             try:
                 await self.store.ping()
-                self._answered()  # Redis is back even when no session has a write to make
+                self.answered()  # Redis is back even when no session has a write to make
                 async for epoch, sid in self.store.moves():
                     backoff = BACKOFF_MIN_S
                     session = self.sessions.peek(sid) if self.sessions is not None else None
                     if session is not None and session.epoch < epoch:
-                        self._fence(session)
+                        self.fence(session)
             except (RedisError, OSError) as exc:
-                self._failed(exc)
+                self.failed(exc)
             self._suspect_all()
             await asyncio.sleep(backoff)
             backoff = min(BACKOFF_MAX_S, backoff * 2)
@@ -375,7 +156,8 @@ class Durability:
             for session in self.sessions.all():
                 session.suspect = True
 
-    def _fence(self, session: Session) -> None:
+    def fence(self, session: Session) -> None:
+        """Drop ``session``: another replica owns it now."""
         assert self.sessions is not None
         log.info("session %s moved to another replica; dropped here", session.id)
         self.metrics.fenced.inc()
@@ -402,11 +184,11 @@ class Durability:
         try:
             named = await self.store.named(name)
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self.failed(exc)
             raise unavailable(
                 "the session store cannot be reached to find the sequence; retry"
             ) from None
-        self._answered()
+        self.answered()
         if named is None or not self.may_hold(named[0]):
             return None
         sid, pending = named
@@ -431,24 +213,18 @@ class Durability:
 
     async def _load(self, sid: str, principal: str) -> Loaded | None:
         assert self.sessions is not None
-        if sid in self._final or sid in self._in_flight:
-            # This replica evicted it and has not written it yet: the store's copy is older.
-            landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._landing.setdefault(sid, []).append(landed)
-            self._wake.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(landed), TIMEOUT_S)
+        await self.checkpoints.landed(sid)  # an eviction not written yet: the store is older
         try:
             claimed = await self.store.claim(sid, self.ttl_ms, principal)
         except ForeignSession:
             raise self.sessions.foreign(sid) from None
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self.failed(exc)
             raise unavailable(
                 f"session {sid} is not on this replica and the session store cannot be reached; "
                 "retry"
             ) from None
-        self._answered()
+        self.answered()
         if claimed is None:
             return None
         restored = await self._restorable(sid, pb.SessionSnapshot.FromString(claimed.snapshot))
@@ -471,14 +247,14 @@ class Durability:
         try:
             epoch = await self.store.epoch(session.id)
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self.failed(exc)
             session.suspect = False  # availability: serve from memory while Redis is away
             return True
-        self._answered()
+        self.answered()
         if epoch is None or epoch == session.epoch:
             session.suspect = False
             return True
-        self._fence(session)
+        self.fence(session)
         return False
 
     async def _restorable(self, sid: str, snap: pb.SessionSnapshot) -> snapshots.Restored:
@@ -520,9 +296,9 @@ class Durability:
         try:
             epoch = await self.store.seize(sid, self.ttl_ms)
         except (RedisError, OSError) as exc:
-            self._failed(exc)
+            self.failed(exc)
             raise unavailable(
                 "the session store cannot be reached to restore a session; retry"
             ) from None
-        self._answered()
+        self.answered()
         return epoch

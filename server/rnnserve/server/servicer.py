@@ -317,7 +317,7 @@ class InferenceServicer:
         session = await self.lookup(request.session_id)
         self.sessions.end(session, CLOSED)
         if self.durable is not None:
-            await self.durable.written(session.id)
+            await self.durable.checkpoints.written(session.id)
         return pb.CloseSessionResponse()
 
     @unary("ResetSession")
@@ -328,7 +328,7 @@ class InferenceServicer:
         session.model.pool.zero(session.slot)
         session.state_replaced()
         if self.durable is not None:
-            await self.durable.written(session.id)
+            await self.durable.checkpoints.written(session.id)
         return pb.ResetSessionResponse(session=self.sessions.info(session))
 
     @unary("ForkSession")
@@ -377,5 +377,5 @@ class InferenceServicer:
         )
         snapshots.resume(session, restored)
         if self.durable is not None:
-            await self.durable.written(session.id)
+            await self.durable.checkpoints.written(session.id)
         return pb.PutStateResponse(session=self.sessions.info(session))

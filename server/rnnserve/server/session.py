@@ -47,7 +47,7 @@ def check_seq_room(seq: int, steps: int) -> None:
 
 
 class Checkpoints(Protocol):
-    """Where a session with unsaved steps is queued for a checkpoint (durable.Durability)."""
+    """Where a session with unsaved steps is queued for a checkpoint (checkpoints.py)."""
 
     every: int
 
