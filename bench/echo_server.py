@@ -9,13 +9,21 @@ protobuf cost: the floor under any Python server on the same stack. A frame (a m
 N sessions' chunks of T steps) gets a FrameResponse of the real size: outputs float32
 ``[N, T, outputs]`` (zeros) and each entry's next seq.
 
+With ``--run-model`` it runs the model on frames: each frame's entries are one batch through
+rnnserve's own ``Engine`` (one intra-op thread, pre-bound buffers), each session's state kept in
+a ``SlotPool`` row found by one dict lookup (a new row of zeros for an id it has not seen), and
+the reply carries the real outputs. No seq is checked, nothing is cached for a retry, nothing is
+counted: it is the floor of any server that runs the model on frames in-process on this stack
+(transport, decode, gather, the run, scatter, encode), the work rnnserve cannot skip.
+
 With ``--busy-us N`` it spins for N µs on each message before answering: a stand-in for a
 model run of that length that keeps the CPU busy as a run does, but touches no memory. Set to
 the model run's own time, it is the floor of any server that runs that model in-process on
 this stack.
 
 Usage: ``python bench/echo_server.py --model-dir models/<name>/<version> [--port 0] [--uvloop]
-[--busy-us N]`` (the version folder holds the manifest.json whose shapes the echo imitates).
+[--busy-us N | --run-model]`` (the version folder holds the manifest.json whose shapes the echo
+imitates).
 Prints ``listening on HOST:PORT`` once it serves; SIGTERM or SIGINT stops it gracefully.
 """
 
@@ -31,9 +39,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 from rnnserve.manifest import Manifest, ManifestError, load_manifest
+from rnnserve.server.engine import CPU, Engine
+from rnnserve.server.state import SlotPool
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import from_tensor
 
 #: Longest chunk the echo accepts, as the real server's default might; only for ModelInfo.
 _MAX_CHUNK = 1024
@@ -77,12 +89,43 @@ def _spin(seconds: float) -> None:
         pass
 
 
+class FloorModel:
+    """The least a server does to run a frame: one row of state per session id, one batch."""
+
+    def __init__(self, version_dir: Path, manifest: Manifest) -> None:
+        self.engine = Engine(version_dir, manifest, [CPU])
+        self.pool = SlotPool(manifest.states, max_slots=1 << 16)
+        self.rows: dict[str, int] = {}
+
+    def run(self, frame: pb.StepFrame) -> tuple[bytes, int]:
+        """The outputs' bytes (float32 ``[N, T, outputs]``) of a frame's entries, and T."""
+        ids = list(frame.session_ids)
+        rows = self.rows
+        found = list(map(rows.get, ids))
+        if None in found:
+            for sid in ids:
+                if sid not in rows:
+                    rows[sid] = self.pool.allocate()
+            found = list(map(rows.get, ids))
+        slots = np.fromiter(found, np.intp, len(found))
+        inputs = from_tensor(frame.inputs)  # [N, T] or [N, T, F]
+        x = np.ascontiguousarray(inputs.swapaxes(0, 1))
+        lengths = np.full(len(ids), x.shape[0], dtype=np.int32)
+        y, new = self.engine.run(x, self.pool.gather(slots), lengths)
+        outputs = y.swapaxes(0, 1).tobytes()  # C order: [N, T, outputs]
+        self.pool.scatter(slots, new)
+        return outputs, int(x.shape[0])
+
+
 class EchoServicer(pb_grpc.InferenceServiceServicer):
     """Answers like rnnserve without state or compute; everything else is UNIMPLEMENTED."""
 
-    def __init__(self, info: pb.ModelInfo, busy_s: float = 0.0) -> None:
+    def __init__(
+        self, info: pb.ModelInfo, busy_s: float = 0.0, model: FloorModel | None = None
+    ) -> None:
         self._info = info
         self._busy_s = busy_s
+        self._model = model
         self._output_size = int(info.output.shape[-1])
         # Zero outputs per chunk length, built once: encoding is the real server's cost, not
         # the transport's, and the bytes on the wire are the same size either way.
@@ -99,16 +142,20 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
         """A FrameResponse of the real size: outputs float32 ``[N, T, outputs]`` (zeros) and
         every entry's next seq, for a frame whose inputs are ``[N, T]`` or ``[N, T, F]``."""
         frame = request.frame
-        shape = frame.inputs.shape
         rows = len(frame.session_ids)
-        steps = int(shape[1]) if len(shape) > 1 else 1
+        if self._model is not None:
+            outputs, steps = self._model.run(frame)
+        else:
+            shape = frame.inputs.shape
+            steps = int(shape[1]) if len(shape) > 1 else 1
+            outputs = self._outputs(rows * steps)
         return pb.StreamResponse(
             request_id=request.request_id,
             frame=pb.FrameResponse(
                 outputs=pb.Tensor(
                     dtype=pb.DTYPE_FLOAT32,
                     shape=(rows, steps, self._output_size),
-                    raw_data=self._outputs(rows * steps),
+                    raw_data=outputs,
                 ),
                 next_seqs=[seq + steps for seq in frame.seqs],
             ),
@@ -175,10 +222,12 @@ class EchoServicer(pb_grpc.InferenceServiceServicer):
             )
 
 
-async def serve(manifest: Manifest, host: str, port: int, busy_us: float = 0.0) -> None:
+async def serve(
+    manifest: Manifest, host: str, port: int, busy_us: float = 0.0, model: FloorModel | None = None
+) -> None:
     """Serve until SIGTERM or SIGINT; prints ``listening on HOST:PORT`` once bound."""
     server = grpc.aio.server()
-    servicer = EchoServicer(model_info(manifest), busy_us / 1e6)
+    servicer = EchoServicer(model_info(manifest), busy_us / 1e6, model)
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -208,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="spin this many µs per message before answering, as a model run of that length",
     )
+    parser.add_argument(
+        "--run-model",
+        action="store_true",
+        help="run the model on frames (the floor of a server that does), not zeros",
+    )
     args = parser.parse_args(argv)
     if not args.busy_us >= 0:
         print(f"echo_server: --busy-us must be 0 or more, not {args.busy_us:g}", file=sys.stderr)
@@ -217,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"echo_server: {exc}", file=sys.stderr)
         return 2
+    model = FloorModel(args.model_dir, manifest) if args.run_model else None
     if args.uvloop:
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(manifest, args.host, args.port, args.busy_us))
+            runner.run(serve(manifest, args.host, args.port, args.busy_us, model))
     else:
-        asyncio.run(serve(manifest, args.host, args.port, args.busy_us))
+        asyncio.run(serve(manifest, args.host, args.port, args.busy_us, model))
     return 0
 
 

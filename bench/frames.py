@@ -93,7 +93,7 @@ def measure(
     config = LoadConfig(
         target=server.target,
         # The echo imitates the first model only (all of them answer 62 logits a step).
-        model=model.name if server.label == "rnnserve" else args.echo_model,
+        model=args.echo_model if server.label == "echo" else model.name,
         sessions=sessions,
         frame=frame,
         seconds=args.seconds,
@@ -129,6 +129,7 @@ Setting = tuple[str, int, int]  # (server label, sessions, frame)
 def settings_of(model_index: int, args: argparse.Namespace) -> list[Setting]:
     """What one round measures for a model: the first model gets the plot's points too."""
     frames = [("rnnserve", args.inflight * k, k) for k in args.frames]
+    frames.append(("floor", args.inflight * args.target_frame, args.target_frame))
     if args.inflight > 1:  # also one frame of the target size alone: as many sessions as the echo
         frames.append(("rnnserve", args.target_frame, args.target_frame))
     if model_index > 0:
@@ -181,6 +182,7 @@ def run_model(
     frames = done[("rnnserve", args.inflight * k, k)]
     alone = done[("rnnserve", k, k)]
     echo = done[("echo", 64, 0)]
+    floor = done[("floor", args.inflight * k, k)]
     return ModelRun(
         model=model,
         ort_us=ort_us,
@@ -189,6 +191,12 @@ def run_model(
         cpu=spread([f.server_cpu_us for f in frames]),
         alone_vs_echo=spread(
             [f.steps_per_s / e.steps_per_s for f, e in zip(alone, echo, strict=True)]
+        ),
+        floor_vs_echo=spread(
+            [f.steps_per_s / e.steps_per_s for f, e in zip(floor, echo, strict=True)]
+        ),
+        vs_floor=spread(
+            [f.steps_per_s / e.steps_per_s for f, e in zip(frames, floor, strict=True)]
         ),
     )
 
@@ -258,8 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             echo.wait_ready(models[0].name)
             for m in models:
                 real.wait_ready(m.name)
-            servers = {"echo": echo, "rnnserve": real}
-            runs = [run_model(i, m, ort[m.name], servers, args) for i, m in enumerate(models)]
+            runs = []
+            for i, m in enumerate(models):
+                # The floor runs the model itself: one per model, started for its rounds only.
+                launch = echo_command(m.version_dir, args.uvloop, run_model=True)
+                with ServerProcess("floor", launch, logs) as floor:
+                    floor.wait_ready(m.name)
+                    servers = {"echo": echo, "rnnserve": real, "floor": floor}
+                    runs.append(run_model(i, m, ort[m.name], servers, args))
         except (BenchError, RuntimeError) as exc:
             print(f"frames: {exc}", file=sys.stderr)
             return 1
@@ -272,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         data = [
             {"model": asdict(r.model) | {"version_dir": str(r.model.version_dir)},
              "ort_us": r.ort_us, "points": [asdict(p) for p in r.points],
-             "vs_echo": r.vs_echo, "cpu": r.cpu, "alone_vs_echo": r.alone_vs_echo}
+             "vs_echo": r.vs_echo, "cpu": r.cpu, "alone_vs_echo": r.alone_vs_echo,
+             "floor_vs_echo": r.floor_vs_echo, "vs_floor": r.vs_floor}
             for r in runs
         ]  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2))

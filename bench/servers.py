@@ -45,15 +45,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def echo_command(version_dir: Path, uvloop: bool, busy_us: float = 0.0) -> Launch:
+def echo_command(
+    version_dir: Path, uvloop: bool, busy_us: float = 0.0, run_model: bool = False
+) -> Launch:
     """The echo server imitating the model version in ``version_dir``; with ``busy_us``, one
-    that spins that long per message in place of a model run."""
+    that spins that long per message in place of a model run; with ``run_model``, one that
+    runs the model on frames (the floor of a server that does)."""
 
     def launch(port: int) -> tuple[list[str], dict[str, str]]:
         argv = [sys.executable, str(HERE / "echo_server.py"), "--model-dir", str(version_dir)]
         argv += ["--port", str(port)] + (["--uvloop"] if uvloop else [])
         if busy_us:
             argv += ["--busy-us", f"{busy_us:.1f}"]
+        if run_model:
+            argv += ["--run-model"]
         return argv, {}
 
     return launch

@@ -7,16 +7,23 @@ consistent counts and ordered percentiles. Speed is the benchmark's business, ne
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 from rnnserve.client.cli import main
 from rnnserve.client.commands.bench import LoadConfig, LoadResult, run_load
+from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve.wire import from_tensor, to_tensor
 
 from tests.conftest import RunningServer
+from tests.support.modelgen import Reference
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 ECHO_SERVER = BENCH / "echo_server.py"
@@ -112,13 +119,11 @@ def test_cli_bad_input_is_one_line_and_non_zero(
     assert err.count("\n") == 1 and "NOT_FOUND" in err
 
 
-@pytest.fixture(params=[0.0], ids=["plain"])
-def echo_address(model_repo: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """bench/echo_server.py imitating tiny-char, as its own process on a free port (spinning
-    ``request.param`` µs per message)."""
-    argv = [sys.executable, str(ECHO_SERVER), "--model-dir", str(model_repo / "tiny-char" / "1")]
-    if request.param:
-        argv += ["--busy-us", str(request.param)]
+@contextlib.contextmanager
+def _echo(version_dir: Path, *extra: str) -> Iterator[str]:
+    """bench/echo_server.py imitating the model in ``version_dir``, as its own process on a
+    free port; its address."""
+    argv = [sys.executable, str(ECHO_SERVER), "--model-dir", str(version_dir), *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -128,6 +133,14 @@ def echo_address(model_repo: Path, request: pytest.FixtureRequest) -> Iterator[s
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(params=[0.0], ids=["plain"])
+def echo_address(model_repo: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The echo imitating tiny-char (spinning ``request.param`` µs per message)."""
+    extra = ["--busy-us", str(request.param)] if request.param else []
+    with _echo(model_repo / "tiny-char" / "1", *extra) as address:
+        yield address
 
 
 async def test_the_echo_floor_runs_the_same_client(echo_address: str) -> None:
@@ -157,6 +170,42 @@ async def test_the_echo_answers_frames_of_the_real_size(echo_address: str) -> No
         target=echo_address, model="tiny-char", sessions=8, frame=4, chunk=2, seconds=0.5
     )
     _check(await run_load(config), chunk=2, frame=4)
+
+
+@pytest.mark.parametrize("model", ["tiny-char", "tiny-lstm"])
+async def test_the_floor_runs_the_model_on_frames(model_repo: Path, model: str) -> None:
+    # The frames benchmark's floor (--run-model) must do the model's real work: each
+    # session's outputs equal the model run straight over its chunks, whatever its neighbours.
+    ref = Reference(model_repo, (model,))
+    manifest, _ = ref.models[model]
+    rng = np.random.default_rng(7)
+    ids = ["a", "b", "c"]
+    frames = []
+    for n, steps in ((3, 2), (2, 1), (3, 3)):  # "c" sits out the second frame
+        shape = (n, steps) if manifest.input_kind == "tokens" else (n, steps, manifest.input_size)
+        if manifest.input_kind == "tokens":
+            x = rng.integers(0, manifest.input_size, size=shape, dtype=np.int64)
+        else:
+            x = rng.standard_normal(shape).astype(np.float32)
+        frames.append((ids[:n], x))
+    with _echo(model_repo / model / "1", "--run-model") as address:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            requests = [
+                pb.StreamRequest(
+                    request_id=i,
+                    frame=pb.StepFrame(session_ids=sids, seqs=[0] * len(sids), inputs=to_tensor(x)),
+                )
+                for i, (sids, x) in enumerate(frames)
+            ]
+            replies = [r async for r in stub.Stream(iter(requests))]
+    states = {sid: ref.zeros(model) for sid in ids}
+    for (sids, x), reply in zip(frames, replies, strict=True):
+        got = from_tensor(reply.frame.outputs)
+        assert got.shape == (len(sids), x.shape[1], manifest.output_size)
+        for j, sid in enumerate(sids):
+            want, states[sid] = ref.run(model, x[j], states[sid])
+            np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-5)
 
 
 def _bench(script: str, *args: str | Path) -> subprocess.CompletedProcess[str]:

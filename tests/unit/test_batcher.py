@@ -330,6 +330,31 @@ async def test_a_frame_runs_as_one_batch_and_each_entry_stands_alone(
     assert s[1].next_seq == 4
 
 
+async def test_a_session_twice_at_one_seq_in_a_frame_is_applied_once(tmp_path: Path):
+    # Every entry is at its session's next seq, so only the session's second appearance
+    # tells the batcher not to run the frame whole: s0's second entry is a retry of its first
+    # (answered from the cache), s1's reuses the seq with other inputs (refused).
+    folder, model, sessions = await _served(tmp_path, 1000)
+    s = [sessions.open(model) for _ in range(2)]
+    x = np.random.default_rng(5).normal(size=(4, 2, 3)).astype(np.float32)
+    x[2] = x[0]
+    sink = _FrameSink(4, 2, model.manifest.output_size)
+    model.batcher.submit(_frame(sink, [s[0], s[1], s[0], s[1]], [0, 0, 0, 0], x))
+    for _ in range(50):
+        if sink.answered == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert sink.answered == 4
+    assert set(sink.errors) == {3} and sink.errors[3].code.name == "FAILED_PRECONDITION"
+    assert s[0].next_seq == 2 and s[1].next_seq == 2
+    for row, sess in ((0, s[0]), (1, s[1])):
+        want, state = reference_run(folder, x[row])
+        np.testing.assert_allclose(sink.outputs[row], want, atol=1e-5)
+        for name, value in model.pool.read(sess.slot).items():
+            np.testing.assert_allclose(value, state[name], atol=1e-5)
+    np.testing.assert_array_equal(sink.outputs[2], sink.outputs[0])
+
+
 async def test_a_frame_larger_than_max_batch_runs_in_parts(tmp_path: Path):
     folder, model, sessions = await _served(tmp_path, 1000)
     model.batcher.max_batch = 3

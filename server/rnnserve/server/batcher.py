@@ -19,11 +19,13 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Executor
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 from rnnserve.server.errors import ServingError, as_serving_error
+from rnnserve.server.session import commit_entries
 from rnnserve.server.work import Array, FrameWork, Item, Rows, States, Work, assemble
 
 if TYPE_CHECKING:
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
     from rnnserve.server.state import SlotPool
 
 LE_FLOAT32 = np.dtype("<f4")
+_BUSY = attrgetter("busy")
+_ENDED = attrgetter("ended")
+_NEXT_SEQ = attrgetter("next_seq")
+_SLOT = attrgetter("slot")
 log = logging.getLogger("rnnserve.server")
 
 
@@ -200,11 +206,24 @@ class Batcher:
     def _take_frame(self, fw: FrameWork, room: int) -> tuple[FrameWork | None, FrameWork | None]:
         """The entries of ``fw`` that run in this batch (at most ``room``) and those that wait
         for the next one (a session's second entry, or no room); the others are answered."""
+        sessions = fw.sessions
+        if (
+            len(sessions) <= room
+            and not any(map(_BUSY, sessions))
+            and not any(map(_ENDED, sessions))
+            and list(map(_NEXT_SEQ, sessions)) == fw.seqs
+            and len(set(sessions)) == len(sessions)
+        ):
+            # The usual frame: every entry its session's next chunk, each session once, room
+            # for all. The loop below would take them all, one at a time.
+            for session in sessions:
+                session.busy = True
+            return fw, None
         picked: list[int] = []
         later: list[int] = []
         sink = fw.sink
         seqs = fw.seqs
-        for j, session in enumerate(fw.sessions):
+        for j, session in enumerate(sessions):
             if session.busy or len(picked) == room:
                 later.append(j)
                 continue
@@ -231,7 +250,7 @@ class Batcher:
     def _start(self, batch: list[Item], sessions: list[Session]) -> None:
         """Run a batch inline, or start it on the worker thread and return."""
         count = len(sessions)
-        slots = np.array([s.slot for s in sessions], dtype=np.intp)
+        slots = np.fromiter(map(_SLOT, sessions), np.intp, count)
         x, lengths = assemble(batch, count)
         states = self.pool.gather(slots)
         started = time.perf_counter()
@@ -308,12 +327,13 @@ class Batcher:
             self._failed(batch, sessions, exc)
             return
         # A session closed or evicted while its chunk ran may have handed its slot to another.
-        alive = [i for i, s in enumerate(sessions) if s.ended is None]
-        if len(alive) == len(sessions):
+        if not any(map(_ENDED, sessions)):
             self.pool.scatter(slots, new)
-        elif alive:
-            rows = np.array(alive, dtype=np.intp)
-            self.pool.scatter(slots[rows], new, rows)
+        else:
+            alive = [i for i, s in enumerate(sessions) if s.ended is None]
+            if alive:
+                rows = np.array(alive, dtype=np.intp)
+                self.pool.scatter(slots[rows], new, rows)
         chunk_length = metrics.chunk_length
         i = 0
         for item in batch:
@@ -324,11 +344,7 @@ class Batcher:
                 chunk_length.observe(steps, k)
                 # Each entry's outputs and inputs are slices of one bytes copy of the block:
                 # no array per entry.
-                outs = block.tobytes()
-                ins = item.inputs.tobytes()  # C order whatever the layout
-                o, n = len(outs) // k, len(ins) // k
-                for j, (session, seq) in enumerate(zip(item.sessions, item.seqs, strict=True)):
-                    session.commit_raw(seq, steps, outs[j * o : j * o + o], ins[j * n : j * n + n])
+                commit_entries(item.sessions, item.seqs, steps, block, item.inputs)
                 try:
                     item.sink.entries_done(item.rows, block)
                 except Exception:  # a bug in a reply sink: the sessions are consistent

@@ -8,14 +8,16 @@ one costs about 160 bytes of Python object besides its id and its state slot (th
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from rnnserve.server.errors import ServingError, not_found, out_of_range, seq_error, unavailable
-from rnnserve.server.model import ServedModel
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import array_digest, chunk_digest
+
+if TYPE_CHECKING:
+    from rnnserve.server.model import ServedModel
 
 #: Inputs of at most this many bytes are kept undigested after a chunk (``Session.applied``).
 MAX_KEPT_INPUT_BYTES = 1024
@@ -185,21 +187,6 @@ class Session:
         if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
             checkpoints.mark(self)
 
-    def commit_raw(self, seq: int, steps: int, outputs: bytes, inputs: bytes) -> None:
-        """``commit`` for a frame's entry, from the bytes of its outputs and its inputs (in the
-        model's input layout): the batcher slices them out of the frame's block, so no array
-        is made per entry."""
-        self.next_seq = seq + steps
-        self.last_seq = seq
-        self._outputs = outputs
-        self._digest = (inputs,)
-        if len(inputs) > MAX_KEPT_INPUT_BYTES:
-            self._digest = self.last_digest
-        self.busy = False
-        checkpoints = self.checkpoints
-        if checkpoints is not None and self.next_seq - self.saved_seq >= checkpoints.every:
-            checkpoints.mark(self)
-
     def gone(self) -> ServingError:
         """Why a chunk of this session, which ended while the chunk waited, was not applied:
         UNAVAILABLE (send it again) when the session lives on under its id: in the store
@@ -250,3 +237,32 @@ class Session:
             f"chunk seq {seq} {what}; session {self.id} expects seq {self.next_seq} next",
             self.next_seq,
         )
+
+
+def commit_entries(
+    sessions: list[Session],
+    seqs: list[int],
+    steps: int,
+    outputs: npt.NDArray[np.float32],
+    inputs: npt.NDArray[np.generic],
+) -> None:
+    """``Session.commit`` of each entry of a frame's block: ``sessions[j]``'s chunk at
+    ``seqs[j]`` (``steps`` steps, inputs ``inputs[j]``) made ``outputs[j]``. Each session keeps
+    bytes sliced from one copy of the block (no array per entry); one pass, no call per
+    entry but a checkpoint's."""
+    k = len(sessions)
+    outs = outputs.tobytes()  # C order whatever the layout
+    ins = inputs.tobytes()
+    o, n = len(outs) // k, len(ins) // k
+    small = n <= MAX_KEPT_INPUT_BYTES
+    for j, (session, seq) in enumerate(zip(sessions, seqs, strict=True)):
+        session.next_seq = next_seq = seq + steps
+        session.last_seq = seq
+        session._outputs = outs[j * o : j * o + o]
+        session._digest = (ins[j * n : j * n + n],)
+        if not small:
+            session._digest = session.last_digest
+        session.busy = False
+        checkpoints = session.checkpoints
+        if checkpoints is not None and next_seq - session.saved_seq >= checkpoints.every:
+            checkpoints.mark(session)

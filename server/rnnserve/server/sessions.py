@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
+from operator import attrgetter
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +42,8 @@ from rnnserve.server.session import check_seq_room as check_seq_room
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import ROUTE_HEADER, route_of
 
+_PRINCIPAL = attrgetter("principal")
+_DEADLINE = attrgetter("deadline")
 #: Tombstones kept for ended sessions (oldest forgotten first).
 MAX_TOMBSTONES = 100_000
 #: ``_open`` is rebuilt smaller once fewer than an eighth of at least SHRINK_FROM sessions remain,
@@ -246,11 +249,25 @@ class SessionManager:
     def get_many(self, sids: list[str], principal: str) -> list[Session | ServingError]:
         """``get`` of each id of a frame, in one pass (one clock read): the session, or the
         error ``get`` would raise for it."""
-        found: list[Session | ServingError] = []
         opened = self._open
         now = time.monotonic()
         deadline = self._deadline(now)
         solo = self._solo
+        fast = list(map(opened.get, sids))
+        if (
+            solo is not None  # no shares to keep in order
+            and principal == solo
+            and None not in fast
+            and all(map(principal.__eq__, map(_PRINCIPAL, fast)))
+            and min(map(_DEADLINE, fast)) >= now
+        ):
+            # The usual frame (every session here, its principal's, none expired): the same
+            # as the loop below, in C-level passes but the one that restarts the idle clocks.
+            for session in fast:
+                session.deadline = deadline  # type: ignore[union-attr]
+            deque(map(opened.move_to_end, sids), 0)
+            return fast  # type: ignore[return-value]
+        found: list[Session | ServingError] = []
         for sid in sids:
             session = opened.get(sid)
             if (
