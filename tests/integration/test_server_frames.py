@@ -101,6 +101,20 @@ async def test_a_malformed_frame_is_refused_whole_and_the_stream_goes_on(stub):
     assert list(by_id[6].frame.next_seqs) == [1]
 
 
+async def test_a_frame_with_a_token_outside_the_vocabulary_is_refused(stub):
+    sids = [await open_session(stub, "tiny-char") for _ in range(2)]
+    frames = [
+        _frame(1, sids, [0, 0], np.array([[3], [-1]], np.int64)),
+        _frame(2, sids, [0, 0], np.array([[20], [3]], np.int64)),  # ids 0..19
+        _frame(3, sids, [0, 0], np.array([[19], [0]], np.int64)),
+    ]
+    by_id = {r.request_id: r for r in await stream_all(stub, frames)}
+    for rid, bad in ((1, -1), (2, 20)):
+        assert by_id[rid].error.code == Code.INVALID_ARGUMENT.value[0]
+        assert f"token id {bad}, outside the vocabulary (ids 0..19)" in by_id[rid].error.message
+    assert list(by_id[3].frame.next_seqs) == [1, 1]  # nothing of the refused frames applied
+
+
 async def test_frames_and_single_steps_share_a_stream(stub):
     sids = [await open_session(stub, "tiny-lstm") for _ in range(3)]
     x = np.ones((3, 1, 3), np.float32)

@@ -236,9 +236,10 @@ def frame_inputs(model: ServedModel, tensor: pb.Tensor, entries: int) -> npt.NDA
             f"{model.max_chunk} steps"
         )
     if model.tokens:
-        low, high = int(arr.min()), int(arr.max())
-        if low < 0 or high >= m.input_size:
-            bad = low if low < 0 else high
+        # One pass: a negative id read as uint64 is above every vocabulary size.
+        if int(arr.view(np.uint64).max()) >= m.input_size:
+            low = int(arr.min())
+            bad = low if low < 0 else int(arr.max())
             raise invalid(
                 f"frame.inputs holds token id {bad}, outside the vocabulary "
                 f"(ids 0..{m.input_size - 1})"

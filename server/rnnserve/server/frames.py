@@ -31,7 +31,18 @@ Found = Session | BaseException | None
 class FrameReply:
     """One frame's reply, filled in as its entries are answered and sent once all are."""
 
-    __slots__ = ("call", "errors", "next_seqs", "outputs", "remaining", "rid", "seqs", "started")
+    __slots__ = (
+        "call",
+        "errors",
+        "next_seqs",
+        "outputs",
+        "remaining",
+        "rid",
+        "seqs",
+        "started",
+        "steps",
+        "width",
+    )
 
     def __init__(self, call: StreamCall, rid: int, seqs: list[int], started: float) -> None:
         self.call = call
@@ -39,39 +50,49 @@ class FrameReply:
         self.seqs = seqs
         self.started = started
         self.remaining = len(seqs)
-        self.next_seqs = np.zeros(len(seqs), dtype=np.uint64)
+        self.next_seqs = [0] * len(seqs)
         self.errors: list[tuple[int, ServingError]] = []
-        #: float32 [N, T, outputs] once the shape is known (an entry's session was found).
+        #: Steps per entry and outputs per step, once known (an entry's session was found).
+        self.steps = self.width = 0
+        #: float32 [N, T, outputs]: the batcher's block when one run answered every entry
+        #: (read-only, not copied), else filled in entry by entry; None until an entry is done.
         self.outputs: npt.NDArray[np.float32] | None = None
 
     def shape(self, steps: int, width: int) -> None:
-        self.outputs = np.zeros((len(self.seqs), steps, width), dtype=np.float32)
+        self.steps, self.width = steps, width
+
+    def _writable(self) -> npt.NDArray[np.float32]:
+        out = self.outputs
+        if out is None:
+            out = np.zeros((len(self.seqs), self.steps, self.width), dtype=np.float32)
+        elif not out.flags.writeable:
+            out = out.copy()
+        self.outputs = out
+        return out
 
     def entries_done(self, rows: list[int], outputs: npt.NDArray[Any]) -> None:
-        assert self.outputs is not None
         steps = outputs.shape[1]
         if len(rows) == len(self.seqs):  # the whole frame in one run (the usual case)
-            self.outputs[...] = outputs
-            self.next_seqs = np.array(self.seqs, dtype=np.uint64) + steps
+            self.outputs = outputs
+            self.next_seqs = list(map(steps.__add__, self.seqs))
         else:
-            index = np.array(rows, dtype=np.intp)
-            self.outputs[index] = outputs
-            seqs = self.seqs
-            self.next_seqs[index] = np.array([seqs[r] for r in rows], dtype=np.uint64) + steps
+            self._writable()[np.array(rows, dtype=np.intp)] = outputs
+            seqs, next_seqs = self.seqs, self.next_seqs
+            for r in rows:
+                next_seqs[r] = seqs[r] + steps
         self._answered(len(rows))
 
     def entry_done(self, row: int, outputs: Rows) -> None:
-        assert self.outputs is not None
-        if outputs.shape != self.outputs.shape[1:]:
+        if outputs.shape != (self.steps, self.width):
             self.entry_failed(
                 row,
                 invalid(
                     f"entry {row} repeats seq {self.seqs[row]}, which was applied with "
-                    f"{outputs.shape[0]} steps, not {self.outputs.shape[1]}; send the same chunk"
+                    f"{outputs.shape[0]} steps, not {self.steps}; send the same chunk"
                 ),
             )
             return
-        self.outputs[row] = outputs
+        self._writable()[row] = outputs
         self.next_seqs[row] = self.seqs[row] + outputs.shape[0]
         self._answered(1)
 
@@ -88,12 +109,17 @@ class FrameReply:
     def reply(self) -> pb.StreamResponse:
         reply = pb.StreamResponse(request_id=self.rid)
         frame = reply.frame
-        if self.outputs is not None:
+        if self.steps:
             out = frame.outputs
             out.dtype = pb.DTYPE_FLOAT32
-            out.shape[:] = self.outputs.shape
-            out.raw_data = self.outputs.tobytes()
-        frame.next_seqs[:] = self.next_seqs.tolist()
+            out.shape[:] = (len(self.seqs), self.steps, self.width)
+            outputs = self.outputs
+            out.raw_data = (
+                outputs.tobytes()  # C order whatever the block's layout
+                if outputs is not None
+                else bytes(4 * len(self.seqs) * self.steps * self.width)
+            )
+        frame.next_seqs[:] = self.next_seqs
         for row, err in sorted(self.errors, key=lambda e: e[0]):
             frame.errors.add(index=row, error=err.to_step_error())
         return reply

@@ -255,11 +255,11 @@ def commit_entries(
     ins = inputs.tobytes()
     o, n = len(outs) // k, len(ins) // k
     small = n <= MAX_KEPT_INPUT_BYTES
-    for j, (session, seq) in enumerate(zip(sessions, seqs, strict=True)):
+    for session, seq, a, b in zip(sessions, seqs, range(0, k * o, o), range(0, k * n, n)):
         session.next_seq = next_seq = seq + steps
         session.last_seq = seq
-        session._outputs = outs[j * o : j * o + o]
-        session._digest = (ins[j * n : j * n + n],)
+        session._outputs = outs[a : a + o]
+        session._digest = (ins[b : b + n],)
         if not small:
             session._digest = session.last_digest
         session.busy = False
