@@ -255,7 +255,9 @@ def commit_entries(
     ins = inputs.tobytes()
     o, n = len(outs) // k, len(ins) // k
     small = n <= MAX_KEPT_INPUT_BYTES
-    for session, seq, a, b in zip(sessions, seqs, range(0, k * o, o), range(0, k * n, n)):
+    for session, seq, a, b in zip(
+        sessions, seqs, range(0, k * o, o), range(0, k * n, n), strict=True
+    ):
         session.next_seq = next_seq = seq + steps
         session.last_seq = seq
         session._outputs = outs[a : a + o]
