@@ -259,5 +259,7 @@ def test_frames_quick_run_checks_both_targets_and_plots(tmp_path: Path) -> None:
     for model in ("GRU-128", "LSTM-128"):
         row = next(line for line in section.splitlines() if line.startswith(f"| {model} | "))
         assert row.count("PASS") + row.count("MISS") == 2  # both targets judged
+        assert row.count("x (") == 3  # rnnserve and the floor over the echo, rnnserve / floor
+        assert f"| {model} | floor | frames of 64 (2 in flight) | 128 |" in section
     assert "](img/frames.png)" in section
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,7 +97,12 @@ class SlotPool:
         # Axis orders pool <-> graph layout, computed once (np.moveaxis costs microseconds).
         self._to_graph: dict[str, tuple[int, ...]] = {}
         self._to_pool: dict[str, tuple[int, ...]] = {}
+        #: Graph-layout shape of one session's state (batch axis of length 1).
+        self._one: dict[str, tuple[int, ...]] = {}
         for spec in self.specs:
+            one = list(spec.shape)
+            one.insert(spec.batch_axis, 1)
+            self._one[spec.name] = tuple(one)
             order = list(range(1, len(spec.shape) + 1))
             order.insert(spec.batch_axis, 0)
             self._to_graph[spec.name] = tuple(order)
@@ -209,14 +214,16 @@ class SlotPool:
     def gather(self, slots: npt.NDArray[np.intp]) -> dict[str, Array]:
         """The states of ``slots`` in graph layout (batch at each state's batch_axis), as
         contiguous copies the engine may read while the pool changes."""
-        # One slot (a lone session): a basic slice, a third of the cost of fancy indexing.
-        index: npt.NDArray[np.intp] | slice = slots
         if len(slots) == 1:
-            first = int(slots[0])
-            index = slice(first, first + 1)
+            # One slot (a lone session): a view of it in graph layout (the batch axis has
+            # length 1, so it is contiguous); the engine copies it into its bound buffers.
+            slot = int(slots[0])
+            return {
+                s.input: self._arrays[s.name][slot].reshape(self._one[s.name]) for s in self.specs
+            }
         out = {}
         for s in self.specs:
-            taken = self._arrays[s.name][index]
+            taken = self._arrays[s.name][slots]
             out[s.input] = np.ascontiguousarray(taken.transpose(self._to_graph[s.name]))
         return out
 
