@@ -17,6 +17,7 @@ from rnnserve.server.sessions import SessionManager
 from rnnserve.server.settings import Settings
 from rnnserve.server.work import FrameWork, Work
 from rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve.wire import from_tensor
 
 from tests.support.modelgen import reference_run, write_model
 
@@ -43,9 +44,11 @@ class _Sink:
         self.future.set_result(err)
 
 
-def _submit(model, session, seq: int, x: np.ndarray, digest=b"") -> asyncio.Future:
+def _submit(
+    model, session, seq: int, x: np.ndarray, digest=b"", want_state: bool = False
+) -> asyncio.Future:
     sink = _Sink()
-    model.batcher.submit(Work(session, seq, x, False, sink, digest))
+    model.batcher.submit(Work(session, seq, x, want_state, sink, digest))
     return sink.future
 
 
@@ -238,6 +241,7 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
     await asyncio.gather(*[_submit(model, s, 0, x) for s in opened])
     before = [_state(model, s) for s in opened]
     calls = {"n": 0}
+    want_state = where == "reply"  # the replies' states are built after the run
 
     def boom(*args, **kwargs):
         calls["n"] += 1
@@ -247,7 +251,7 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
         monkeypatch.setattr(model.engine, "run", boom)
     else:
         monkeypatch.setattr(Batcher, "_wanted_states", boom)
-    futs = [_submit(model, s, 2, x) for s in opened]
+    futs = [_submit(model, s, 2, x, want_state=want_state) for s in opened]
     results = await asyncio.wait_for(asyncio.gather(*futs), 10)
     assert calls["n"] >= 1
     for s, result, old in zip(opened, results, before, strict=True):
@@ -258,6 +262,29 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
     monkeypatch.undo()
     replies = await asyncio.wait_for(asyncio.gather(*[_submit(model, s, 2, x) for s in opened]), 10)
     assert all(r.next_seq == 4 for r in replies)
+
+
+@pytest.mark.parametrize("inline_max_steps", [1000, 0], ids=["lone-path", "worker-thread"])
+async def test_a_lone_chunk_answers_its_outputs_and_state_as_a_batch_would(
+    tmp_path: Path, inline_max_steps: int
+):
+    # At low load a chunk runs alone (inline: _run_lone; else the batch route on the worker
+    # thread): outputs, the state it returns, the stored state and its retry all match the
+    # model run straight.
+    folder, model, sessions = await _served(tmp_path, inline_max_steps)
+    s = sessions.open(model)
+    x = np.random.default_rng(6).normal(size=(4, 3)).astype(np.float32)
+    first = await _submit(model, s, 0, x[:2])
+    second = await _submit(model, s, 2, x[2:], want_state=True)
+    want, state = reference_run(folder, x)
+    np.testing.assert_allclose(_out(first), want[:2], atol=1e-5)
+    np.testing.assert_allclose(_out(second), want[2:], atol=1e-5)
+    for name, value in state.items():
+        np.testing.assert_allclose(from_tensor(second.state[name]), value, atol=1e-5)
+        np.testing.assert_allclose(model.pool.read(s.slot)[name], value, atol=1e-5)
+    retry = await _submit(model, s, 2, x[2:])
+    np.testing.assert_array_equal(_out(retry), _out(second))
+    assert s.next_seq == 4 and not s.busy and _runs(model) == 2
 
 
 class _FrameSink:

@@ -302,11 +302,12 @@ class _Bound:
     __slots__ = (
         "binding",
         "lengths",
-        "names",
+        "new_states",
         "outputs",
         "session",
         "states",
         "x",
+        "y",
     )
 
     def __init__(
@@ -345,7 +346,9 @@ class _Bound:
                 bind.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
             else:
                 bind.bind_input(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
-        self.names = (m.output_name, [s.output for s in m.states])
+        self.y = self.outputs[m.output_name]
+        #: The new states by output name: the same dict of views each run.
+        self.new_states = {s.output: self.outputs[s.output] for s in m.states}
 
     def run(
         self,
@@ -363,6 +366,4 @@ class _Bound:
         # No RunOptions: with one, onnxruntime looks up an unset config entry on every run and
         # that lookup raises and catches a C++ exception (40 µs, measured with onnxruntime 1.31).
         self.session.run_with_iobinding(self.binding, None)
-        out = self.outputs
-        y_name, state_names = self.names
-        return out[y_name], {name: out[name] for name in state_names}
+        return self.y, self.new_states

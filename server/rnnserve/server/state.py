@@ -213,19 +213,31 @@ class SlotPool:
 
     def gather(self, slots: npt.NDArray[np.intp]) -> dict[str, Array]:
         """The states of ``slots`` in graph layout (batch at each state's batch_axis), as
-        contiguous copies the engine may read while the pool changes."""
+        contiguous copies the engine may read while the pool changes (one slot: views, see
+        ``gather_one``)."""
         if len(slots) == 1:
-            # One slot (a lone session): a view of it in graph layout (the batch axis has
-            # length 1, so it is contiguous); the engine copies it into its bound buffers.
-            slot = int(slots[0])
-            return {
-                s.input: self._arrays[s.name][slot].reshape(self._one[s.name]) for s in self.specs
-            }
+            return self.gather_one(int(slots[0]))
         out = {}
         for s in self.specs:
             taken = self._arrays[s.name][slots]
             out[s.input] = np.ascontiguousarray(taken.transpose(self._to_graph[s.name]))
         return out
+
+    def gather_one(self, slot: int) -> dict[str, Array]:
+        """``gather`` of one slot, as views of it in graph layout (the batch axis has length 1,
+        so each is contiguous): the engine copies them into its bound buffers. They hold
+        while the slot's owner is busy (the pool moves no busy owner)."""
+        out = {}
+        arrays, one = self._arrays, self._one
+        for s in self.specs:
+            out[s.input] = arrays[s.name][slot].reshape(one[s.name])
+        return out
+
+    def scatter_one(self, slot: int, new: dict[str, Array]) -> None:
+        """``scatter`` of a batch of one into ``slot``."""
+        arrays = self._arrays
+        for s in self.specs:
+            arrays[s.name][slot] = new[s.output].reshape(s.shape)
 
     def scatter(
         self,

@@ -119,7 +119,7 @@ def assemble(batch: list[Item], count: int) -> tuple[Array, npt.NDArray[np.int32
     """A batch's inputs (``count`` rows) time-major ``[T, B, ...]`` and each row's length."""
     if count == 1 and isinstance(batch[0], Work):  # a lone chunk: a view, no numpy call
         inputs = batch[0].inputs
-        return inputs[:, None], _one_length(inputs.shape[0])
+        return inputs[:, None], one_length(inputs.shape[0])
     blocks: list[Array] = []
     counts: list[int] = []
     for item in batch:
@@ -150,7 +150,7 @@ def assemble(batch: list[Item], count: int) -> tuple[Array, npt.NDArray[np.int32
 _LENGTHS: dict[int, npt.NDArray[np.int32]] = {}
 
 
-def _one_length(steps: int) -> npt.NDArray[np.int32]:
+def one_length(steps: int) -> npt.NDArray[np.int32]:
     """``[steps]`` as the lengths of a batch of one; shared and read-only."""
     lengths = _LENGTHS.get(steps)
     if lengths is None:
