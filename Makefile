@@ -12,7 +12,7 @@ MODELS ?= models
 # gigabytes of CUDA build. Installing it first makes the `train` extra's range a no-op.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help venv install install-train serve test test-long test-compat lint typecheck proto proto-check proto-lint models bench bench-frames bench-ab bench-memory bench-startup clean
+.PHONY: help venv install install-train serve test test-long test-compat lint typecheck proto proto-check proto-lint models bench bench-frames bench-ab bench-instructions bench-memory bench-startup clean
 
 help:
 	@echo "make serve        set up .venv and serve the shipped models on $(HOST):$(PORT)"
@@ -22,7 +22,7 @@ help:
 	@echo "make proto        regenerate the gRPC code from the .proto files under proto/"
 	@echo "make test-compat  run part of the tests on the oldest supported protobuf and grpcio"
 	@echo "make bench        run the benchmarks (results go to docs/benchmarks.md)"
-	@echo "make bench-frames (also bench-ab, bench-memory, bench-startup) one more benchmark"
+	@echo "make bench-frames (also bench-ab, bench-instructions, bench-memory, bench-startup) one more"
 	@echo "make image        build the server image rnnserve:latest (podman or docker)"
 	@echo "make image-test   build the test images on a local Debian base and run the container tests"
 
@@ -127,7 +127,7 @@ bench: $(VENV)/.installed-dev
 	$(PY) bench/step_latency.py --out docs/benchmarks.md
 
 # The rest of the suite (bench/README.md); each writes its own section of docs/benchmarks.md.
-bench-frames bench-ab bench-startup: bench-%: $(VENV)/.installed-dev
+bench-frames bench-ab bench-instructions bench-startup: bench-%: $(VENV)/.installed-dev
 	$(PY) bench/$*.py --out docs/benchmarks.md
 bench-memory: $(VENV)/.installed-dev
 	$(PY) bench/memory.py

@@ -24,6 +24,7 @@ from rnnserve.wire import from_tensor, to_tensor
 
 from tests.conftest import RunningServer
 from tests.support.modelgen import Reference
+from tests.support.proc_base import require_binary
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 ECHO_SERVER = BENCH / "echo_server.py"
@@ -235,6 +236,33 @@ def test_ab_quick_run_writes_its_section(model_repo: Path, tmp_path: Path) -> No
 def test_ab_names_an_unknown_commit(model_repo: Path, tmp_path: Path) -> None:
     done = _bench("ab.py", "--before", "no-such-commit", "--models", model_repo, "--model",
                   "tiny-char", "--out", tmp_path / "b.md")  # fmt: skip
+    assert done.returncode == 2
+    assert "no-such-commit" in done.stderr and not (tmp_path / "b.md").exists()
+
+
+def test_instructions_quick_run_counts_both_trees(model_repo: Path, tmp_path: Path) -> None:
+    require_binary("valgrind", "valgrind")
+    doc = tmp_path / "benchmarks.md"
+    done = _bench(
+        "instructions.py", "--quick", "--before", "HEAD", "--models", model_repo,
+        "--model", "tiny-gru", "--out", doc,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    section = _section(doc, "instructions")
+    counts = [
+        int(line.split("|")[2].replace(",", ""))
+        for line in section.splitlines()
+        if line.startswith(("| before (", "| after ("))
+    ]
+    # Real counts of a step (tens of thousands of instructions at least), one per tree.
+    assert len(counts) == 2 and min(counts) > 10_000
+    assert "after / before |" in section
+
+
+def test_instructions_names_an_unknown_commit(model_repo: Path, tmp_path: Path) -> None:
+    require_binary("valgrind", "valgrind")
+    done = _bench("instructions.py", "--before", "no-such-commit", "--models", model_repo,
+                  "--model", "tiny-gru", "--out", tmp_path / "b.md")  # fmt: skip
     assert done.returncode == 2
     assert "no-such-commit" in done.stderr and not (tmp_path / "b.md").exists()
 
