@@ -115,6 +115,16 @@ async def test_a_frame_with_a_token_outside_the_vocabulary_is_refused(stub):
     assert list(by_id[3].frame.next_seqs) == [1, 1]  # nothing of the refused frames applied
 
 
+async def test_an_entry_past_the_largest_seq_fails_alone(stub):
+    sids = [await open_session(stub, "tiny-gru") for _ in range(2)]
+    x = np.ones((2, 2, 3), np.float32)
+    [reply] = await stream_all(stub, [_frame(1, sids, [2**63 - 2, 0], x)])
+    [err] = reply.frame.errors
+    assert err.index == 0 and err.error.code == Code.OUT_OF_RANGE.value[0]
+    assert "past the largest seq" in err.error.message
+    assert list(reply.frame.next_seqs) == [0, 2]  # the other entry applied
+
+
 async def test_frames_and_single_steps_share_a_stream(stub):
     sids = [await open_session(stub, "tiny-lstm") for _ in range(3)]
     x = np.ones((3, 1, 3), np.float32)

@@ -196,6 +196,7 @@ def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: l
         for row, found in enumerate(sessions):
             if not isinstance(found, Session):
                 reply.entry_failed(row, _error(found))
+    late = max(seqs) > MAX_SEQ - steps  # some entry's chunk would end past the largest seq
     for model, rows in groups.items():
         if model is not first and not _same_shapes(model, first):
             err = invalid(
@@ -205,7 +206,7 @@ def _run(call: StreamCall, req: pb.StreamRequest, reply: FrameReply, sessions: l
             for row in rows:
                 reply.entry_failed(row, err)
             continue
-        if max(seqs[r] for r in rows) > MAX_SEQ - steps:
+        if late:
             rows = _in_range(reply, rows, steps)
             if not rows:
                 continue
