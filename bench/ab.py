@@ -187,12 +187,17 @@ def render(
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_tree_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a before/after comparison (this script and bench/instructions.py)."""
     parser.add_argument("--before", default="2e74064", help="the commit measured as 'before'")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--models", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="char-gru", help="model name in --models")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_tree_options(parser)
     parser.add_argument("--sessions", default="1,64,256", help="comma-separated")
     parser.add_argument("--rounds", type=int, default=6, help="before/after pairs, ABBA order")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ab import PACKAGE_ROOTS, extract
+from ab import PACKAGE_ROOTS, add_tree_options, extract
 from report import RunInfo
 from sections import write_section
 
@@ -144,10 +144,7 @@ def render(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="2e74064", help="the commit measured as 'before'")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--models", type=Path, default=ROOT / "models")
-    parser.add_argument("--model", default="char-gru", help="model name in --models")
+    add_tree_options(parser)
     parser.add_argument("--steps", type=int, default=2000, help="steps counted")
     parser.add_argument("--warmup", type=int, default=200, help="steps before counting")
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")

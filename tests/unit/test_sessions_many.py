@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from rnnserve.server.errors import ServingError
 from rnnserve.server.metrics import Metrics
+from rnnserve.server.model import ServedModel
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import IDLE, SessionManager
 from rnnserve.server.settings import Settings
@@ -16,12 +17,17 @@ from rnnserve.server.settings import Settings
 from tests.support.modelgen import write_model
 
 
-async def test_get_many_answers_each_id_as_get_would(tmp_path: Path):
+async def _manager(tmp_path: Path) -> tuple[ServedModel, SessionManager]:
+    """A served model and a SessionManager (60 s idle TTL, room for 100 sessions)."""
     folder = write_model(tmp_path, "m")
     metrics = Metrics(CollectorRegistry())
     settings = Settings(models=tmp_path, metrics_port=-1)
     model = await asyncio.to_thread(Repository(settings, metrics).load_version, folder)
-    sessions = SessionManager(metrics, 60.0, 100)
+    return model, SessionManager(metrics, 60.0, 100)
+
+
+async def test_get_many_answers_each_id_as_get_would(tmp_path: Path):
+    model, sessions = await _manager(tmp_path)
     mine = [sessions.open(model, principal="alice") for _ in range(3)]
     theirs = sessions.open(model, principal="bob")
     stale = sessions.open(model, principal="alice")
@@ -48,11 +54,7 @@ async def test_get_many_of_one_principal_answers_as_get_would(tmp_path: Path):
     # One principal holds every session (always so without authentication): get_many takes
     # a shorter route for a frame whose sessions are all found and live, and the answers, the
     # idle clocks and the LRU order must be what get's would be, on either route.
-    folder = write_model(tmp_path, "m")
-    metrics = Metrics(CollectorRegistry())
-    settings = Settings(models=tmp_path, metrics_port=-1)
-    model = await asyncio.to_thread(Repository(settings, metrics).load_version, folder)
-    sessions = SessionManager(metrics, 60.0, 100)
+    model, sessions = await _manager(tmp_path)
     s = [sessions.open(model, principal="alice") for _ in range(5)]
     before = time.monotonic()
     got = sessions.get_many([s[3].id, s[0].id, s[3].id], "alice")
