@@ -321,8 +321,9 @@ class Batcher:
         """A batch of one chunk, run inline: what ``_start`` and ``_finish`` do, through the
         same engine route, in a third fewer Python calls (no batch to assemble, no slot array,
         the state read and stored as views of its slot). At low load every chunk runs alone,
-        and there a step spends more on Python calls than on the model: with this path a lone
-        step costs no more than before the hot path was refactored (docs/benchmarks.md)."""
+        and there a step spends more on Python calls than on the model: this path takes a
+        lone step from 1.21x to 1.07x the instructions it cost before the hot path was
+        refactored (bench/instructions.py; docs/benchmarks.md)."""
         session = w.session
         metrics = self.metrics
         started = time.perf_counter()

@@ -213,8 +213,8 @@ class SlotPool:
 
     def gather(self, slots: npt.NDArray[np.intp]) -> dict[str, Array]:
         """The states of ``slots`` in graph layout (batch at each state's batch_axis), as
-        contiguous copies the engine may read while the pool changes (one slot: views, see
-        ``gather_one``)."""
+        contiguous copies the engine may read while the pool changes (one slot: views of it,
+        see ``gather_one``)."""
         if len(slots) == 1:
             return self.gather_one(int(slots[0]))
         out = {}
@@ -226,7 +226,9 @@ class SlotPool:
     def gather_one(self, slot: int) -> dict[str, Array]:
         """``gather`` of one slot, as views of it in graph layout (the batch axis has length 1,
         so each is contiguous): the engine copies them into its bound buffers. They hold
-        while the slot's owner is busy (the pool moves no busy owner)."""
+        while the slot's owner is busy (the pool moves no busy owner); if the owner ends
+        meanwhile, another session may move into the slot, and the run's result is dropped
+        (the batcher stores no state for an ended session)."""
         out = {}
         arrays, one = self._arrays, self._one
         for s in self.specs:
