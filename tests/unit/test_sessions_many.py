@@ -69,3 +69,4 @@ async def test_get_many_of_one_principal_answers_as_get_would(tmp_path: Path):
     assert got[0] is s[1] and got[2] is s[4]
     assert isinstance(got[1], ServingError) and "expired" in got[1].message
     assert list(sessions._open)[-2:] == [s[1].id, s[4].id]
+    assert sessions.get_many([], "alice") == []

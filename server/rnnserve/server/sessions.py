@@ -259,7 +259,7 @@ class SessionManager:
             and principal == solo
             and None not in fast
             and all(map(principal.__eq__, map(_PRINCIPAL, fast)))
-            and min(map(_DEADLINE, fast)) >= now
+            and min(map(_DEADLINE, fast), default=now) >= now
         ):
             # The usual frame (every session here, its principal's, none expired): the same
             # as the loop below, in C-level passes but the one that restarts the idle clocks.
