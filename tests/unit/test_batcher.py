@@ -233,7 +233,7 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
 ):
     # The engine raising, or building a reply raising after the run: every chunk of that run
     # gets an error, no session's state or seq moves, none stays busy; the next run works.
-    from rnnserve.server.batcher import Batcher
+    from rnnserve.server.results import Results
 
     _, model, sessions = await _served(tmp_path, inline_max_steps)
     opened = [sessions.open(model) for _ in range(count)]
@@ -250,7 +250,7 @@ async def test_a_failing_run_answers_every_chunk_and_moves_no_session(
     if where == "engine":
         monkeypatch.setattr(model.engine, "run", boom)
     else:
-        monkeypatch.setattr(Batcher, "_wanted_states", boom)
+        monkeypatch.setattr(Results, "wanted_states", boom)
     futs = [_submit(model, s, 2, x, want_state=want_state) for s in opened]
     results = await asyncio.wait_for(asyncio.gather(*futs), 10)
     assert calls["n"] >= 1

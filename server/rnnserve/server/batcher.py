@@ -8,14 +8,14 @@ seq is checked when the chunk is taken into a batch, after the one before has be
 Chunks of different lengths share a batch through the model's ``sequence_lens`` input (padded
 to the longest); without one, a batch holds one length only.
 
-What waits is a chunk or a frame's entries (work.py); each answers to its sink. The batcher
+What waits is a chunk or a frame's entries (work.py); each answers to its sink. What follows a
+run (storing the new states, committing and answering each chunk) is results.py's. The batcher
 builds no protobuf and moves no seq itself: a session commits its own chunk (``Session.commit``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from concurrent.futures import Executor
@@ -23,33 +23,20 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
-from rnnserve.server.errors import ServingError, as_serving_error
-from rnnserve.server.session import commit_entries
-from rnnserve.server.work import (
-    Array,
-    FrameWork,
-    Item,
-    Rows,
-    States,
-    Work,
-    assemble,
-    one_length,
-)
+from rnnserve.server.errors import ServingError
+from rnnserve.server.results import Results, answer_entry, done, fail
+from rnnserve.server.work import FrameWork, Item, Work, assemble, one_length
 
 if TYPE_CHECKING:
-    from rnnserve.manifest import StateSpec
     from rnnserve.server.engine import Engine
     from rnnserve.server.metrics import ModelMetrics
     from rnnserve.server.sessions import Session
     from rnnserve.server.state import SlotPool
 
-LE_FLOAT32 = np.dtype("<f4")
 _BUSY = attrgetter("busy")
 _ENDED = attrgetter("ended")
 _NEXT_SEQ = attrgetter("next_seq")
 _SLOT = attrgetter("slot")
-log = logging.getLogger("rnnserve.server")
 
 
 class Batcher:
@@ -82,7 +69,7 @@ class Batcher:
         self.inline_max_steps = inline_max_steps
         #: Without sequence_lens a batch holds chunks of one length only.
         self.fixed_length = not engine.manifest.sequence_lens
-        self.specs: list[StateSpec] = list(engine.manifest.states)
+        self.results = Results(pool, metrics, list(engine.manifest.states), label)
         self._pending: deque[Item] = deque()
         self._scheduled = False
         self._running = False
@@ -213,19 +200,19 @@ class Batcher:
         session, a retry of the last applied chunk, a seq error)."""
         session = w.session
         if session.ended is not None:
-            self._fail(w, session.gone())
+            fail(w, session.gone())
             return False
         if w.seq == session.next_seq:
             return True
         try:
             cached = session.check_seq(w.seq, w.digest)
         except ServingError as exc:
-            self._fail(w, exc)
+            fail(w, exc)
             return False
         if cached is None:
             return True
         state = self.pool.read(session.slot) if w.want_state else None
-        self._done(w, cached, state)
+        done(w, cached, state)
         return False
 
     def _take_frame(self, fw: FrameWork, room: int) -> tuple[FrameWork | None, FrameWork | None]:
@@ -259,10 +246,10 @@ class Batcher:
                         raise session.gone()
                     cached = session.check_seq(seq, fw.inputs[j])
                 except ServingError as exc:
-                    self._answer_entry(sink.entry_failed, fw.rows[j], exc)
+                    answer_entry(sink.entry_failed, fw.rows[j], exc)
                     continue
                 if cached is not None:
-                    self._answer_entry(sink.entry_done, fw.rows[j], cached)
+                    answer_entry(sink.entry_done, fw.rows[j], cached)
                     continue
             session.busy = True
             picked.append(j)
@@ -295,9 +282,9 @@ class Batcher:
             try:
                 y, new = run(x, states, lengths)
             except Exception as exc:
-                self._failed(batch, sessions, exc)
+                self.results.failed(batch, sessions, exc)
             else:
-                self._finish(batch, sessions, slots, y, new, started)
+                self.results.finish(batch, sessions, slots, y, new, started)
             return
         self._running = True
         loop = self._loop or asyncio.get_running_loop()
@@ -308,10 +295,11 @@ class Batcher:
             try:
                 exc = None if f.cancelled() else f.exception()
                 if f.cancelled() or exc is not None:
-                    self._failed(batch, sessions, exc or RuntimeError("engine run cancelled"))
+                    failure = exc or RuntimeError("engine run cancelled")
+                    self.results.failed(batch, sessions, failure)
                 else:
                     y, new = f.result()
-                    self._finish(batch, sessions, slots, y, new, started)
+                    self.results.finish(batch, sessions, slots, y, new, started)
             finally:
                 self._dispatch()  # the next batch runs whatever happened to this one
 
@@ -325,135 +313,13 @@ class Batcher:
         lone step from 1.21x to 1.07x the instructions it cost before the hot path was
         refactored (bench/instructions.py; docs/benchmarks.md)."""
         session = w.session
-        metrics = self.metrics
         started = time.perf_counter()
-        metrics.queue_wait.observe(started - w.enqueued)
-        steps = w.inputs.shape[0]
+        self.metrics.queue_wait.observe(started - w.enqueued)
         try:
             y, new = self.engine.run(
-                w.inputs[:, None], self.pool.gather_one(session.slot), one_length(steps)
+                w.inputs[:, None], self.pool.gather_one(session.slot), one_length(w.inputs.shape[0])
             )
-            outputs = y[:, 0].astype(LE_FLOAT32)  # a copy: the engine's buffers are reused
-            outputs.flags.writeable = False
-            state = self._wanted_states([w], new).get(0) if w.want_state else None
         except Exception as exc:
-            self._failed([w], [session], exc)
+            self.results.failed([w], [session], exc)
             return
-        metrics.compute.observe(time.perf_counter() - started)
-        metrics.batch_size.observe(1)
-        metrics.chunk_length.observe(steps)
-        if session.ended is None:  # else its slot may be another session's now
-            self.pool.scatter_one(session.slot, new)
-        session.commit(w.seq, outputs, w.digest)
-        self._done(w, outputs, state)
-
-    def _failed(self, batch: list[Item], sessions: list[Session], exc: BaseException) -> None:
-        """The run of ``batch`` failed: every chunk gets the error, no session's state or seq
-        moved, and none stays busy."""
-        err = as_serving_error(exc, f"engine run of {self.label}")
-        for s in sessions:
-            s.busy = False
-        for item in batch:
-            if isinstance(item, FrameWork):
-                for row in item.rows:
-                    self._answer_entry(item.sink.entry_failed, row, err)
-            else:
-                self._fail(item, err)
-
-    def _finish(
-        self,
-        batch: list[Item],
-        sessions: list[Session],
-        slots: npt.NDArray[np.intp],
-        y: Array,
-        new: States,
-        started: float,
-    ) -> None:
-        """Store the new states, then commit and answer each chunk. The outputs are copied
-        out of the engine's buffers first, so a failure there leaves every session of the
-        batch where it was."""
-        metrics = self.metrics
-        metrics.compute.observe(time.perf_counter() - started)
-        metrics.batch_size.observe(len(sessions))
-        try:
-            # One copy of the whole output, session-major ``[B, T, O]``: each chunk's outputs
-            # are a view of it, read-only, kept by its session for a retry.
-            outputs = y.swapaxes(0, 1).copy()  # C order
-            if outputs.dtype != LE_FLOAT32:
-                outputs = outputs.astype(LE_FLOAT32)
-            outputs.flags.writeable = False
-            wanted = self._wanted_states(batch, new)
-        except Exception as exc:
-            self._failed(batch, sessions, exc)
-            return
-        # A session closed or evicted while its chunk ran may have handed its slot to another.
-        if not any(map(_ENDED, sessions)):
-            self.pool.scatter(slots, new)
-        else:
-            alive = [i for i, s in enumerate(sessions) if s.ended is None]
-            if alive:
-                rows = np.array(alive, dtype=np.intp)
-                self.pool.scatter(slots[rows], new, rows)
-        chunk_length = metrics.chunk_length
-        i = 0
-        for item in batch:
-            if isinstance(item, FrameWork):
-                k = len(item.sessions)
-                steps = item.inputs.shape[1]
-                block = outputs[i : i + k, :steps]
-                chunk_length.observe(steps, k)
-                # Each entry's outputs and inputs are slices of one bytes copy of the block:
-                # no array per entry.
-                commit_entries(item.sessions, item.seqs, steps, block, item.inputs)
-                try:
-                    item.sink.entries_done(item.rows, block)
-                except Exception:  # a bug in a reply sink: the sessions are consistent
-                    log.exception("answering a frame of %d entries failed", k)
-                i += k
-            else:
-                steps = item.inputs.shape[0]
-                chunk_length.observe(steps)
-                rows_out = outputs[i, :steps]
-                item.session.commit(item.seq, rows_out, item.digest)
-                self._done(item, rows_out, wanted.get(i))
-                i += 1
-
-    def _wanted_states(self, batch: list[Item], new: States) -> dict[int, States]:
-        """The new state of each batch row whose chunk asked for it, by state name."""
-        wanted: dict[int, States] = {}
-        i = 0
-        for item in batch:
-            if isinstance(item, FrameWork):
-                i += len(item.sessions)
-                continue
-            if item.want_state:
-                wanted[i] = {
-                    s.name: np.take(new[s.output], i, axis=s.batch_axis) for s in self.specs
-                }
-            i += 1
-        return wanted
-
-    # -- answering ------------------------------------------------------------------------
-    # A failing sink is logged and never stops the other chunks of the batch from being
-    # answered: the session itself is consistent.
-
-    @staticmethod
-    def _done(w: Work, outputs: Rows, state: States | None) -> None:
-        try:
-            w.sink.step_done(w, outputs, state)
-        except Exception:
-            log.exception("answering a chunk of session %s failed", w.session.id)
-
-    @staticmethod
-    def _fail(w: Work, err: ServingError) -> None:
-        try:
-            w.sink.step_failed(w, err)
-        except Exception:
-            log.exception("answering a chunk of session %s failed", w.session.id)
-
-    @staticmethod
-    def _answer_entry(answer: Any, row: int, result: Any) -> None:
-        try:
-            answer(row, result)
-        except Exception:
-            log.exception("answering entry %d of a frame failed", row)
+        self.results.finish_lone(w, y, new, started)

@@ -37,7 +37,8 @@ from rnnserve.server.checkpoints import BACKOFF_MAX_S, BACKOFF_MIN_S, Checkpoint
 from rnnserve.server.errors import ServingError, unavailable
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import CLOSED, MOVED, SESSION_ID, Session, SessionManager
+from rnnserve.server.session_ids import SESSION_ID
+from rnnserve.server.sessions import CLOSED, MOVED, Session, SessionManager
 from rnnserve.server.store import ForeignSession, RedisError, RedisStore
 from rnnserve.v1 import rnnserve_pb2 as pb
 

@@ -31,7 +31,7 @@ import numpy as np
 from inference import grpc_service_pb2 as oip
 from rnnserve.server.errors import ServingError, as_serving_error, invalid, not_found
 from rnnserve.server.oip_sequences import Caller
-from rnnserve.server.sessions import ROUTE_KEY
+from rnnserve.server.session_ids import ROUTE_KEY
 from rnnserve.wire import ROUTE_HEADER
 
 if TYPE_CHECKING:

@@ -25,7 +25,8 @@ import grpc
 from rnnserve.server.auth import current_principal
 from rnnserve.server.errors import ServingError, invalid, quoted
 from rnnserve.server.model import ServedModel
-from rnnserve.server.sessions import CLOSED, Session, SessionManager, route_key
+from rnnserve.server.session_ids import route_key
+from rnnserve.server.sessions import CLOSED, Session, SessionManager
 
 if TYPE_CHECKING:
     from rnnserve.server.durable import Durability

@@ -22,15 +22,8 @@ from rnnserve.server.errors import ServingError, as_serving_error, invalid, quot
 from rnnserve.server.limits import OpenRate
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.repository import Repository
-from rnnserve.server.sessions import (
-    CLOSED,
-    ISSUED_ID,
-    REPLACED,
-    Session,
-    SessionManager,
-    check_seq_room,
-    route_key,
-)
+from rnnserve.server.session_ids import ISSUED_ID, route_key
+from rnnserve.server.sessions import CLOSED, REPLACED, Session, SessionManager, check_seq_room
 from rnnserve.server.stream import Streams
 from rnnserve.server.work import Rows, States, Work
 from rnnserve.v1 import rnnserve_pb2 as pb

@@ -9,11 +9,9 @@ while, so a late call hears "expired" or "evicted" rather than "unknown".
 
 from __future__ import annotations
 
-import re
-import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from operator import attrgetter
 
 import numpy as np
@@ -22,7 +20,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.server import codec
 from rnnserve.server.errors import (
     ServingError,
-    invalid,
     not_found,
     quoted,
     resource_exhausted,
@@ -39,8 +36,9 @@ from rnnserve.server.session import Checkpoints
 from rnnserve.server.session import Digest as Digest
 from rnnserve.server.session import Session as Session
 from rnnserve.server.session import check_seq_room as check_seq_room
+from rnnserve.server.session_ids import new_id
 from rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve.wire import ROUTE_HEADER, route_of
+from rnnserve.wire import route_of
 
 _PRINCIPAL = attrgetter("principal")
 _DEADLINE = attrgetter("deadline")
@@ -50,33 +48,6 @@ MAX_TOMBSTONES = 100_000
 #: and at most SHRINK_COPY (copying an OrderedDict costs about 0.5 µs an entry: 8 ms here).
 SHRINK_FROM = 65_536
 SHRINK_COPY = 16_384
-#: At least 128 random bits, URL-safe (16 bytes -> 22 characters).
-ID_BYTES = 16
-#: A route key: what a proxy hashes on to send all of a session's calls to one replica.
-ROUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def route_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The route key a call's metadata carries (``x-rnnserve-route``), "" when none;
-    INVALID_ARGUMENT when it is malformed."""
-    for key, value in metadata or ():
-        if key == ROUTE_HEADER:
-            route = value if isinstance(value, str) else value.decode(errors="replace")
-            if not ROUTE_KEY.fullmatch(route):
-                raise invalid(
-                    f"{ROUTE_HEADER} must be 1 to 64 characters of A-Z, a-z, 0-9, _ and -"
-                )
-            return route
-    return ""
-
-
-#: A session id: ``<route key>.<secret>`` (or, from before route keys, the secret alone).
-SESSION_ID = re.compile(r"(?:[A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{22,128}")
-#: What this server issues: ``<route key>.<secret>``, the secret 16 random bytes in URL-safe
-#: base64. PutState restores into no other id, so a client cannot choose names.
-ISSUED_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{22}")
-#: Random bytes of a route key the server picks when the client sends none (12 characters).
-ROUTE_BYTES = 9
 
 
 class SessionManager:
@@ -144,7 +115,7 @@ class SessionManager:
         while len(self._open) >= self.capacity:
             self._evict_one()
         if not sid:
-            sid = f"{route or secrets.token_urlsafe(ROUTE_BYTES)}.{secrets.token_urlsafe(ID_BYTES)}"
+            sid = new_id(route)
         session = Session(sid, model, -1, self._deadline(time.monotonic()))
         # The pool may move the session to a lower slot later (keeping slots packed).
         slot = session.slot = model.pool.allocate(session)
