@@ -7,7 +7,11 @@ them, each open timed (the event loop does nothing else while one runs, so the l
 the longest stall sessions cause). "stepped" then applies one step to every session through the
 model's real ``Batcher`` as the Stream path does (requests parsed from bytes, each reply built
 inside its StreamResponse), so each session keeps what a stepped one keeps: its last reply for
-a retry and its last inputs. Then every session is closed and the process's RSS is read again.
+a retry and its last inputs. "parked": the sessions are opened (and stepped) in blocks of what
+one sweep parks (sessions.PARK_PER_SWEEP), and after each block the sweep parks them
+(park_after_s as good as 0; nothing else holds them), as a server parks sessions that go idle
+over time; "record" keeps every session a record (parking off). Then every session is closed
+and the process's RSS is read again.
 
 Per session: (RSS after - RSS before) / N, and that minus the state's own bytes. RSS is read from
 /proc/self/statm after a full garbage collection.
@@ -77,7 +81,7 @@ class _GcPauses:
             self.longest = max(self.longest, time.perf_counter() - self._started)
 
 
-def _server(n: int) -> tuple[Any, Any]:
+def _server(n: int, park: bool = False) -> tuple[Any, Any]:
     from prometheus_client import CollectorRegistry
     from rnnserve.server.metrics import Metrics
     from rnnserve.server.repository import Repository
@@ -87,7 +91,7 @@ def _server(n: int) -> tuple[Any, Any]:
     settings = Settings(models=MODEL.parent.parent, self_check=False, max_sessions=n + 1)
     metrics = Metrics(CollectorRegistry())
     model = Repository(settings, metrics).load_version(MODEL)
-    return model, SessionManager(metrics, 1e9, n + 1)
+    return model, SessionManager(metrics, 1e9, n + 1, park_after_s=1e-9 if park else 0.0)
 
 
 async def _step_all(model: Any, sessions: list[Any]) -> None:
@@ -134,23 +138,12 @@ async def _step_all(model: Any, sessions: list[Any]) -> None:
         raise RuntimeError(f"{len(failed)} steps failed, first: {failed[0]}")
 
 
-def _freeze_after_full_collections() -> None:
-    """The experiment of the last row: after each full collection, move every object that
-    survived it to the permanent generation (gc.freeze), so the next full collection walks
-    only what was made since (cyclic garbage among frozen objects is never collected)."""
+def child(n: int, stepped: bool, parked: bool = False) -> dict[str, Any]:
+    """One setting in this process: open ``n`` sessions (step them, park them), then close
+    them."""
+    from rnnserve.server.sessions import CLOSED, PARK_PER_SWEEP
 
-    def freeze(phase: str, info: dict[str, int]) -> None:
-        if phase == "stop" and info["generation"] == 2:
-            gc.freeze()
-
-    gc.callbacks.append(freeze)
-
-
-def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
-    """One setting in this process: open ``n`` sessions (and step them), then close them."""
-    from rnnserve.server.sessions import CLOSED
-
-    model, manager = _server(n)
+    model, manager = _server(n, parked)
     state_bytes = sum(
         int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in model.manifest.states
     )
@@ -163,34 +156,47 @@ def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
         manager.end(s, CLOSED)
     del warm
     pauses = _GcPauses()
-    if freeze:
-        _freeze_after_full_collections()
     # The benchmark's own bookkeeping exists before the first reading: the sessions list
-    # and the timings (numpy, written through so its pages are resident).
+    # (records, or ids of parked ones) and the timings (numpy, written through so its pages
+    # are resident).
     sessions: list[Any] = [None] * n
     opens = np.full(n, -1.0)
     closes = np.full(n, -1.0)
+    block = PARK_PER_SWEEP if parked else n
+    sweeps = np.zeros(-(-n // block))
     growth: list[float] = []
     clock = time.perf_counter
     pool = model.pool
     before = settled_rss()
-    for i in range(n):
-        capacity = pool.capacity
-        t0 = clock()
-        sessions[i] = manager.open(model)
-        took = clock() - t0
-        opens[i] = took
-        if pool.capacity != capacity:
-            growth.append(took)
+    for start in range(0, n, block):
+        end = min(n, start + block)
+        for i in range(start, end):
+            capacity = pool.capacity
+            t0 = clock()
+            sessions[i] = manager.open(model)
+            took = clock() - t0
+            opens[i] = took
+            if pool.capacity != capacity:
+                growth.append(took)
+        if stepped:
+            loop.run_until_complete(_step_all(model, sessions[start:end]))
+        if parked:
+            for i in range(start, end):
+                sessions[i] = sessions[i].id
+            time.sleep(0.002)  # idle for longer than park_after_s
+            t0 = clock()
+            manager.expire_idle()
+            sweeps[start // block] = clock() - t0
     gc_open = pauses.longest
-    if stepped:
-        loop.run_until_complete(_step_all(model, sessions))
     held = settled_rss()
+    if parked and manager.parked != n:
+        raise RuntimeError(f"{manager.parked} of {n} sessions parked")
     pauses.longest = 0.0
     for i in range(n):
         t0 = clock()
-        manager.end(sessions[i], CLOSED)
-        sessions[i] = None
+        session = manager.get(sessions[i]) if parked else sessions[i]
+        manager.end(session, CLOSED)
+        sessions[i] = session = None
         closes[i] = clock() - t0
     gc_close = pauses.longest
     closed = settled_rss()
@@ -199,7 +205,7 @@ def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
         "sessions": n,
         "run_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "stepped": stepped,
-        "gc_freeze": freeze,
+        "parked": parked,
         "state_bytes": state_bytes,
         "rss_before": before,
         "rss_held": held,
@@ -211,6 +217,7 @@ def child(n: int, stepped: bool, freeze: bool = False) -> dict[str, Any]:
         "growth_max_ms": max(growth, default=0.0) * 1e3,
         "growths": len(growth),
         "gc_max_ms": gc_open * 1e3,
+        "sweep_max_ms": float(sweeps.max()) * 1e3,
         "close_max_ms": float(closes.max()) * 1e3,
         "gc_close_max_ms": gc_close * 1e3,
         "pool_bytes_closed": pool.nbytes,
@@ -312,23 +319,24 @@ def section(runs: list[dict[str, Any]]) -> str:
         f"numpy {np.__version__}; model char-gru/1 (state h [1, 1, 128] float32 = 512 bytes); "
         "one fresh process per row, sessions opened with SessionManager.open on the real "
         "ServedModel; stepped: one one-token step each through the model's Batcher as a Stream "
-        "chunk is. RSS after a full garbage collection.",
+        "chunk is; kept as: record (parking off), or parked (opened in blocks of 1,024, each "
+        "block parked by the manager's sweep, as sessions going idle over time are). RSS after "
+        "a full garbage collection.",
         "",
-        "| sessions | stepped | RSS per session | over state bytes | longest open (stall) | "
-        "longest pool growth | longest GC pause | longest close | "
-        "RSS after closing all, over before |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| sessions | stepped | kept as | RSS per session | over state bytes | "
+        "longest open (stall) | longest pool growth | longest GC pause | longest sweep | "
+        "longest close | RSS after closing all, over before |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         retained = (r["rss_closed"] - r["rss_before"]) / 2**20
-        stepped = "yes" if r["stepped"] else "no"
-        if r["gc_freeze"]:
-            stepped += " (gc.freeze)"
+        sweep = f"{r['sweep_max_ms']:.1f} ms" if r["parked"] else "-"
         lines.append(
-            f"| {r['sessions']:,} | {stepped} | "
+            f"| {r['sessions']:,} | {'yes' if r['stepped'] else 'no'} | "
+            f"{'parked' if r['parked'] else 'record'} | "
             f"{r['per_session']:,.0f} B | {r['per_session'] - r['state_bytes']:,.0f} B | "
             f"{r['open_max_ms']:.1f} ms | {r['growth_max_ms']:.1f} ms ({r['growths']}x) | "
-            f"{r['gc_max_ms']:.1f} ms | {r['close_max_ms']:.1f} ms | "
+            f"{r['gc_max_ms']:.1f} ms | {sweep} | {r['close_max_ms']:.1f} ms | "
             f"{retained:+,.1f} MiB ({r['tombstones']:,} tombstones) |"
         )
     lines += [
@@ -336,13 +344,11 @@ def section(runs: list[dict[str, Any]]) -> str:
         "Longest open: the slowest `SessionManager.open` of the run, the event loop blocked for "
         "that long. Longest pool growth: the slowest open that grew the state pool (how many "
         "opens did). Longest GC pause: Python's own garbage collector during the opens, "
-        "unrelated to the pool (it walks every session record at each full collection). "
-        "Longest close: the slowest `SessionManager.end` while all of them close. After "
-        "closing, the ended sessions' tombstones (the last 100,000 ids, so a late call hears "
-        "why its session ended) stay. The gc.freeze row is an experiment, not what the server "
-        "does: after each full collection every surviving object is frozen (`gc.freeze()`), "
-        "so the next one walks only the objects made since; what is left of its longest open "
-        "is the session table (an OrderedDict) doubling its hash table.",
+        "unrelated to the pool (it walks every session record at each full collection, not "
+        "the parked rows). Longest sweep: the slowest `expire_idle` that parked a block. "
+        "Longest close: the slowest `SessionManager.end` while all of them close (a parked "
+        "one is taken back first). After closing, the ended sessions' tombstones (the last "
+        "100,000 ids, so a late call hears why its session ended) stay.",
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -366,13 +372,13 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, help="write the section from figures kept by --json")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--stepped", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--gc-freeze", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--parked", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--hotpath", action="store_true")
     ap.add_argument("--baseline", type=Path, help="a state.py to compare the hot path against")
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.stepped, args.gc_freeze)))
+        print(json.dumps(child(args.child, args.stepped, args.parked)))
         return
     if args.breakdown:
         for where, size in breakdown(args.sessions[0]):
@@ -392,16 +398,20 @@ def main() -> None:
         write_section(DOC, section(json.loads(args.from_json.read_text())))
         return
     runs = []
-    settings = [(n, stepped, False) for n in args.sessions for stepped in (False, True)]
-    settings.append((max(args.sessions), False, True))
-    for n, stepped, freeze in settings:
+    settings = [
+        (n, stepped, parked)
+        for n in args.sessions
+        for parked in (False, True)
+        for stepped in (False, True)
+    ]
+    for n, stepped, parked in settings:
         cmd = [sys.executable, __file__, "--child", str(n)]
-        cmd += (["--stepped"] if stepped else []) + (["--gc-freeze"] if freeze else [])
+        cmd += (["--stepped"] if stepped else []) + (["--parked"] if parked else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(r)
         print(
-            f"{n:>9,} stepped={stepped!s:5} freeze={freeze!s:5} "
+            f"{n:>9,} stepped={stepped!s:5} parked={parked!s:5} "
             f"{r['per_session']:7.0f} B/session "
             f"(+{r['per_session'] - r['state_bytes']:.0f} over state) "
             f"open max {r['open_max_ms']:.1f} ms, growth max {r['growth_max_ms']:.1f} ms, "

@@ -15,7 +15,7 @@ from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
 from tests.support.modelgen import write_model
-from tests.support.raw import open_session, step, step_error, stream_step
+from tests.support.raw import open_session, outputs, state_bytes, step, step_error, stream_step
 
 X = np.ones((1, 3), np.float32)
 
@@ -183,3 +183,31 @@ async def test_graceful_shutdown(start_server):
         assert await stream.code() == grpc.StatusCode.UNAVAILABLE
     await asyncio.wait_for(stopping, 30.0)
     await channel.close()
+
+
+async def test_a_parked_session_steps_on_as_if_never_parked(start_server):
+    # Sessions idle for park_after_s become rows of columns at the next sweep (once a second
+    # here) and records again at their next call: the steps after it, a retry of the last
+    # chunk and the state are what a session that never parked gets.
+    running = await start_server(session_ttl_s=8.0, park_after_s=0.05)
+    stub = pb_grpc.InferenceServiceStub(grpc.aio.insecure_channel(running.address))
+    xs = np.random.default_rng(7).normal(size=(6, 3)).astype(np.float32)
+    parked = await open_session(stub, "tiny-gru")
+    first = await step(stub, parked, 0, xs[:3])
+    whole = await open_session(stub, "tiny-gru")
+    reference = outputs(await step(stub, whole, 0, xs))  # the six steps in one chunk
+
+    async def both_parked() -> bool:
+        return running.server.sessions.parked == 2
+
+    await _until(both_parked)
+    assert running.server.metrics.parked_sessions._value.get() == 2
+    again = await step(stub, parked, 0, xs[:3])  # a retry of the last chunk: answered again
+    assert again.next_seq == 3 and np.array_equal(outputs(again), outputs(first))
+    assert running.server.sessions.parked == 1
+    rest = await step(stub, parked, 3, xs[3:])
+    assert rest.next_seq == 6
+    np.testing.assert_allclose(outputs(rest), reference[3:], rtol=1e-5, atol=1e-6)
+    assert await state_bytes(stub, parked) == await state_bytes(stub, whole)
+    err = await step_error(stub, stream_step(parked, 9, xs[:1], 0).step)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "expects seq 6" in err.details()

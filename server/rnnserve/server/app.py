@@ -137,6 +137,7 @@ class RnnServer:
             settings.max_sessions,
             self.durable.checkpoints if self.durable is not None else None,
             principal_max=settings.principal_max_sessions,
+            park_after_s=settings.park_after_s,
         )
         self.servicer = InferenceServicer(
             self.repository,

@@ -210,6 +210,12 @@ class Metrics:
         self.active_sessions = Gauge(
             "rnnserve_active_sessions", "Open sessions.", ["model"], registry=r
         )
+        self.parked_sessions = Gauge(
+            "rnnserve_parked_sessions",
+            "Open sessions parked: idle for park_after_s and kept as a row of columns, not a "
+            "record (they count in rnnserve_active_sessions too).",
+            registry=r,
+        )
         self.state_bytes = Gauge(
             "rnnserve_state_bytes",
             "Bytes of the model's memory-cell slot pool that may be resident (pages written).",

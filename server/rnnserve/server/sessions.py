@@ -3,12 +3,16 @@
 A session is a small record (``Session``, session.py) plus one slot in its model version's
 ``SlotPool``.
 The manager keeps records in least-recently-used order, so idle expiry pops from the front and
-capacity eviction takes the front. An ended session leaves a tombstone with its reason for a
-while, so a late call hears "expired" or "evicted" rather than "unknown".
+capacity eviction takes the front. A session idle for ``park_after_s`` that nothing else holds
+is parked (parked.py): a row of columns instead of a record, taken back as a record by its next
+use; capacity eviction takes the oldest parked session first. An ended session leaves a
+tombstone with its reason for a while, so a late call hears "expired" or "evicted" rather than
+"unknown".
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Mapping
@@ -26,6 +30,7 @@ from rnnserve.server.errors import (
 )
 from rnnserve.server.metrics import Metrics
 from rnnserve.server.model import ServedModel
+from rnnserve.server.parked import ParkedSessions
 from rnnserve.server.session import CAPACITY as CAPACITY
 from rnnserve.server.session import CLOSED as CLOSED
 from rnnserve.server.session import IDLE as IDLE
@@ -48,6 +53,14 @@ MAX_TOMBSTONES = 100_000
 #: and at most SHRINK_COPY (copying an OrderedDict costs about 0.5 µs an entry: 8 ms here).
 SHRINK_FROM = 65_536
 SHRINK_COPY = 16_384
+#: The most sessions one sweep parks (about 4 µs each: the sweep pauses the loop ~5 ms).
+PARK_PER_SWEEP = 1024
+#: References to a record that only the manager holds, as ``sys.getrefcount`` counts them
+#: while ``_sweep`` looks at it: ``_open``, the state pool's owner list, the sweep's loop
+#: variable and getrefcount's own argument (one more: a principal's share). Any other
+#: reference (a chunk queued or running, a stream or OIP sequence that keeps it, a checkpoint
+#: queued, a caller between two awaits) keeps the session a record.
+_MANAGER_REFS = 4
 
 
 class SessionManager:
@@ -60,10 +73,15 @@ class SessionManager:
         capacity: int,
         checkpoints: Checkpoints | None = None,
         principal_max: int = 0,
+        park_after_s: float = 0.0,
     ) -> None:
         self.metrics = metrics
         self.ttl = ttl_s
         self.capacity = capacity
+        #: Seconds idle after which a session is parked (0: never; never with a store, whose
+        #: checkpoint bookkeeping lives in the records).
+        self.park_after = park_after_s if checkpoints is None else 0.0
+        self._parked = ParkedSessions(capacity)
         #: The durable store's checkpoint queue, when the server has a store.
         self.checkpoints = checkpoints
         self._open: OrderedDict[str, Session] = OrderedDict()
@@ -85,7 +103,12 @@ class SessionManager:
         self._open_peak = 0
 
     def __len__(self) -> int:
-        return len(self._open)
+        return len(self._open) + len(self._parked)
+
+    @property
+    def parked(self) -> int:
+        """How many sessions are parked now."""
+        return len(self._parked)
 
     def open(
         self,
@@ -112,7 +135,7 @@ class SessionManager:
                 f"{who} has {held} open sessions, the most principal_max_sessions allows; "
                 "close some first"
             )
-        while len(self._open) >= self.capacity:
+        while len(self._open) + len(self._parked) >= self.capacity:
             self._evict_one()
         if not sid:
             sid = new_id(route)
@@ -127,7 +150,7 @@ class SessionManager:
             if epoch:
                 session.epoch = epoch
                 checkpoints.mark(session)
-        if not self._open and not self._shares:
+        if not self._open and not self._shares and not self._parked:
             self._solo = principal
         elif self._solo is not None and principal != self._solo:
             self._split()
@@ -145,9 +168,22 @@ class SessionManager:
 
     def _evict_one(self) -> None:
         # Fair share: the principal holding the most sessions loses its least recently used
-        # one, so one client opening sessions in a loop evicts its own, not everyone else's.
-        # A session with a chunk in flight is skipped if possible.
-        share = self._open if self._solo is not None else max(self._shares.values(), key=len)
+        # one, so one client opening sessions in a loop evicts its own, not everyone else's:
+        # its oldest parked session if it has one (parked ones were idle longest), else its
+        # least recently used record. A session with a chunk in flight is skipped if possible.
+        if self._solo is not None:
+            principal = None
+            share = self._open
+        else:
+            held = {p: len(share) for p, share in self._shares.items()}
+            for p in self._parked.principals():
+                held[p] = held.get(p, 0) + self._parked.held_by(p)
+            principal = max(held, key=held.__getitem__)
+            share = self._shares.get(principal, OrderedDict())
+        oldest = self._parked.oldest(principal)
+        if oldest is not None:
+            self.end(self._take(oldest), CAPACITY)
+            return
         victim = next((s for s in share.values() if not s.busy), None)
         if victim is None:
             victim = next(iter(share.values()))
@@ -171,7 +207,7 @@ class SessionManager:
         """Take ``session`` out of the share it counts in: its principal's, or (its principal
         was set after it opened) whichever holds it."""
         if self._solo is not None:
-            if not self._open:
+            if not self._open and not self._parked:
                 self._solo = None
             return
         sid, key = session.id, session.principal
@@ -200,7 +236,11 @@ class SessionManager:
         session = self._open.get(sid)
         now = time.monotonic()
         if session is None:
-            raise not_found(self._why_missing(sid))
+            if sid not in self._parked.rows:
+                raise not_found(self._why_missing(sid))
+            if principal is not None and self._parked.principal_of(sid) != principal:
+                raise self.foreign(sid)  # left parked, as another principal found it
+            session = self._take(sid)
         if principal is not None and session.principal != principal:
             raise self.foreign(sid)
         if session.deadline < now and not session.busy:
@@ -240,7 +280,7 @@ class SessionManager:
             return fast  # type: ignore[return-value]
         found: list[Session | ServingError] = []
         for sid in sids:
-            session = opened.get(sid)
+            session = self._open.get(sid)  # get() may take one back or rebuild the table
             if (
                 session is None
                 or session.principal != principal
@@ -253,7 +293,7 @@ class SessionManager:
                     found.append(exc)
                 continue
             session.deadline = deadline
-            opened.move_to_end(sid)
+            self._open.move_to_end(sid)
             if solo is None:
                 try:
                     self._shares[principal].move_to_end(sid)
@@ -273,16 +313,38 @@ class SessionManager:
     def held_by(self, principal: str) -> int:
         """How many sessions ``principal`` holds open."""
         if self._solo is not None:
-            return len(self._open) if principal == self._solo else 0
-        return len(self._shares.get(principal, ()))
+            return len(self) if principal == self._solo else 0
+        return len(self._shares.get(principal, ())) + self._parked.held_by(principal)
 
     def ended_reason(self, sid: str) -> str | None:
         """Why session ``sid`` ended here, while its tombstone lasts; None if it did not."""
         return self._ended.get(hash(sid))
 
     def peek(self, sid: str) -> Session | None:
-        """The open session ``sid`` without touching it, or None."""
-        return self._open.get(sid)
+        """The open session ``sid`` without restarting its idle clock, or None."""
+        session = self._open.get(sid)
+        if session is None and sid in self._parked.rows:
+            session = self._take(sid)
+        return session
+
+    def _take(self, sid: str) -> Session:
+        """Parked session ``sid``, a record again (the most recently used)."""
+        session = self._parked.take(sid)
+        session.model.pool.hand(session.slot, session)
+        self._open[session.id] = session
+        if len(self._open) > self._open_peak:
+            self._open_peak = len(self._open)
+        if self._solo is None:
+            self._shares.setdefault(session.principal, OrderedDict())[session.id] = session
+        return session
+
+    def _park(self, session: Session) -> None:
+        """Keep ``session`` as a parked row, its record dropped (see parked.py)."""
+        row = self._parked.park(session)
+        session.model.pool.hand(session.slot, row)
+        del self._open[session.id]
+        if self._solo is None:
+            self._unshare(session)
 
     def _why_missing(self, sid: str) -> str:
         reason = self._ended.get(hash(sid))
@@ -313,17 +375,14 @@ class SessionManager:
             return
         session.ended = reason
         self._open.pop(session.id, None)
-        left = len(self._open)
-        if left < self._open_peak >> 3 and left <= SHRINK_COPY and self._open_peak >= SHRINK_FROM:
-            # Most sessions went: a copy sized for those left gives the table's memory back
-            # (a dict never shrinks as entries go).
-            self._open = self._open.copy()
-            self._open_peak = len(self._open)
+        self._shrink()
         self._unshare(session)
         if session.checkpoints is not None:  # before the slot is handed on: it may save it
             session.checkpoints.ended(session, reason)
         pool = session.model.pool
-        pool.release(session.slot)
+        moved = pool.release(session.slot)
+        if moved is not None:  # a parked session moved into the freed slot
+            self._parked.moved(moved, session.slot)
         session.model.metrics.state_bytes.set(pool.nbytes)
         self._ended[hash(session.id)] = reason
         while len(self._ended) > MAX_TOMBSTONES:
@@ -331,18 +390,52 @@ class SessionManager:
         session.model.metrics.active.dec()
         self.metrics.session_ended(session.model.label, reason)
 
+    def _shrink(self) -> None:
+        left = len(self._open)
+        if left < self._open_peak >> 3 and left <= SHRINK_COPY and self._open_peak >= SHRINK_FROM:
+            # Most sessions went: a copy sized for those left gives the table's memory back
+            # (a dict never shrinks as entries go).
+            self._open = self._open.copy()
+            self._open_peak = len(self._open)
+
     def expire_idle(self) -> int:
-        """End every session idle past its TTL; how many ended."""
+        """End every session idle past its TTL, then park up to PARK_PER_SWEEP sessions idle
+        for ``park_after_s`` that nothing else holds; how many ended."""
         now = time.monotonic()
-        expired = []
-        for s in self._open.values():
-            if s.deadline >= now:
-                break  # the rest were used more recently
-            if not s.busy:
-                expired.append(s)
+        expired, idle = self._sweep(now)
         for s in expired:
             self.end(s, IDLE)
-        return len(expired)
+        ended = len(expired)
+        for sid in self._parked.expired(now):
+            self.end(self._take(sid), IDLE)
+            ended += 1
+        for s in idle:
+            if s.ended is None and self._parked.can_park(s):
+                self._park(s)
+        self._shrink()
+        self.metrics.parked_sessions.set(len(self._parked))
+        return ended
+
+    def _sweep(self, now: float) -> tuple[list[Session], list[Session]]:
+        """The records idle past their TTL, and up to PARK_PER_SWEEP records idle for
+        ``park_after_s`` that only the manager holds, in one pass from the least recently
+        used (a busy one is neither)."""
+        expired: list[Session] = []
+        idle: list[Session] = []
+        # A deadline before ``limit``: expired, or idle for park_after_s.
+        limit = max(now, now + self.ttl - self.park_after) if self.park_after else now
+        alone = _MANAGER_REFS + (self._solo is None)
+        for s in self._open.values():
+            deadline = s.deadline
+            if deadline >= limit or (deadline >= now and len(idle) >= PARK_PER_SWEEP):
+                break  # the rest were used more recently
+            if s.busy:
+                continue
+            if deadline < now:
+                expired.append(s)
+            elif sys.getrefcount(s) == alone:
+                idle.append(s)
+        return expired, idle
 
     def fork(self, source: Session) -> Session:
         """A new session on the same model version with a copy of ``source``'s state, seq and
@@ -372,4 +465,7 @@ class SessionManager:
         )
 
     def all(self) -> list[Session]:
+        """Every open session as a record (parked ones are taken back)."""
+        for sid in list(self._parked.rows):
+            self._take(sid)
         return list(self._open.values())

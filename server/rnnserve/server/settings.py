@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     """Seconds a session may stay idle before it expires (every call on it restarts the clock)."""
     max_sessions: int = Field(default=100_000, ge=1)
     """Session capacity over all models; opening one more evicts the least recently used."""
+    park_after_s: float = Field(default=30.0, ge=0)
+    """Seconds idle after which a session is parked: kept as a row of columns (about 230 bytes
+    besides its state) instead of a record (about 380), and made a record again by its next
+    call. 0 turns parking off; with a session store nothing is parked."""
     max_chunk_length: int = Field(default=4096, ge=1)
     """The most steps one chunk (one request) may carry."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)

@@ -9,8 +9,9 @@ front (the server passes its session capacity). Reserving costs address space on
 backs a page when a slot in it is first written, so the pool never copies itself to grow and
 opening a session never stalls the event loop. Live slots are kept packed at the front: when a
 session ends, the session in the last used slot moves into the freed one (the pool tells its
-owner, ``SlotOwner.slot``), unless that session has a chunk in an engine run (``busy``), in
-which case the freed slot waits for the next open. Pages past the last used slot are handed
+owner, ``SlotOwner.slot``, or hands the caller the row of a parked session, sessions.py),
+unless that session has a chunk in an engine run (``busy``), in which case the freed slot waits
+for the next open. Pages past the last used slot are handed
 back to the kernel (``madvise(MADV_DONTNEED)``) a few MiB per release, so memory returns when
 sessions end without a long pause. Not thread-safe: the event loop owns it; engine runs get
 gathered copies.
@@ -53,6 +54,11 @@ class SlotOwner(Protocol):
     busy: bool
 
 
+#: A slot's owner: a session record, or the row of a parked session (parked.py), which the
+#: pool moves as it moves a record but cannot tell: ``release`` returns it to the caller.
+Owner = SlotOwner | int
+
+
 class _Pinned:
     """The owner of a slot allocated without one: it never moves."""
 
@@ -63,7 +69,7 @@ class _Pinned:
 _PINNED = _Pinned()
 
 
-def _reserve(nbytes: int) -> mmap.mmap:
+def reserve(nbytes: int) -> mmap.mmap:
     """An anonymous private mapping of ``nbytes`` (at least one page), zero-filled on demand."""
     size = max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -109,7 +115,7 @@ class SlotPool:
             self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
         #: Each slot's owner (None: a hole), up to the last used slot: every slot past the
         #: list's end is free.
-        self._owners: list[SlotOwner | None] = []
+        self._owners: list[Owner | None] = []
         #: Holes: free slots before the last used one (left when the owner of the last slot
         #: could not move into them); entries past the list's end are stale and skipped.
         self._holes: list[int] = []
@@ -121,7 +127,7 @@ class SlotPool:
         """(Re)reserve ``slots`` slots, keeping the used ones (a copy: only past max_slots)."""
         used = self._touched if self._maps else 0
         for s in self.specs:
-            mm = _reserve(slots * self._row_bytes[s.name])
+            mm = reserve(slots * self._row_bytes[s.name])
             count = slots * self._row_bytes[s.name] // np.dtype(s.dtype).itemsize
             flat: Array = np.frombuffer(mm, dtype=np.dtype(s.dtype), count=count)
             arr = flat.reshape(slots, *s.shape)
@@ -170,21 +176,31 @@ class SlotPool:
             a[slot] = 0
         return slot
 
-    def release(self, slot: int) -> None:
+    def hand(self, slot: int, owner: Owner) -> None:
+        """``slot``'s owner is ``owner`` from now on (a session parked or taken back)."""
+        self._owners[slot] = owner
+
+    def release(self, slot: int) -> int | None:
         """Free ``slot``. The owner of the last used slot moves into it unless busy, so the
-        used slots stay packed; then some of the pages past them go back to the kernel."""
+        used slots stay packed; then some of the pages past them go back to the kernel.
+        Returns the parked row that moved into ``slot``, if one did: its caller records the
+        move (a record's ``slot`` the pool sets itself)."""
         owners = self._owners
         owners[slot] = None
         self._in_use -= 1
         last = len(owners) - 1
+        moved = None
         if slot < last:
             mover = owners[last]
-            if mover is not None and not mover.busy:
+            if mover is not None and (isinstance(mover, int) or not mover.busy):
                 for a in self._arrays.values():
                     a[slot] = a[last]
                 owners[slot] = mover
                 owners[last] = None
-                mover.slot = slot
+                if isinstance(mover, int):
+                    moved = mover
+                else:
+                    mover.slot = slot
             else:
                 self._holes.append(slot)
         while owners and owners[-1] is None:
@@ -193,6 +209,7 @@ class SlotPool:
             self._holes = [s for s in set(self._holes) if s < len(owners) and owners[s] is None]
             self._holes.sort(reverse=True)
         self._give_back()
+        return moved
 
     def _give_back(self) -> None:
         """Hand pages past the used slots back to the kernel once more than GIVE_BACK_SLACK

@@ -1,0 +1,231 @@
+"""Parked sessions: idle sessions kept as rows of a few columns instead of as records.
+
+An open session is a ``Session`` record (session.py), an entry in the manager's
+least-recently-used table and a slot number: about 380 bytes of Python objects besides its id
+and its state, and one more object for every full garbage collection to walk. Most sessions
+of a big server are idle most of the time, so the manager *parks* a session that has been idle
+for ``park_after_s`` and that nothing else holds (no chunk queued or running, no stream or OIP
+sequence keeping it, no checkpoint queued): its fields go into one row here, its record and
+its table entry go. Its next use takes it back (``take``): a new record with the same fields,
+as if it had never left. A parked session costs its id, an entry in ``rows`` (id -> row
+number), the row number and about 50 bytes of columns.
+
+What a row keeps is exactly what a record of a server without a session store holds besides
+its defaults: id, model version, state slot, next seq, the last chunk's outputs and inputs (for
+a retry; its seq is the next seq less its steps), idle deadline and principal. With a store
+the manager parks nothing (its checkpoint bookkeeping stays in records; the store already
+holds idle sessions).
+
+The columns reserve a row for every session the server may hold (``capacity``) as address
+space only, as the state pool does (state.reserve): the kernel backs a page when a row in it is
+first written, so they never copy themselves to grow. Rows stay packed (a session taken back
+leaves its row to the last one) and pages past them go back to the kernel. The rows' order is
+not kept: the expired sessions and the oldest are found with one numpy pass over the deadline
+column, the oldest few remembered until the next park. Sessions used within the same
+millisecond share a deadline (sessions.py), and among them any may be the oldest.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+from rnnserve.server.session import Digest, Session
+from rnnserve.server.state import reserve
+
+if TYPE_CHECKING:
+    from rnnserve.server.model import ServedModel
+
+#: The columns: name and type (26 bytes a row).
+COLUMNS = (
+    ("deadline", np.float64),
+    ("next_seq", np.int64),
+    ("slot", np.int32),
+    ("principal", np.int32),
+    ("model", np.uint16),
+)
+ROW_BYTES = sum(np.dtype(t).itemsize for _, t in COLUMNS)
+#: How many of the oldest rows one scan remembers for capacity eviction.
+OLDEST_KEPT = 64
+#: Column pages past the used rows go back to the kernel once more than this many bytes lie
+#: there (or an eighth of the used bytes, if more).
+GIVE_BACK_SLACK = 1 << 20
+#: ``rows`` is rebuilt smaller once fewer than an eighth of at least SHRINK_FROM remain, and
+#: at most SHRINK_COPY (as the manager's record table, sessions.py).
+SHRINK_FROM = 65_536
+SHRINK_COPY = 16_384
+_PAGE = mmap.PAGESIZE
+
+
+class ParkedSessions:
+    """The parked sessions of one SessionManager."""
+
+    def __init__(self, capacity: int) -> None:
+        #: Each parked session's row, by id.
+        self.rows: dict[str, int] = {}
+        self._capacity = capacity
+        self._maps = {name: reserve(capacity * np.dtype(t).itemsize) for name, t in COLUMNS}
+        columns: dict[str, npt.NDArray[Any]] = {
+            name: np.frombuffer(self._maps[name], t, count=capacity) for name, t in COLUMNS
+        }
+        self._deadline: npt.NDArray[np.float64] = columns["deadline"]
+        self._next_seq: npt.NDArray[np.int64] = columns["next_seq"]
+        self._slot: npt.NDArray[np.int32] = columns["slot"]
+        self._principal: npt.NDArray[np.int32] = columns["principal"]
+        self._model: npt.NDArray[np.uint16] = columns["model"]
+        self._columns = list(columns.values())
+        #: Rows whose column pages may be resident; the most rows since ``rows`` was rebuilt.
+        self._touched = 0
+        self._peak = 0
+        #: The rows are packed: row r is in use while r < len(self._ids).
+        self._ids: list[str] = []
+        self._outputs: list[bytes | None] = []
+        self._digests: list[Digest | tuple[bytes]] = []
+        #: Model versions and principals, each kept once, referred to by index.
+        self._models: list[ServedModel] = []
+        self._model_index: dict[ServedModel, int] = {}
+        self._principals: list[str] = []
+        self._principal_index: dict[str, int] = {}
+        #: Parked sessions per principal.
+        self._held: dict[str, int] = {}
+        #: The oldest sessions of the last scan, oldest last; forgotten at each park.
+        self._oldest: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def held_by(self, principal: str) -> int:
+        return self._held.get(principal, 0)
+
+    def principals(self) -> list[str]:
+        return list(self._held)
+
+    def can_park(self, session: Session) -> bool:
+        """Whether a row holds all of ``session``: its last chunk ends at its next seq (so
+        the chunk's seq follows from its outputs), as every commit and restore leaves it."""
+        outputs = session._outputs
+        return outputs is None or session.last_seq + self._steps(session.model, outputs) == (
+            session.next_seq
+        )
+
+    @staticmethod
+    def _steps(model: ServedModel, outputs: bytes) -> int:
+        return len(outputs) // (4 * model.manifest.output_size)
+
+    def park(self, session: Session) -> int:
+        """Keep ``session``'s fields in a row (the caller drops the record); its row."""
+        row = len(self._ids)
+        if row == self._capacity:
+            raise RuntimeError("more sessions parked than the server's capacity")
+        model = session.model
+        m = self._model_index.get(model)
+        if m is None:
+            m = self._model_index[model] = len(self._models)
+            self._models.append(model)
+        principal = session.principal
+        p = self._principal_index.get(principal)
+        if p is None:
+            p = self._principal_index[principal] = len(self._principals)
+            self._principals.append(principal)
+        self._deadline[row] = session.deadline
+        self._next_seq[row] = session.next_seq
+        self._slot[row] = session.slot
+        self._model[row] = m
+        self._principal[row] = p
+        self._ids.append(session.id)
+        self._outputs.append(session._outputs)
+        self._digests.append(session._digest)
+        self.rows[session.id] = row
+        if row >= self._touched:
+            self._touched = row + 1
+        if row >= self._peak:
+            self._peak = row + 1
+        self._held[principal] = self._held.get(principal, 0) + 1
+        self._oldest = []
+        return row
+
+    def take(self, sid: str) -> Session:
+        """Parked session ``sid`` as a record again. The last row moves into its row, so the
+        rows stay packed (its model's state pool learns the move)."""
+        row = self.rows.pop(sid)
+        model = self._models[int(self._model[row])]
+        session = Session(sid, model, int(self._slot[row]), float(self._deadline[row]))
+        session.next_seq = int(self._next_seq[row])
+        outputs = session._outputs = self._outputs[row]
+        if outputs is not None:
+            session.last_seq = session.next_seq - self._steps(model, outputs)
+        session._digest = self._digests[row]
+        principal = session.principal = self._principals[int(self._principal[row])]
+        left = self._held[principal] - 1
+        if left:
+            self._held[principal] = left
+        else:
+            del self._held[principal]
+        last = len(self._ids) - 1
+        if row < last:
+            for column in self._columns:
+                column[row] = column[last]
+            moved = self._ids[row] = self._ids[last]
+            assert moved is not None
+            self._outputs[row] = self._outputs[last]
+            self._digests[row] = self._digests[last]
+            self.rows[moved] = row
+            self._models[int(self._model[row])].pool.hand(int(self._slot[row]), row)
+        self._ids.pop()
+        self._outputs.pop()
+        self._digests.pop()
+        self._give_back()
+        return session
+
+    def principal_of(self, sid: str) -> str:
+        return self._principals[int(self._principal[self.rows[sid]])]
+
+    def moved(self, row: int, slot: int) -> None:
+        """The state pool moved row ``row``'s session to ``slot``."""
+        self._slot[row] = slot
+
+    def expired(self, now: float) -> list[str]:
+        """The sessions whose idle deadline passed."""
+        ids = self._ids
+        return [ids[r] for r in np.flatnonzero(self._deadline[: len(ids)] < now).tolist()]
+
+    def oldest(self, principal: str | None = None) -> str | None:
+        """The session used least recently (of ``principal``'s, when given); None if none."""
+        used = len(self._ids)
+        if principal is not None:
+            p = self._principal_index.get(principal)
+            if p is None or not self._held.get(principal):
+                return None
+            masked = np.where(self._principal[:used] == p, self._deadline[:used], math.inf)
+            return self._ids[int(masked.argmin())]
+        while self._oldest:  # parked since the scan, in the order it found them
+            sid = self._oldest.pop()
+            if sid in self.rows:
+                return sid
+        if not used:
+            return None
+        deadline = self._deadline[:used]
+        k = min(OLDEST_KEPT, used)
+        some = np.argpartition(deadline, k - 1)[:k] if k < used else np.arange(used)
+        some = some[np.argsort(deadline[some])[::-1]]
+        self._oldest = [self._ids[int(r)] for r in some]
+        return self._oldest.pop()
+
+    def _give_back(self) -> None:
+        """Hand the columns' pages past the used rows back to the kernel once more than
+        GIVE_BACK_SLACK bytes lie there, and the id table's memory once most rows went."""
+        used = len(self._ids)
+        if (self._touched - used) * ROW_BYTES > max(GIVE_BACK_SLACK, used * ROW_BYTES // 8):
+            for (_, t), mm in zip(COLUMNS, self._maps.values(), strict=True):
+                size = np.dtype(t).itemsize
+                start = -(-used * size // _PAGE) * _PAGE
+                end = -(-self._touched * size // _PAGE) * _PAGE
+                if start < end:
+                    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._touched = used
+        if used < self._peak >> 3 and used <= SHRINK_COPY and self._peak >= SHRINK_FROM:
+            self.rows = dict(self.rows)  # a dict keeps its size as entries go
+            self._peak = used
