@@ -156,10 +156,11 @@ def child(n: int, stepped: bool, parked: bool = False) -> dict[str, Any]:
         manager.end(s, CLOSED)
     del warm
     pauses = _GcPauses()
-    # The benchmark's own bookkeeping exists before the first reading: the sessions list
-    # (records, or ids of parked ones) and the timings (numpy, written through so its pages
+    # The benchmark's own bookkeeping exists before the first reading: the sessions (records,
+    # or ids of parked ones: a numpy object array, which the garbage collector does not walk,
+    # so its pauses are the server's) and the timings (numpy, written through so its pages
     # are resident).
-    sessions: list[Any] = [None] * n
+    sessions = np.full(n, None, object)
     opens = np.full(n, -1.0)
     closes = np.full(n, -1.0)
     block = PARK_PER_SWEEP if parked else n
@@ -179,7 +180,7 @@ def child(n: int, stepped: bool, parked: bool = False) -> dict[str, Any]:
             if pool.capacity != capacity:
                 growth.append(took)
         if stepped:
-            loop.run_until_complete(_step_all(model, sessions[start:end]))
+            loop.run_until_complete(_step_all(model, list(sessions[start:end])))
         if parked:
             for i in range(start, end):
                 sessions[i] = sessions[i].id

@@ -225,3 +225,19 @@ def test_a_session_is_parked_once_idle_for_park_after_s(model: ServedModel) -> N
         manager._open[sid].deadline -= 31  # last used 31 s ago
     _sweep(manager)
     assert sorted(manager._parked.rows) == sorted(ids[:2])
+
+
+def test_the_rows_hold_a_model_version_only_while_they_need_it(model: ServedModel) -> None:
+    # A model version removed from the repository must be freed once its last session is:
+    # the parked rows refer to it (and to each principal) only while one of theirs is parked.
+    manager = _manager()
+    ids = _opened(manager, model, 2, "a") + _opened(manager, model, 1, "b")
+    _sweep(manager)
+    parked = manager._parked
+    assert parked.principals() == ["a", "b"] and parked._models.present() == [model]
+    manager.end(manager.get(ids[0], "a"), CLOSED)
+    assert parked.held_by("a") == 1 and parked._models.present() == [model]
+    for s in manager.all():
+        manager.end(s, CLOSED)
+    assert parked.principals() == [] and parked._models.present() == []
+    assert all(v is None for v in parked._models.values)

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import math
 import mmap
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-from rnnserve.server.session import Digest, Session
-from rnnserve.server.state import reserve
+from rnnserve.server.session import Session
+from rnnserve.server.state import Objects, reserve
 
 if TYPE_CHECKING:
     from rnnserve.server.model import ServedModel
@@ -58,6 +59,50 @@ GIVE_BACK_SLACK = 1 << 20
 SHRINK_FROM = 65_536
 SHRINK_COPY = 16_384
 _PAGE = mmap.PAGESIZE
+T = TypeVar("T", bound=Hashable)
+
+
+class _Interned(Generic[T]):
+    """Values kept once and referred to by index, each for as long as a row refers to it (a
+    model version removed from the repository is freed once its last session is)."""
+
+    def __init__(self) -> None:
+        self.values: list[T | None] = []
+        self._index: dict[T, int] = {}
+        self._count: list[int] = []
+        self._free: list[int] = []
+
+    def acquire(self, value: T) -> int:
+        i = self._index.get(value)
+        if i is None:
+            i = self._free.pop() if self._free else len(self.values)
+            if i == len(self.values):
+                self.values.append(value)
+                self._count.append(0)
+            self.values[i] = value
+            self._index[value] = i
+        self._count[i] += 1
+        return i
+
+    def release(self, i: int) -> T:
+        value = self.values[i]
+        assert value is not None
+        self._count[i] -= 1
+        if not self._count[i]:
+            self.values[i] = None
+            del self._index[value]
+            self._free.append(i)
+        return value
+
+    def index(self, value: T) -> int | None:
+        return self._index.get(value)
+
+    def count(self, value: T) -> int:
+        i = self._index.get(value)
+        return 0 if i is None else self._count[i]
+
+    def present(self) -> list[T]:
+        return list(self._index)
 
 
 class ParkedSessions:
@@ -80,17 +125,14 @@ class ParkedSessions:
         #: Rows whose column pages may be resident; the most rows since ``rows`` was rebuilt.
         self._touched = 0
         self._peak = 0
-        #: The rows are packed: row r is in use while r < len(self._ids).
-        self._ids: list[str] = []
-        self._outputs: list[bytes | None] = []
-        self._digests: list[Digest | tuple[bytes]] = []
+        #: Object columns (numpy object arrays, which the garbage collector does not walk).
+        #: The rows are packed: row r is in use while r < ``len(self._ids)``.
+        self._ids = Objects()  # str
+        self._outputs = Objects()  # bytes | None: Session._outputs
+        self._digests = Objects()  # Session._digest
         #: Model versions and principals, each kept once, referred to by index.
-        self._models: list[ServedModel] = []
-        self._model_index: dict[ServedModel, int] = {}
-        self._principals: list[str] = []
-        self._principal_index: dict[str, int] = {}
-        #: Parked sessions per principal.
-        self._held: dict[str, int] = {}
+        self._models: _Interned[ServedModel] = _Interned()
+        self._principals: _Interned[str] = _Interned()
         #: The oldest sessions of the last scan, oldest last; forgotten at each park.
         self._oldest: list[str] = []
 
@@ -98,10 +140,10 @@ class ParkedSessions:
         return len(self.rows)
 
     def held_by(self, principal: str) -> int:
-        return self._held.get(principal, 0)
+        return self._principals.count(principal)
 
     def principals(self) -> list[str]:
-        return list(self._held)
+        return self._principals.present()
 
     def can_park(self, session: Session) -> bool:
         """Whether a row holds all of ``session``: its last chunk ends at its next seq (so
@@ -120,21 +162,11 @@ class ParkedSessions:
         row = len(self._ids)
         if row == self._capacity:
             raise RuntimeError("more sessions parked than the server's capacity")
-        model = session.model
-        m = self._model_index.get(model)
-        if m is None:
-            m = self._model_index[model] = len(self._models)
-            self._models.append(model)
-        principal = session.principal
-        p = self._principal_index.get(principal)
-        if p is None:
-            p = self._principal_index[principal] = len(self._principals)
-            self._principals.append(principal)
         self._deadline[row] = session.deadline
         self._next_seq[row] = session.next_seq
         self._slot[row] = session.slot
-        self._model[row] = m
-        self._principal[row] = p
+        self._model[row] = self._models.acquire(session.model)
+        self._principal[row] = self._principals.acquire(session.principal)
         self._ids.append(session.id)
         self._outputs.append(session._outputs)
         self._digests.append(session._digest)
@@ -143,7 +175,6 @@ class ParkedSessions:
             self._touched = row + 1
         if row >= self._peak:
             self._peak = row + 1
-        self._held[principal] = self._held.get(principal, 0) + 1
         self._oldest = []
         return row
 
@@ -151,37 +182,34 @@ class ParkedSessions:
         """Parked session ``sid`` as a record again. The last row moves into its row, so the
         rows stay packed (its model's state pool learns the move)."""
         row = self.rows.pop(sid)
-        model = self._models[int(self._model[row])]
+        model = self._models.release(int(self._model[row]))
         session = Session(sid, model, int(self._slot[row]), float(self._deadline[row]))
         session.next_seq = int(self._next_seq[row])
         outputs = session._outputs = self._outputs[row]
         if outputs is not None:
             session.last_seq = session.next_seq - self._steps(model, outputs)
         session._digest = self._digests[row]
-        principal = session.principal = self._principals[int(self._principal[row])]
-        left = self._held[principal] - 1
-        if left:
-            self._held[principal] = left
-        else:
-            del self._held[principal]
+        session.principal = self._principals.release(int(self._principal[row]))
         last = len(self._ids) - 1
         if row < last:
             for column in self._columns:
                 column[row] = column[last]
             moved = self._ids[row] = self._ids[last]
-            assert moved is not None
             self._outputs[row] = self._outputs[last]
             self._digests[row] = self._digests[last]
             self.rows[moved] = row
-            self._models[int(self._model[row])].pool.hand(int(self._slot[row]), row)
-        self._ids.pop()
-        self._outputs.pop()
-        self._digests.pop()
+            mover = self._models.values[int(self._model[row])]
+            assert mover is not None
+            mover.pool.hand(int(self._slot[row]), row)
+        for objects in (self._ids, self._outputs, self._digests):
+            objects.pop()
         self._give_back()
         return session
 
     def principal_of(self, sid: str) -> str:
-        return self._principals[int(self._principal[self.rows[sid]])]
+        principal = self._principals.values[int(self._principal[self.rows[sid]])]
+        assert principal is not None
+        return principal
 
     def moved(self, row: int, slot: int) -> None:
         """The state pool moved row ``row``'s session to ``slot``."""
@@ -189,18 +217,18 @@ class ParkedSessions:
 
     def expired(self, now: float) -> list[str]:
         """The sessions whose idle deadline passed."""
-        ids = self._ids
-        return [ids[r] for r in np.flatnonzero(self._deadline[: len(ids)] < now).tolist()]
+        return self._ids.take(np.flatnonzero(self._deadline[: len(self._ids)] < now))
 
     def oldest(self, principal: str | None = None) -> str | None:
         """The session used least recently (of ``principal``'s, when given); None if none."""
         used = len(self._ids)
         if principal is not None:
-            p = self._principal_index.get(principal)
-            if p is None or not self._held.get(principal):
+            p = self._principals.index(principal)
+            if p is None:
                 return None
             masked = np.where(self._principal[:used] == p, self._deadline[:used], math.inf)
-            return self._ids[int(masked.argmin())]
+            sid: str = self._ids[int(masked.argmin())]
+            return sid
         while self._oldest:  # parked since the scan, in the order it found them
             sid = self._oldest.pop()
             if sid in self.rows:
@@ -211,7 +239,7 @@ class ParkedSessions:
         k = min(OLDEST_KEPT, used)
         some = np.argpartition(deadline, k - 1)[:k] if k < used else np.arange(used)
         some = some[np.argsort(deadline[some])[::-1]]
-        self._oldest = [self._ids[int(r)] for r in some]
+        self._oldest = self._ids.take(some)
         return self._oldest.pop()
 
     def _give_back(self) -> None:

@@ -42,13 +42,13 @@ from rnnserve.server.session import Digest as Digest
 from rnnserve.server.session import Session as Session
 from rnnserve.server.session import check_seq_room as check_seq_room
 from rnnserve.server.session_ids import new_id
+from rnnserve.server.tombstones import MAX_TOMBSTONES as MAX_TOMBSTONES
+from rnnserve.server.tombstones import Tombstones
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import route_of
 
 _PRINCIPAL = attrgetter("principal")
 _DEADLINE = attrgetter("deadline")
-#: Tombstones kept for ended sessions (oldest forgotten first).
-MAX_TOMBSTONES = 100_000
 #: ``_open`` is rebuilt smaller once fewer than an eighth of at least SHRINK_FROM sessions remain,
 #: and at most SHRINK_COPY (copying an OrderedDict costs about 0.5 µs an entry: 8 ms here).
 SHRINK_FROM = 65_536
@@ -85,10 +85,10 @@ class SessionManager:
         #: The durable store's checkpoint queue, when the server has a store.
         self.checkpoints = checkpoints
         self._open: OrderedDict[str, Session] = OrderedDict()
-        #: Tombstones: why each recently ended session ended, by the hash of its id (an int
-        #: made when it ends, not the id itself: the ids, made among the records when the
-        #: sessions opened, would keep their memory from going back).
-        self._ended: OrderedDict[int, str] = OrderedDict()
+        #: Tombstones: why each recently ended session ended (by the hash of its id, not the
+        #: id itself: the ids, made among the records when the sessions opened, would keep
+        #: their memory from going back; see tombstones.py).
+        self._ended = Tombstones()
         #: Each principal's open sessions, least recently used first (fair eviction).
         self._shares: dict[str, OrderedDict[str, Session]] = {}
         #: While every open session belongs to one principal (always, when authentication is
@@ -139,6 +139,8 @@ class SessionManager:
             self._evict_one()
         if not sid:
             sid = new_id(route)
+        else:  # restored under its id: open again, not ended
+            self._ended.forget(sid)
         session = Session(sid, model, -1, self._deadline(time.monotonic()))
         # The pool may move the session to a lower slot later (keeping slots packed).
         slot = session.slot = model.pool.allocate(session)
@@ -160,7 +162,6 @@ class SessionManager:
         session.principal = principal
         if self._solo is None:
             self._shares.setdefault(principal, OrderedDict())[sid] = session
-        self._ended.pop(hash(sid), None)
         model.metrics.opened.inc()
         model.metrics.active.inc()
         model.metrics.state_bytes.set(model.pool.nbytes)
@@ -318,7 +319,7 @@ class SessionManager:
 
     def ended_reason(self, sid: str) -> str | None:
         """Why session ``sid`` ended here, while its tombstone lasts; None if it did not."""
-        return self._ended.get(hash(sid))
+        return self._ended.get(sid)
 
     def peek(self, sid: str) -> Session | None:
         """The open session ``sid`` without restarting its idle clock, or None."""
@@ -347,7 +348,7 @@ class SessionManager:
             self._unshare(session)
 
     def _why_missing(self, sid: str) -> str:
-        reason = self._ended.get(hash(sid))
+        reason = self._ended.get(sid)
         sid = quoted(sid)
         if reason == CLOSED:
             return f"session {sid} was closed; open a new session"
@@ -384,9 +385,7 @@ class SessionManager:
         if moved is not None:  # a parked session moved into the freed slot
             self._parked.moved(moved, session.slot)
         session.model.metrics.state_bytes.set(pool.nbytes)
-        self._ended[hash(session.id)] = reason
-        while len(self._ended) > MAX_TOMBSTONES:
-            self._ended.popitem(last=False)
+        self._ended.add(session.id, reason)
         session.model.metrics.active.dec()
         self.metrics.session_ended(session.model.label, reason)
 

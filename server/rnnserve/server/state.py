@@ -22,7 +22,7 @@ from __future__ import annotations
 import mmap
 import platform
 import sys
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +81,53 @@ def reserve(nbytes: int) -> mmap.mmap:
         return mmap.mmap(-1, size, flags=flags)
 
 
+#: Rows per block of an ``Objects`` column (8 KiB).
+OBJECT_SHIFT = 10
+OBJECT_BLOCK = 1 << OBJECT_SHIFT
+OBJECT_MASK = OBJECT_BLOCK - 1
+
+
+class Objects:
+    """A growable column of Python objects (``append``, ``pop``, indexing by row), kept in
+    blocks of OBJECT_BLOCK rows: numpy object arrays, which the garbage collector does not
+    walk. It visits every item of a list at each full collection, about 25-60 ms for a list
+    of a million; what the column holds must not be part of a reference cycle."""
+
+    def __init__(self) -> None:
+        self._blocks: list[npt.NDArray[np.object_]] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, row: int) -> Any:
+        return self._blocks[row >> OBJECT_SHIFT][row & OBJECT_MASK]
+
+    def __setitem__(self, row: int, value: object) -> None:
+        self._blocks[row >> OBJECT_SHIFT][row & OBJECT_MASK] = value
+
+    def append(self, value: object) -> None:
+        row = self._len
+        if row >> OBJECT_SHIFT == len(self._blocks):
+            self._blocks.append(np.full(OBJECT_BLOCK, None, object))
+        self._blocks[row >> OBJECT_SHIFT][row & OBJECT_MASK] = value
+        self._len = row + 1
+
+    def pop(self) -> Any:
+        """The last row's object; the row is dropped, and blocks past the one after the last
+        row left."""
+        row = self._len = self._len - 1
+        block = self._blocks[row >> OBJECT_SHIFT]
+        value = block[row & OBJECT_MASK]
+        block[row & OBJECT_MASK] = None
+        del self._blocks[((row + OBJECT_MASK) >> OBJECT_SHIFT) + 1 :]
+        return value
+
+    def take(self, rows: npt.NDArray[np.intp]) -> list[Any]:
+        """The objects of ``rows``."""
+        return [self[int(r)] for r in rows]
+
+
 class SlotPool:
     """Slots of per-session state for one model version."""
 
@@ -115,7 +162,7 @@ class SlotPool:
             self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
         #: Each slot's owner (None: a hole), up to the last used slot: every slot past the
         #: list's end is free.
-        self._owners: list[Owner | None] = []
+        self._owners = Objects()  # Owner | None
         #: Holes: free slots before the last used one (left when the owner of the last slot
         #: could not move into them); entries past the list's end are stale and skipped.
         self._holes: list[int] = []
@@ -203,7 +250,7 @@ class SlotPool:
                     mover.slot = slot
             else:
                 self._holes.append(slot)
-        while owners and owners[-1] is None:
+        while owners and owners[len(owners) - 1] is None:
             owners.pop()
         if len(self._holes) > 64 and len(self._holes) > 2 * (len(owners) - self._in_use):
             self._holes = [s for s in set(self._holes) if s < len(owners) and owners[s] is None]
