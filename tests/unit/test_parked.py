@@ -17,6 +17,7 @@ from rnnserve.server.model import ServedModel
 from rnnserve.server.repository import Repository
 from rnnserve.server.sessions import CAPACITY, CLOSED, IDLE, Session, SessionManager
 from rnnserve.server.settings import Settings
+from rnnserve.wire import chunk_digest, to_tensor
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 #: Parks a session at the first sweep after its last use.
@@ -85,6 +86,26 @@ def test_a_parked_session_comes_back_the_same(model: ServedModel) -> None:
         back.check_seq(5, chunk[::-1].copy())
     assert back.check_seq(7) is None
     manager.end(back, CLOSED)
+
+
+def test_kept_inputs_come_back_as_they_were_kept(model: ServedModel) -> None:
+    # A chunk that came as a tensor is kept as its raw bytes (digested only if a retry asks):
+    # parked, the bytes stay bytes, and the retry check still works.
+    manager = _manager()
+    session = manager.open(model)
+    chunk = np.array([3, 1, 4], dtype="<i8")
+    tensor = to_tensor(chunk)
+    session.commit(0, np.zeros((3, model.manifest.output_size), np.float32), tensor)
+    sid, kept = session.id, session._digest
+    assert kept == (chunk.tobytes(),)
+    del session
+    _sweep(manager)
+    assert manager.parked == 1
+    back = manager.get(sid)
+    assert back._digest == kept and back.last_digest == chunk_digest(tensor)
+    assert back.check_seq(0, tensor) is not None
+    with pytest.raises(ServingError, match="already applied with other inputs"):
+        back.check_seq(0, to_tensor(chunk[::-1].copy()))
 
 
 def test_only_a_session_nothing_else_holds_is_parked(model: ServedModel) -> None:

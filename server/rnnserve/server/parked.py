@@ -40,13 +40,15 @@ from rnnserve.server.state import Objects, reserve
 if TYPE_CHECKING:
     from rnnserve.server.model import ServedModel
 
-#: The columns: name and type (26 bytes a row).
+#: The columns: name and type (27 bytes a row). ``raw``: the last inputs are kept as they
+#: came (a record keeps them in a 1-tuple, ``Session._digest``), not as their digest.
 COLUMNS = (
     ("deadline", np.float64),
     ("next_seq", np.int64),
     ("slot", np.int32),
     ("principal", np.int32),
     ("model", np.uint16),
+    ("raw", np.uint8),
 )
 ROW_BYTES = sum(np.dtype(t).itemsize for _, t in COLUMNS)
 #: How many of the oldest rows one scan remembers for capacity eviction.
@@ -121,6 +123,7 @@ class ParkedSessions:
         self._slot: npt.NDArray[np.int32] = columns["slot"]
         self._principal: npt.NDArray[np.int32] = columns["principal"]
         self._model: npt.NDArray[np.uint16] = columns["model"]
+        self._raw: npt.NDArray[np.uint8] = columns["raw"]
         self._columns = list(columns.values())
         #: Rows whose column pages may be resident; the most rows since ``rows`` was rebuilt.
         self._touched = 0
@@ -129,7 +132,7 @@ class ParkedSessions:
         #: The rows are packed: row r is in use while r < ``len(self._ids)``.
         self._ids = Objects()  # str
         self._outputs = Objects()  # bytes | None: Session._outputs
-        self._digests = Objects()  # Session._digest
+        self._digests = Objects()  # bytes: a digest, or the inputs themselves (``raw``)
         #: Model versions and principals, each kept once, referred to by index.
         self._models: _Interned[ServedModel] = _Interned()
         self._principals: _Interned[str] = _Interned()
@@ -169,7 +172,13 @@ class ParkedSessions:
         self._principal[row] = self._principals.acquire(session.principal)
         self._ids.append(session.id)
         self._outputs.append(session._outputs)
-        self._digests.append(session._digest)
+        kept = session._digest
+        if isinstance(kept, tuple):  # the inputs' raw bytes, without the tuple (56 bytes)
+            self._raw[row] = 1
+            self._digests.append(kept[0])
+        else:  # a digest; or inputs as an array (a view of their frame's block): digest them
+            self._raw[row] = 0
+            self._digests.append(session.last_digest)
         self.rows[session.id] = row
         if row >= self._touched:
             self._touched = row + 1
@@ -188,7 +197,8 @@ class ParkedSessions:
         outputs = session._outputs = self._outputs[row]
         if outputs is not None:
             session.last_seq = session.next_seq - self._steps(model, outputs)
-        session._digest = self._digests[row]
+        kept = self._digests[row]
+        session._digest = (kept,) if self._raw[row] else kept
         session.principal = self._principals.release(int(self._principal[row]))
         last = len(self._ids) - 1
         if row < last:
