@@ -5,6 +5,7 @@ shares and the state pool's slot moves treat it as any other session."""
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -262,3 +263,23 @@ def test_the_rows_hold_a_model_version_only_while_they_need_it(model: ServedMode
         manager.end(s, CLOSED)
     assert parked.principals() == [] and parked._models.present() == []
     assert all(v is None for v in parked._models.values)
+
+
+def test_memory_goes_back_when_parked_sessions_end(model: ServedModel) -> None:
+    manager = _manager(capacity=100_000)
+    ids = _opened(manager, model, 70_000)
+    while manager.parked < len(ids):
+        _sweep(manager)  # at most PARK_PER_SWEEP a sweep
+    parked = manager._parked
+    full = sum(sys.getsizeof(shard) for shard in parked.rows._shards)
+    blocks = len(parked._ids._blocks)
+    for sid in ids[100:]:
+        manager.end(manager.get(sid), CLOSED)
+    # The id index is rebuilt smaller, the object columns drop their blocks, the numeric
+    # columns' pages go back: what is left is sized for the 100 sessions left.
+    assert sum(sys.getsizeof(shard) for shard in parked.rows._shards) < full / 4
+    assert len(parked._ids._blocks) <= 2 < blocks
+    assert parked._touched * 27 <= 2 * 2**20
+    for i, sid in enumerate(ids[:100]):
+        s = manager.get(sid)
+        assert (model.pool.read(s.slot)["h"] == i + 1).all()

@@ -14,7 +14,8 @@ What a row keeps is exactly what a record of a server without a session store ho
 its defaults: id, model version, state slot, next seq, the last chunk's outputs and inputs (for
 a retry; its seq is the next seq less its steps), idle deadline and principal. With a store
 the manager parks nothing (its checkpoint bookkeeping stays in records; the store already
-holds idle sessions).
+holds idle sessions). A model version's state pool names a parked session's owner by its row
+here, so one SessionManager parks the sessions of a model version (as in the server).
 
 The columns reserve a row for every session the server may hold (``capacity``) as address
 space only, as the state pool does (state.reserve): the kernel backs a page when a row in it is
@@ -29,7 +30,9 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from itertools import chain
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
@@ -51,6 +54,15 @@ COLUMNS = (
     ("raw", np.uint8),
 )
 ROW_BYTES = sum(np.dtype(t).itemsize for _, t in COLUMNS)
+#: Dicts the parked ids are spread over (``_Rows``).
+ROW_SHARDS = 64
+ROW_SHARD_MASK = ROW_SHARDS - 1
+_DEADLINE = attrgetter("deadline")
+_NEXT_SEQ = attrgetter("next_seq")
+_SLOT = attrgetter("slot")
+_DIGEST = attrgetter("_digest")
+_ID = attrgetter("id")
+_OUTPUTS = attrgetter("_outputs")
 #: How many of the oldest rows one scan remembers for capacity eviction.
 OLDEST_KEPT = 64
 #: Column pages past the used rows go back to the kernel once more than this many bytes lie
@@ -107,12 +119,50 @@ class _Interned(Generic[T]):
         return list(self._index)
 
 
+class _Rows:
+    """Each parked session's row, by id: in ROW_SHARDS dicts by the id's hash, not one. A dict
+    that outgrows its table copies every entry into a new one, and one of 700,000 entries
+    took 50-190 ms here (the event loop stalls); each shard holds a 64th of the ids."""
+
+    def __init__(self) -> None:
+        self._shards: list[dict[str, int]] = [{} for _ in range(ROW_SHARDS)]
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._shards[hash(sid) & ROW_SHARD_MASK]
+
+    def __getitem__(self, sid: str) -> int:
+        return self._shards[hash(sid) & ROW_SHARD_MASK][sid]
+
+    def __iter__(self) -> Iterator[str]:
+        return chain.from_iterable(self._shards)
+
+    def add(self, sid: str, row: int) -> None:
+        self._shards[hash(sid) & ROW_SHARD_MASK][sid] = row
+        self._len += 1
+
+    def move(self, sid: str, row: int) -> None:
+        self._shards[hash(sid) & ROW_SHARD_MASK][sid] = row
+
+    def pop(self, sid: str) -> int:
+        row = self._shards[hash(sid) & ROW_SHARD_MASK].pop(sid)
+        self._len -= 1
+        return row
+
+    def rebuild(self) -> None:
+        """Copies sized for the ids left (a dict keeps its size as entries go)."""
+        self._shards = [dict(shard) for shard in self._shards]
+
+
 class ParkedSessions:
     """The parked sessions of one SessionManager."""
 
     def __init__(self, capacity: int) -> None:
         #: Each parked session's row, by id.
-        self.rows: dict[str, int] = {}
+        self.rows = _Rows()
         self._capacity = capacity
         self._maps = {name: reserve(capacity * np.dtype(t).itemsize) for name, t in COLUMNS}
         columns: dict[str, npt.NDArray[Any]] = {
@@ -160,32 +210,37 @@ class ParkedSessions:
     def _steps(model: ServedModel, outputs: bytes) -> int:
         return len(outputs) // (4 * model.manifest.output_size)
 
-    def park(self, session: Session) -> int:
-        """Keep ``session``'s fields in a row (the caller drops the record); its row."""
-        row = len(self._ids)
-        if row == self._capacity:
+    def park(self, sessions: list[Session]) -> list[int]:
+        """Keep the fields of ``sessions`` in rows (the caller drops the records); their rows,
+        in order. Columns are written a batch at a time (a row at a time costs twice as
+        much: numpy's per-item writes)."""
+        k = len(sessions)
+        first = len(self._ids)
+        end = first + k
+        if end > self._capacity:
             raise RuntimeError("more sessions parked than the server's capacity")
-        self._deadline[row] = session.deadline
-        self._next_seq[row] = session.next_seq
-        self._slot[row] = session.slot
-        self._model[row] = self._models.acquire(session.model)
-        self._principal[row] = self._principals.acquire(session.principal)
-        self._ids.append(session.id)
-        self._outputs.append(session._outputs)
-        kept = session._digest
-        if isinstance(kept, tuple):  # the inputs' raw bytes, without the tuple (56 bytes)
-            self._raw[row] = 1
-            self._digests.append(kept[0])
-        else:  # a digest; or inputs as an array (a view of their frame's block): digest them
-            self._raw[row] = 0
-            self._digests.append(session.last_digest)
-        self.rows[session.id] = row
-        if row >= self._touched:
-            self._touched = row + 1
-        if row >= self._peak:
-            self._peak = row + 1
+        self._deadline[first:end] = np.fromiter(map(_DEADLINE, sessions), np.float64, k)
+        self._next_seq[first:end] = np.fromiter(map(_NEXT_SEQ, sessions), np.int64, k)
+        self._slot[first:end] = np.fromiter(map(_SLOT, sessions), np.int32, k)
+        self._model[first:end] = [self._models.acquire(s.model) for s in sessions]
+        self._principal[first:end] = [self._principals.acquire(s.principal) for s in sessions]
+        kept = list(map(_DIGEST, sessions))
+        raw = [isinstance(d, tuple) for d in kept]
+        self._raw[first:end] = raw
+        for j, (session, is_raw) in enumerate(zip(sessions, raw, strict=True)):
+            # The inputs' raw bytes without their tuple (56 bytes); a digest as it is; inputs
+            # kept as an array (a view of their frame's block) digested.
+            kept[j] = kept[j][0] if is_raw else session.last_digest
+        self._ids.extend(list(map(_ID, sessions)))
+        self._outputs.extend(list(map(_OUTPUTS, sessions)))
+        self._digests.extend(kept)
+        rows = list(range(first, end))  # each int object shared by the index and the pool
+        for session, row in zip(sessions, rows, strict=True):
+            self.rows.add(session.id, row)
+        self._touched = max(self._touched, end)
+        self._peak = max(self._peak, end)
         self._oldest = []
-        return row
+        return rows
 
     def take(self, sid: str) -> Session:
         """Parked session ``sid`` as a record again. The last row moves into its row, so the
@@ -207,7 +262,7 @@ class ParkedSessions:
             moved = self._ids[row] = self._ids[last]
             self._outputs[row] = self._outputs[last]
             self._digests[row] = self._digests[last]
-            self.rows[moved] = row
+            self.rows.move(moved, row)
             mover = self._models.values[int(self._model[row])]
             assert mover is not None
             mover.pool.hand(int(self._slot[row]), row)
@@ -265,5 +320,5 @@ class ParkedSessions:
                     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             self._touched = used
         if used < self._peak >> 3 and used <= SHRINK_COPY and self._peak >= SHRINK_FROM:
-            self.rows = dict(self.rows)  # a dict keeps its size as entries go
+            self.rows.rebuild()
             self._peak = used

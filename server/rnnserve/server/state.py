@@ -113,6 +113,21 @@ class Objects:
         self._blocks[row >> OBJECT_SHIFT][row & OBJECT_MASK] = value
         self._len = row + 1
 
+    def extend(self, values: list[Any]) -> None:
+        """``append`` of each of ``values``, a block at a time."""
+        row, done = self._len, 0
+        while done < len(values):
+            if row >> OBJECT_SHIFT == len(self._blocks):
+                self._blocks.append(np.full(OBJECT_BLOCK, None, object))
+            at = row & OBJECT_MASK
+            n = min(OBJECT_BLOCK - at, len(values) - done)
+            block = self._blocks[row >> OBJECT_SHIFT]
+            for i in range(n):  # one by one: numpy would unpack a tuple in a slice's list
+                block[at + i] = values[done + i]
+            row += n
+            done += n
+        self._len = row
+
     def pop(self) -> Any:
         """The last row's object; the row is dropped, and blocks past the one after the last
         row left."""
