@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     park_after_s: float = Field(default=30.0, ge=0)
     """Seconds idle after which a session is parked: kept as a row of columns (about 230 bytes
     besides its state) instead of a record (about 380), and made a record again by its next
-    call. 0 turns parking off; with a session store nothing is parked."""
+    call. 0 turns parking off, and so does a value of session_ttl_s or more (sessions expire
+    first); with a session store nothing is parked."""
     max_chunk_length: int = Field(default=4096, ge=1)
     """The most steps one chunk (one request) may carry."""
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
