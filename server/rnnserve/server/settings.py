@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_sessions: int = Field(default=100_000, ge=1)
     """Session capacity over all models; opening one more evicts the least recently used."""
     park_after_s: float = Field(default=30.0, ge=0)
-    """Seconds idle after which a session is parked: kept as a row of columns (about 230 bytes
+    """Seconds idle after which a session is parked: kept as a row of columns (about 220 bytes
     besides its state) instead of a record (about 380), and made a record again by its next
     call. 0 turns parking off, and so does a value of session_ttl_s or more (sessions expire
     first); with a session store nothing is parked."""
