@@ -85,6 +85,10 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
+                    # Look again: the status may have changed while the write waited (a
+                    # shutdown that began then would otherwise end the watch without its
+                    # NOT_SERVING; seen in CI on a loaded machine).
+                    continue
                 if self._shutting_down:
                     return
                 await changed.wait()
