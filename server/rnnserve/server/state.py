@@ -176,7 +176,8 @@ class SlotPool:
             self._to_graph[spec.name] = tuple(order)
             self._to_pool[spec.name] = tuple(int(i) for i in np.argsort(order))
         #: Each slot's owner (None: a hole), up to the last used slot: every slot past the
-        #: list's end is free.
+        #: list's end is free. Not a list, which each full garbage collection would walk; an
+        #: owner leaves it when its session ends, so no reference cycle stays in it.
         self._owners = Objects()  # Owner | None
         #: Holes: free slots before the last used one (left when the owner of the last slot
         #: could not move into them); entries past the list's end are stale and skipped.
