@@ -10,8 +10,8 @@ inside its StreamResponse), so each session keeps what a stepped one keeps: its 
 a retry and its last inputs. "parked": the sessions are opened (and stepped) in blocks of what
 one sweep parks (sessions.PARK_PER_SWEEP), and after each block the sweep parks them
 (park_after_s as good as 0; nothing else holds them), as a server parks sessions that go idle
-over time; "record" keeps every session a record (parking off). Then every session is closed
-and the process's RSS is read again.
+over time; "record" keeps every session a record (parking off). Then every session is closed,
+the manager's sweep runs once (as the server's next one would) and the RSS is read again.
 
 Per session: (RSS after - RSS before) / N, and that minus the state's own bytes. RSS is read from
 /proc/self/statm after a full garbage collection.
@@ -200,6 +200,7 @@ def child(n: int, stepped: bool, parked: bool = False) -> dict[str, Any]:
         sessions[i] = session = None
         closes[i] = clock() - t0
     gc_close = pauses.longest
+    manager.expire_idle()  # the server's next sweep (it trims the heap after many closes)
     closed = settled_rss()
     opens.sort()
     return {
@@ -348,8 +349,10 @@ def section(runs: list[dict[str, Any]]) -> str:
         "unrelated to the pool (it walks every session record at each full collection, not "
         "the parked rows). Longest sweep: the slowest `expire_idle` that parked a block. "
         "Longest close: the slowest `SessionManager.end` while all of them close (a parked "
-        "one is taken back first). After closing, the ended sessions' tombstones (the last "
-        "100,000 ids, so a late call hears why its session ended) stay.",
+        "one is taken back first). RSS after closing all: read after the manager's next "
+        "sweep, which hands the C heap's free pages back after many sessions ended; the "
+        "ended sessions' tombstones (the last 100,000 ids, so a late call hears why its "
+        "session ended) stay.",
         END,
     ]
     return "\n".join(lines) + "\n"

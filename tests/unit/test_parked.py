@@ -283,3 +283,27 @@ def test_memory_goes_back_when_parked_sessions_end(model: ServedModel) -> None:
     for i, sid in enumerate(ids[:100]):
         s = manager.get(sid)
         assert (model.pool.read(s.slot)["h"] == i + 1).all()
+
+
+def test_the_sweep_trims_the_heap_after_many_sessions_ended(
+    model: ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory freed in small blocks stays inside the C heap until malloc_trim: the sweep calls
+    # it once TRIM_AFTER sessions ended since the last time (pure bookkeeping: the call is
+    # counted, not made).
+    import rnnserve.server.sessions as sessions_module
+
+    trims: list[int] = []
+    monkeypatch.setattr(sessions_module, "TRIM_AFTER", 3)
+    monkeypatch.setattr(sessions_module, "trim_heap", lambda: trims.append(1))
+    manager = _manager()
+    ids = _opened(manager, model, 5)
+    for sid in ids[:2]:
+        manager.end(manager.get(sid), CLOSED)
+    manager.expire_idle()
+    assert trims == []
+    manager.end(manager.get(ids[2]), CLOSED)
+    manager.expire_idle()
+    assert trims == [1]
+    manager.expire_idle()
+    assert trims == [1]  # counted afresh

@@ -42,6 +42,7 @@ from rnnserve.server.session import Digest as Digest
 from rnnserve.server.session import Session as Session
 from rnnserve.server.session import check_seq_room as check_seq_room
 from rnnserve.server.session_ids import new_id
+from rnnserve.server.state import trim_heap
 from rnnserve.server.tombstones import MAX_TOMBSTONES as MAX_TOMBSTONES
 from rnnserve.server.tombstones import Tombstones
 from rnnserve.v1 import rnnserve_pb2 as pb
@@ -53,6 +54,8 @@ _DEADLINE = attrgetter("deadline")
 #: and at most SHRINK_COPY (copying an OrderedDict costs about 0.5 µs an entry: 8 ms here).
 SHRINK_FROM = 65_536
 SHRINK_COPY = 16_384
+#: After this many sessions ended, the next sweep hands the C heap's free pages back.
+TRIM_AFTER = 16_384
 #: The most sessions one sweep parks (about 6 µs each here: a sweep pauses the loop ~7 ms).
 PARK_PER_SWEEP = 1024
 #: References to a record that only the manager holds, as ``sys.getrefcount`` counts them
@@ -101,6 +104,8 @@ class SessionManager:
         #: The most sessions ``_open`` held since it was last rebuilt (a dict keeps its size
         #: when entries go; see ``end``).
         self._open_peak = 0
+        #: Sessions ended since the heap was last trimmed (``expire_idle``).
+        self._ended_since_trim = 0
 
     def __len__(self) -> int:
         return len(self._open) + len(self._parked)
@@ -388,6 +393,7 @@ class SessionManager:
             self._parked.moved(moved, session.slot)
         session.model.metrics.state_bytes.set(pool.nbytes)
         self._ended.add(session.id, reason)
+        self._ended_since_trim += 1
         session.model.metrics.active.dec()
         self.metrics.session_ended(session.model.label, reason)
 
@@ -401,7 +407,8 @@ class SessionManager:
 
     def expire_idle(self) -> int:
         """End every session idle past its TTL, then park up to PARK_PER_SWEEP sessions idle
-        for ``park_after_s`` that nothing else holds; how many ended."""
+        for ``park_after_s`` that nothing else holds; how many ended. After many sessions
+        ended, hand the C heap's free pages back (state.trim_heap)."""
         now = time.monotonic()
         expired, idle = self._sweep(now)
         for s in expired:
@@ -412,6 +419,9 @@ class SessionManager:
             ended += 1
         self._park([s for s in idle if s.ended is None and self._parked.can_park(s)])
         self._shrink()
+        if self._ended_since_trim >= TRIM_AFTER:  # what they freed may sit inside the heap
+            trim_heap()
+            self._ended_since_trim = 0
         self.metrics.parked_sessions.set(len(self._parked))
         return ended
 
