@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.server.errors import invalid
 from rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve.wire import TensorError, dtype_to_proto, from_tensor, to_tensor
 
 if TYPE_CHECKING:
     from rnnserve.server.model import ServedModel
+    from rnnserve.server.session import Session
 
 #: Chunks of at most this many values are checked in Python rather than numpy (measured
 #: crossover: a Python min/max or sum over 64-128 values costs what one numpy reduction does).
@@ -73,6 +76,22 @@ def state_specs(model: ServedModel) -> list[pb.TensorSpec]:
         pb.TensorSpec(name=s.name, dtype=dtype_to_proto(s.dtype), shape=s.shape)  # type: ignore[arg-type]
         for s in model.manifest.states
     ]
+
+
+def session_info(session: Session, checkpoint_every: int) -> pb.SessionInfo:
+    """The session as the API describes it (``checkpoint_every``: 0 without a store)."""
+    expires = Timestamp()
+    expires.FromNanoseconds(int((time.time() + session.deadline - time.monotonic()) * 1e9))
+    m = session.model.manifest
+    return pb.SessionInfo(
+        session_id=session.id,
+        model=m.name,
+        version=m.version,
+        expires_at=expires,
+        states=state_specs(session.model),
+        next_seq=session.next_seq,
+        checkpoint_every=checkpoint_every,
+    )
 
 
 def decode_chunk(model: ServedModel, tensor: pb.Tensor) -> npt.NDArray[np.generic]:

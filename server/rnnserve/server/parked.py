@@ -211,9 +211,9 @@ class ParkedSessions:
         return len(outputs) // (4 * model.manifest.output_size)
 
     def park(self, sessions: list[Session]) -> list[int]:
-        """Keep the fields of ``sessions`` in rows (the caller drops the records); their rows,
-        in order. Columns are written a batch at a time (a row at a time costs twice as
-        much: numpy's per-item writes)."""
+        """Keep the fields of ``sessions`` in rows, each row its slot's owner in the state
+        pool (the caller drops the records); their rows, in order. Columns are written a
+        batch at a time (a row at a time costs twice as much: numpy's per-item writes)."""
         k = len(sessions)
         first = len(self._ids)
         end = first + k
@@ -237,14 +237,15 @@ class ParkedSessions:
         rows = list(range(first, end))  # each int object shared by the index and the pool
         for session, row in zip(sessions, rows, strict=True):
             self.rows.add(session.id, row)
+            session.model.pool.hand(session.slot, row)
         self._touched = max(self._touched, end)
         self._peak = max(self._peak, end)
         self._oldest = []
         return rows
 
     def take(self, sid: str) -> Session:
-        """Parked session ``sid`` as a record again. The last row moves into its row, so the
-        rows stay packed (its model's state pool learns the move)."""
+        """Parked session ``sid`` as a record again, its slot's owner in its state pool. The
+        last row moves into its row, so the rows stay packed (that pool learns the move)."""
         row = self.rows.pop(sid)
         model = self._models.release(int(self._model[row]))
         session = Session(sid, model, int(self._slot[row]), float(self._deadline[row]))
@@ -255,6 +256,7 @@ class ParkedSessions:
         kept = self._digests[row]
         session._digest = (kept,) if self._raw[row] else kept
         session.principal = self._principals.release(int(self._principal[row]))
+        model.pool.hand(session.slot, session)
         last = len(self._ids) - 1
         if row < last:
             for column in self._columns:

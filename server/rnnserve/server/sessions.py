@@ -20,7 +20,6 @@ from operator import attrgetter
 
 import numpy as np
 import numpy.typing as npt
-from google.protobuf.timestamp_pb2 import Timestamp
 from rnnserve.server import codec
 from rnnserve.server.errors import (
     ServingError,
@@ -243,7 +242,7 @@ class SessionManager:
         now = time.monotonic()
         if session is None:
             if sid not in self._parked.rows:
-                raise not_found(self._why_missing(sid))
+                raise not_found(self._ended.why(sid, self.ttl, self.capacity))
             if principal is not None and self._parked.principal_of(sid) != principal:
                 raise self.foreign(sid)  # left parked, as another principal found it
             session = self._take(sid)
@@ -251,7 +250,7 @@ class SessionManager:
             raise self.foreign(sid)
         if session.deadline < now and not session.busy:
             self.end(session, IDLE)
-            raise not_found(self._why_missing(sid))
+            raise not_found(self._ended.why(sid, self.ttl, self.capacity))
         session.deadline = self._deadline(now)
         self._open.move_to_end(sid)
         if self._solo is None:
@@ -336,7 +335,6 @@ class SessionManager:
     def _take(self, sid: str) -> Session:
         """Parked session ``sid``, a record again (the most recently used)."""
         session = self._parked.take(sid)
-        session.model.pool.hand(session.slot, session)
         self._open[session.id] = session
         if len(self._open) > self._open_peak:
             self._open_peak = len(self._open)
@@ -346,36 +344,12 @@ class SessionManager:
 
     def _park(self, sessions: list[Session]) -> None:
         """Keep ``sessions`` as parked rows, their records dropped (see parked.py)."""
-        rows = self._parked.park(sessions)
+        self._parked.park(sessions)
         opened = self._open
-        for session, row in zip(sessions, rows, strict=True):
-            session.model.pool.hand(session.slot, row)
+        for session in sessions:
             del opened[session.id]
             if self._solo is None:
                 self._unshare(session)
-
-    def _why_missing(self, sid: str) -> str:
-        reason = self._ended.get(sid)
-        sid = quoted(sid)
-        if reason == CLOSED:
-            return f"session {sid} was closed; open a new session"
-        if reason == IDLE:
-            return (
-                f"session {sid} expired after {self.ttl:g} s idle; open a new session "
-                "(or restore a snapshot with PutState)"
-            )
-        if reason == MOVED:
-            return f"session {sid} moved to another replica; retry through the proxy"
-        if reason == CAPACITY:
-            return (
-                f"session {sid} was evicted: the server reached its capacity of "
-                f"{self.capacity} sessions and its principal held the most of them (each "
-                "principal's least recently used sessions go first); open a new session (or "
-                "restore a snapshot)"
-            )
-        if not sid:
-            return "session_id is empty; open a session first"
-        return f"session {sid} is unknown here (never opened, or ended long ago); open a new one"
 
     def end(self, session: Session, reason: str) -> None:
         """End a session: free its slot, remember why."""
@@ -460,18 +434,8 @@ class SessionManager:
 
     def info(self, session: Session) -> pb.SessionInfo:
         """The session as the API describes it."""
-        expires = Timestamp()
-        expires.FromNanoseconds(int((time.time() + session.deadline - time.monotonic()) * 1e9))
-        m = session.model.manifest
-        return pb.SessionInfo(
-            session_id=session.id,
-            model=m.name,
-            version=m.version,
-            expires_at=expires,
-            states=codec.state_specs(session.model),
-            next_seq=session.next_seq,
-            checkpoint_every=self.checkpoints.every if self.checkpoints is not None else 0,
-        )
+        every = self.checkpoints.every if self.checkpoints is not None else 0
+        return codec.session_info(session, every)
 
     def all(self) -> list[Session]:
         """Every open session as a record (parked ones are taken back)."""

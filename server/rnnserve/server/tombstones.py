@@ -12,6 +12,7 @@ id that is not open: an error's message, or a session opened under a given id.
 from __future__ import annotations
 
 import numpy as np
+from rnnserve.server.errors import quoted
 from rnnserve.server.session import CAPACITY, CLOSED, IDLE, MOVED, REPLACED
 
 #: Tombstones kept (oldest forgotten first).
@@ -54,6 +55,31 @@ class Tombstones:
         """Why session ``sid`` ended, while its tombstone lasts; None if it did not."""
         i = self._latest(sid)
         return None if i is None else _REASONS[self._reasons[i]]
+
+    def why(self, sid: str, ttl_s: float, capacity: int) -> str:
+        """What to tell a call on ``sid``, a session that is not open here: why it ended
+        (with the server's idle TTL and session capacity), or that it is unknown."""
+        reason = self.get(sid)
+        sid = quoted(sid)
+        if reason == CLOSED:
+            return f"session {sid} was closed; open a new session"
+        if reason == IDLE:
+            return (
+                f"session {sid} expired after {ttl_s:g} s idle; open a new session "
+                "(or restore a snapshot with PutState)"
+            )
+        if reason == MOVED:
+            return f"session {sid} moved to another replica; retry through the proxy"
+        if reason == CAPACITY:
+            return (
+                f"session {sid} was evicted: the server reached its capacity of "
+                f"{capacity} sessions and its principal held the most of them (each "
+                "principal's least recently used sessions go first); open a new session (or "
+                "restore a snapshot)"
+            )
+        if not sid:
+            return "session_id is empty; open a session first"
+        return f"session {sid} is unknown here (never opened, or ended long ago); open a new one"
 
     def forget(self, sid: str) -> None:
         """``sid`` is open again (restored under its id): no tombstone of it answers."""
